@@ -1,0 +1,482 @@
+"""V-GRPO: GRPO with PaLMR's vision-gated reward, for Qwen2.5-VL, in one file.
+
+    python grpo.py                                   # CPU, tiny model, synthetic shapes, rule judge
+    torchrun --nproc_per_node 2 grpo.py              # the same on 2 CPU processes (FSDP2 over gloo)
+    torchrun --nproc_per_node 8 grpo.py $(cat runs/qwen25vl_7b_8xh100.args)   # one 8-GPU node (NCCL, bf16)
+    python grpo.py --resume --out DIR                # continue the run in DIR from its latest checkpoint
+
+One step: rollout (G completions per prompt, prompts strided over ranks, a prompt's group on one rank)
+-> reward (format, answer, the judge's S_vis, fused by --reward) -> group advantages -> completion-only
+log-probs -> PPO-clip + k3 KL loss -> AdamW, repeated for each update batch of the rollout batch.
+
+Where this departs from textbook GRPO (DeepSeekMath), on purpose:
+1. Loss aggregation: token-mean over all completion tokens of the global update batch (DAPO / Dr. GRPO
+   style), not a mean of per-sequence means; micro-batches are rescaled so accumulation is exact.
+2. KL: the k3 estimator exp(ref - logp) - (ref - logp) - 1 added in the loss with weight beta
+   (paper: not reported; ours 1e-2); beta = 0 loads no reference model at all.
+3. Clipping: asymmetric PPO clip, eps_low 0.2 / eps_high 0.28 (ours, after DAPO's clip-higher).
+4. Zero-variance groups: advantage (R - mean) / (std + eps) with the unbiased group std gives exactly 0,
+   so such groups add no policy gradient (they still count in the token-mean); their share is logged.
+5. Old log-probs: with one update per rollout batch the ratio is exactly 1 and old_logp is
+   logp.detach() (no extra forward); with several updates old_logp is computed once before them.
+6. IS correction for sampler/trainer mismatch: not applied by the HF engine, which samples from the
+   trained module itself (the vLLM engine adds it).
+Step = one rollout batch and its optimizer updates; --max-steps and checkpoints count these steps.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import palmr
+from data import ensure_shapes, load_image, read_jsonl
+from judge import JudgeItem, make_judge
+from palmr import print0
+from rewards import NEEDS_COV, NEEDS_VIS, SCHEMES, score_completion
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model and data
+    ap.add_argument("--model", default=palmr.DEFAULT_TINY, help="policy checkpoint (HF folder); the tiny one is built if missing")
+    ap.add_argument("--data", default=None, help="training JSONL of Samples (default: synthetic shapes, built once)")
+    ap.add_argument("--out", default="out/grpo", help="run folder: metrics, rollouts, checkpoints")
+    ap.add_argument("--max-pixels", type=int, default=112 * 112, help="image pixel budget (resize, never crop)")
+    ap.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts are dropped at load, never truncated")
+    # rollout
+    ap.add_argument("--group-size", type=int, default=4, help="G completions per prompt (paper: 16)")
+    ap.add_argument("--rollout-batch", type=int, default=8, help="prompts per step, all ranks (paper: 512)")
+    ap.add_argument("--update-batch", type=int, default=8, help="prompts per optimizer update, all ranks (paper: 128)")
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="completion length cap (8xH100 preset: 2048)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, also used for the trainer's log-probs")
+    ap.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
+    # reward
+    ap.add_argument("--reward", default="palmr", choices=SCHEMES, help="fusion scheme (rewards.py)")
+    ap.add_argument("--judge", default="rule", help="visual-fidelity judge backend (judge.py), or 'none'")
+    # optimisation
+    ap.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-6 for 7B)")
+    ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
+    ap.add_argument("--beta", type=float, default=1e-2, help="k3 KL weight; 0 loads no reference model")
+    ap.add_argument("--eps-low", type=float, default=0.2, help="PPO clip below 1")
+    ap.add_argument("--eps-high", type=float, default=0.28, help="PPO clip above 1")
+    ap.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"], help="advantage std: per group, whole batch, or none")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    ap.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward per rank")
+    ap.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
+    ap.add_argument("--max-steps", type=int, default=20, help="rollout steps to run (total, counting resumed ones)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and init")
+    # logging and checkpoints
+    ap.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
+    ap.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk (oldest removed)")
+    ap.add_argument("--log-rollouts-every", type=int, default=5, help="print a few decoded rollouts every N steps")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    return ap.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Data: every rank loads the same filtered list; prompt k of the run is a pure function of (seed, k)
+
+
+def load_dataset(args, processor):
+    """Samples that can be trained on: readable image, prompt within budget, reference present if judged."""
+    samples, kept, dropped = read_jsonl(args.data), [], {}
+    for s in tqdm(samples, desc="checking data", disable=palmr.get_rank() != 0, mininterval=2):
+        try:
+            image = palmr.fit_pixels(load_image(s), args.max_pixels)
+            text = palmr.render_prompt(processor, s.question, s.choices)
+            n_image = processor.image_processor.get_number_of_image_patches(image.height, image.width, {}) \
+                // processor.image_processor.merge_size ** 2
+            n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + n_image
+            reason = "prompt too long" if n > args.max_prompt_tokens else None
+        except ValueError as e:
+            reason = str(e)
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+        else:
+            kept.append(s)
+    print0(f"data: {len(kept)} of {len(samples)} items kept from {args.data}; dropped: {dropped or 'none'}")
+    assert kept, f"no trainable items in {args.data}"
+    return kept
+
+
+def step_items(n_items, step, rollout_batch, seed, rank, world):
+    """Indices of this rank's prompts at `step`: global prompt k = step*rollout_batch + j, j strided by rank."""
+    out = []
+    for j in range(rank, rollout_batch, world):
+        k = step * rollout_batch + j
+        order = np.random.default_rng([seed, k // n_items]).permutation(n_items)  # one shuffle per epoch
+        out.append(int(order[k % n_items]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Rollout and reward
+
+
+def rollout(engine, processor, samples, args, step, rank):
+    """G completions for each of this rank's prompts -> list of (sample, completion), group after group."""
+    prompts = [palmr.Prompt(palmr.render_prompt(processor, s.question, s.choices), load_image(s)) for s in samples]
+    groups = engine.generate(prompts, n=args.group_size, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p,
+                             seed=args.seed + 1_000_003 * step + rank)  # fixed per (seed, step, rank)
+    return [(s, c) for s, group in zip(samples, groups) for c in group]
+
+
+def compute_rewards(judge, rows, scheme):
+    """-> rewards (N,), parts {name: (N,)}, judge failures; the judge is asked once for the whole batch."""
+    n = len(rows)
+    s_vis, r_cov, failed = [1.0] * n, [0.0] * n, 0
+    if judge is not None:
+        items = [JudgeItem(s.question, s.facts, c.text, s.reference) for s, c in rows]
+        verdicts = judge.judge(items)
+        s_vis = [v.s_vis for v in verdicts]
+        failed = sum(v.failed for v in verdicts)
+        if scheme in NEEDS_COV:
+            r_cov = judge.coverage(items)
+    totals, parts = [], {}
+    for (s, c), vis, cov in zip(rows, s_vis, r_cov):
+        total, p = score_completion(scheme, c.text, s.answer, s.choices, s_vis=vis, r_cov=cov)
+        totals.append(total)
+        for k, v in p.items():
+            parts.setdefault(k, []).append(v)
+    return torch.tensor(totals), {k: torch.tensor(v) for k, v in parts.items()}, failed
+
+
+# -----------------------------------------------------------------------------
+# Advantage
+
+
+def group_advantages(rewards, group_size, scale="group", eps=1e-6):
+    """A_i = (R_i - mean of its group) / (std + eps); rewards laid out group after group. (N,) -> (N,)"""
+    assert rewards.numel() % group_size == 0, f"{rewards.numel()} rewards do not split into groups of {group_size}"
+    r = rewards.float().view(-1, group_size)  # (groups, G)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        assert group_size > 1, "a group std needs group_size >= 2"
+        centred = centred / (r.std(dim=1, keepdim=True) + eps)  # unbiased std; zero-variance group -> 0
+    elif scale == "batch":
+        centred = centred / (r.std() + eps) if r.numel() > 1 else centred
+    elif scale != "none":
+        raise ValueError(f"unknown advantage scale {scale!r}")
+    return centred.view(-1)
+
+
+# -----------------------------------------------------------------------------
+# Log-probs of completion tokens only
+
+
+def training_batch(rows, processor, max_pixels, device):
+    """Prompt left-padded + completion right-padded, every per-token tensor built from the same ids.
+
+    -> dict(input_ids, attention_mask (B, P+T), pixel_values, image_grid_thw, completion_ids, mask (B, T))
+    """
+    enc = [palmr.encode_prompt(processor, palmr.render_prompt(processor, s.question, s.choices), load_image(s),
+                               max_pixels) for s, _ in rows]
+    batch = palmr.collate_prompts(enc, processor.tokenizer.pad_token_id)
+    width = max(1, max(len(c.token_ids) for _, c in rows))
+    completion = torch.full((len(rows), width), processor.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (_, c) in enumerate(rows):
+        completion[i, :len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
+        mask[i, :len(c.token_ids)] = 1
+    batch["input_ids"] = torch.cat([batch["input_ids"], completion], 1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], mask], 1)
+    batch["completion_ids"], batch["mask"] = completion, mask
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0):
+    """log softmax(hidden @ weight.T / temperature)[targets] for (N, H) rows: logits exist for N rows only."""
+    logits = (hidden @ weight.T).float() / temperature  # (N, V)
+    return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def completion_logprobs(model, batch, temperature):
+    """(B, T) log-probs of the completion tokens; masked positions are 0. Registered as an FSDP forward."""
+    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=False)
+    T = batch["completion_ids"].shape[1]
+    P = batch["input_ids"].shape[1] - T
+    hidden = out.last_hidden_state[:, P - 1:P - 1 + T]  # (B, T, H): positions that predict completion tokens
+    mask = batch["mask"].bool()
+    logp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    logp[mask] = token_logprobs(hidden[mask], model.lm_head.weight, batch["completion_ids"][mask], temperature)
+    return logp
+
+
+# -----------------------------------------------------------------------------
+# Loss
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta):
+    """PPO-clip + beta * k3 KL, token-mean over unmasked tokens. (B, T) inputs, advantages (B,)."""
+    mask = mask.float()
+    n_tokens = mask.sum().clamp(min=1.0)  # guard: an all-masked micro-batch gives 0, never NaN
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(logp)
+    if beta > 0:
+        assert ref_logp is not None, "beta > 0 needs ref_logp"
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
+        per_token = per_token + beta * kl
+    loss = (per_token * mask).sum() / n_tokens
+    is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    metrics = {"kl": (kl * mask).sum().detach() / n_tokens,
+               "clip_frac": (is_clipped.float() * mask).sum() / n_tokens}
+    return loss, metrics
+
+
+# -----------------------------------------------------------------------------
+# Model setup: FSDP2 per decoder layer and vision block
+
+
+def prepare_model(path, device, train, activation_checkpointing=False):
+    """Load, optionally checkpoint activations, shard with FSDP2 (when distributed), register forwards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    model = palmr.load_model(path, dtype=torch.float32 if train or device.type == "cpu" else torch.bfloat16,
+                             device=device)
+    model.requires_grad_(train)
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.completion_logprobs = types.MethodType(completion_logprobs, model)
+    if dist.is_initialized():
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if device.type == "cuda" else MixedPrecisionPolicy()
+        for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)  # root: embeddings, merger, final norm, LM head
+        register_fsdp_forward_method(model, "completion_logprobs")
+        register_fsdp_forward_method(model, "generate")
+    model.train(train)
+    return model
+
+
+def all_reduce(x, op=dist.ReduceOp.SUM):
+    if dist.is_initialized():
+        dist.all_reduce(x, op=op)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# One optimisation pass over a rollout batch
+
+
+def micro_batches(n, size):
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def train_on_rollouts(policy, reference, optimizer, processor, rows, advantages, args, device):
+    """PPO-clip updates over this rank's rows (group after group); -> metrics averaged over tokens."""
+    world = palmr.get_world_size()
+    n_updates = args.rollout_batch // args.update_batch
+    per_update = len(rows) // n_updates  # this rank's sequences per optimizer update
+    spans = [[range(u * per_update + mb.start, u * per_update + mb.stop) for mb in micro_batches(per_update, args.micro_batch)]
+             for u in range(n_updates)]
+    batches = [[training_batch([rows[i] for i in mb], processor, args.max_pixels, device) for mb in update]
+               for update in spans]
+    with torch.no_grad():  # reference and (for several updates) old log-probs, before any update
+        ref_logps = [[reference.completion_logprobs(b, args.temperature) for b in update] for update in batches] \
+            if args.beta > 0 else None
+        old_logps = [[policy.completion_logprobs(b, args.temperature) for b in update] for update in batches] \
+            if n_updates > 1 else None
+    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "tokens": 0.0}
+    for u in range(n_updates):
+        local_tokens = sum(float(b["mask"].sum()) for b in batches[u])
+        global_tokens = float(all_reduce(torch.tensor(local_tokens)))
+        for j, (b, span) in enumerate(zip(batches[u], spans[u])):
+            if hasattr(policy, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, at the last one
+                policy.set_requires_gradient_sync(j == len(spans[u]) - 1)
+            logp = policy.completion_logprobs(b, args.temperature)  # (B, T)
+            old = old_logps[u][j] if old_logps is not None else logp.detach()
+            ref = ref_logps[u][j] if ref_logps is not None else None
+            adv = advantages[span.start:span.stop].to(device)  # (B,)
+            loss, m = policy_loss(logp, old, ref, adv, b["mask"], args.eps_low, args.eps_high, args.beta)
+            # token-mean over the global update batch: FSDP averages gradients over ranks, hence * world
+            weight = float(b["mask"].sum()) / max(global_tokens, 1.0)
+            (loss * weight * world).backward()
+            totals["loss"] += float(loss.detach()) * weight
+            totals["kl"] += float(m["kl"]) * weight
+            totals["clip_frac"] += float(m["clip_frac"]) * weight
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        totals["grad_norm"] += float(grad_norm) / n_updates
+        totals["tokens"] += global_tokens
+    for k in ("loss", "kl", "clip_frac"):  # each rank holds its share of the token-weighted sum
+        totals[k] = float(all_reduce(torch.tensor(totals[k]))) / n_updates
+    return totals
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: a Hugging Face folder + trainer state, written by rank 0
+
+
+def save_checkpoint(policy, optimizer, args, step):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(policy, options=opts)
+    optim_sd = get_optimizer_state_dict(policy, optimizer, options=opts)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [None] * palmr.get_world_size()
+    dist.all_gather_object(rngs, rng) if dist.is_initialized() else rngs.__setitem__(0, rng)
+    out = Path(args.out)
+    if palmr.get_rank() == 0:
+        final, tmp = out / f"checkpoint-{step:06d}", out / f".checkpoint-{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(tmp, state_dict=model_sd)
+        src = Path(args.model_source)
+        for f in src.iterdir():  # tokenizer, processor and chat template travel with the weights
+            if f.is_file() and f.suffix in (".json", ".jinja", ".txt", ".model") and not (tmp / f.name).exists():
+                shutil.copy(f, tmp / f.name)
+        torch.save({"step": step, "optimizer": optim_sd, "rng": rngs, "args": vars(args)}, tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (out / "latest.tmp").write_text(final.name)
+        os.replace(out / "latest.tmp", out / "latest")
+        for old in sorted(out.glob("checkpoint-*"))[:-args.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    palmr.barrier()
+    return out / f"checkpoint-{step:06d}"
+
+
+RESUME_MUST_MATCH = ("model", "data", "seed", "group_size", "rollout_batch", "update_batch", "reward", "judge",
+                     "lr", "beta", "temperature", "max_new_tokens")
+
+
+def load_trainer_state(ckpt, policy, optimizer, args):
+    """Restore optimizer, RNG and step from a checkpoint folder (weights were loaded from it already)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False, map_location="cpu")
+    differ = {k: (state["args"].get(k), getattr(args, k)) for k in RESUME_MUST_MATCH
+              if state["args"].get(k) != getattr(args, k)}
+    assert not differ, f"--resume with other settings than the run in {args.out}: {differ} (saved, given)"
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    rng = state["rng"][palmr.get_rank()]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"]
+
+
+# -----------------------------------------------------------------------------
+# Main loop
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = palmr.init_dist()
+    assert args.rollout_batch % world == 0, f"--rollout-batch {args.rollout_batch} must divide over {world} ranks"
+    assert args.rollout_batch % args.update_batch == 0, "--rollout-batch must be a multiple of --update-batch"
+    assert args.update_batch % world == 0, f"--update-batch {args.update_batch} must divide over {world} ranks"
+    assert args.judge != "none" or args.reward not in NEEDS_VIS | NEEDS_COV, f"--reward {args.reward} needs a judge"
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if args.model == palmr.DEFAULT_TINY:
+        args.model = palmr.ensure_tiny_checkpoint(args.model, seed=args.seed)
+    if args.data is None:
+        args.data = ensure_shapes() if rank == 0 else None
+        palmr.barrier()
+        args.data = args.data or ensure_shapes()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+
+    # policy (from the latest checkpoint when resuming), frozen reference, optimizer
+    latest = out / "latest"
+    resume_from = out / latest.read_text().strip() if args.resume and latest.exists() else None
+    assert not args.resume or resume_from is not None, f"--resume: no checkpoint in {out}"
+    args.model_source = args.model
+    processor = palmr.load_processor(args.model)
+    policy = prepare_model(resume_from or args.model, device, train=True,
+                           activation_checkpointing=args.activation_checkpointing)
+    reference = prepare_model(args.model, device, train=False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start = load_trainer_state(resume_from, policy, optimizer, args) if resume_from else 0
+    engine = palmr.HFEngine(policy, processor, args.max_pixels)
+    judge = make_judge(args.judge) if args.judge != "none" else None
+    samples = load_dataset(args, processor)
+    if rank == 0:
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+    print0(f"V-GRPO | world {world} on {device.type} | reward {args.reward} judge {args.judge} | "
+           f"G {args.group_size} rollout {args.rollout_batch} update {args.update_batch} prompts | "
+           f"steps {start}->{args.max_steps}" + (f" (resumed from {resume_from.name})" if resume_from else ""))
+
+    for step in range(start, args.max_steps):
+        t0 = time.time()
+        # rollout
+        mine = [samples[i] for i in step_items(len(samples), step, args.rollout_batch, args.seed, rank, world)]
+        engine.wake()
+        rows = rollout(engine, processor, mine, args, step, rank)
+        engine.sleep()
+        t1 = time.time()
+        # reward and advantage (advantages over the gathered global batch; a group never spans ranks)
+        rewards, parts, judge_failed = compute_rewards(judge, rows, args.reward)
+        gathered = [torch.zeros_like(rewards) for _ in range(world)]
+        dist.all_gather(gathered, rewards) if dist.is_initialized() else gathered.__setitem__(0, rewards)
+        all_adv = group_advantages(torch.cat(gathered), args.group_size, args.adv_scale)
+        advantages = all_adv.view(world, -1)[rank]
+        t2 = time.time()
+        # optimisation
+        stats = train_on_rollouts(policy, reference, optimizer, processor, rows, advantages, args, device)
+        engine.load_weights(None)  # HF engine: shares the module; vLLM: pushes the new weights
+        t3 = time.time()
+
+        # metrics: mean over the global batch
+        lengths = torch.tensor([float(len(c.token_ids)) for _, c in rows])
+        groups = torch.cat(gathered).view(-1, args.group_size)
+        local = {"reward": rewards.sum(), **{f"reward/{k}": v.sum() for k, v in parts.items()},
+                 "completion_len": lengths.sum(), "finished": torch.tensor(float(sum(c.finished for _, c in rows))),
+                 "judge/failed": torch.tensor(float(judge_failed)),
+                 "judge/gated_zero": (parts["vis"] == 0).float().sum(),
+                 "judge/hallucinated_correct": ((parts["vis"] == 0) & (parts["ans"] == 1)).float().sum()}
+        n_rows = len(rows) * world
+        metrics = {k: float(all_reduce(v.double().clone())) / n_rows for k, v in local.items()}
+        metrics.update(step=step + 1, adv_std=float(all_adv.std()),
+                       zero_var_groups=float((groups.std(dim=1) == 0).float().mean()),
+                       **stats, t_rollout=t1 - t0, t_reward=t2 - t1, t_train=t3 - t2)
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            print(f"step {step + 1}/{args.max_steps} | reward {metrics['reward']:.3f} (fmt {metrics['reward/fmt']:.2f} "
+                  f"ans {metrics['reward/ans']:.2f} vis {metrics['reward/vis']:.2f}) | adv_std {metrics['adv_std']:.2f} "
+                  f"zero_var {metrics['zero_var_groups']:.2f} | kl {metrics['kl']:.4f} clip {metrics['clip_frac']:.3f} "
+                  f"| len {metrics['completion_len']:.1f} | gen {t1 - t0:.1f}s rew {t2 - t1:.1f}s train {t3 - t2:.1f}s",
+                  flush=True)
+            if args.log_rollouts_every and (step + 1) % args.log_rollouts_every == 0:
+                with open(out / "rollouts.jsonl", "a") as f:
+                    for (s, c), r in list(zip(rows, rewards.tolist()))[:2]:
+                        f.write(json.dumps({"step": step + 1, "id": s.id, "question": s.question, "answer": s.answer,
+                                            "completion": c.text, "reward": r}) + "\n")
+                        print(f"  [{s.id}] Q: {s.question} | gold {s.answer} | R {r:.2f}\n  > {c.text[:300]!r}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
+            path = save_checkpoint(policy, optimizer, args, step + 1)
+            print0(f"saved {path}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

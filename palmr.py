@@ -1,0 +1,377 @@
+"""PaLMR's shared vocabulary: prompt format, response parsing, checkpoints, sampling engines, dist helpers.
+
+    python palmr.py tiny --out ~/.cache/palmr/tiny-qwen25vl   # build the embedded tiny checkpoint
+
+Everything else imports this file; it imports nothing of the project. The tiny checkpoint is a random
+Qwen2.5-VL (same classes and parameter names as Qwen/Qwen2.5-VL-7B-Instruct, only smaller) with a
+byte-level BPE tokenizer trained offline here, so that every entry point runs with no downloads.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Prompt format and response parsing
+
+INSTRUCTION = ("First think step by step about what you see inside <think> </think>, "
+               "then give the final answer in \\boxed{}.")
+CHOICE_LETTERS = "ABCDEFGHIJ"
+
+
+def format_question(question, choices=None):
+    """The user turn's text: the question, lettered choices if any, and the output-format instruction."""
+    lines = [question.strip()]
+    if choices:
+        lines += [f"{CHOICE_LETTERS[i]}. {c}" for i, c in enumerate(choices)]
+    lines.append(INSTRUCTION)
+    return "\n".join(lines)
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} with balanced braces, or None when there is none."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None  # unbalanced: the answer was cut off
+
+
+_FORMAT = re.compile(r"^\s*<think>(.*?)</think>(.*)$", re.DOTALL)
+
+
+def parse_response(text):
+    """-> (think, answer, well_formed). Well formed: one <think>...</think> first, then text with \\boxed{}."""
+    m = _FORMAT.match(text)
+    think = m.group(1).strip() if m else ""
+    tail = m.group(2) if m else text
+    boxed = last_boxed(tail if m else text)
+    answer = (boxed or "").strip()
+    well_formed = bool(m) and boxed is not None and "<think>" not in tail and "</think>" not in tail \
+        and "<think>" not in m.group(1)
+    return think, answer, well_formed
+
+
+# -----------------------------------------------------------------------------
+# The embedded tiny checkpoint
+
+QWEN_SPECIAL_TOKENS = [  # Qwen2.5-VL's special tokens, in Qwen's order (ids 0.. in the tiny vocabulary)
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen2-VL's chat template, reduced to what this project renders (text and image parts).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# A few lines of text in the project's domain: the tokenizer learns its merges from them (offline).
+_TOKENIZER_CORPUS = [
+    INSTRUCTION, "You are a helpful assistant.", "<think> </think> \\boxed{} The answer is",
+    "How many shapes are there in the image? Is there a red circle? Are there more squares than circles?",
+    "What colour is the triangle? Which shape is the largest? Answer yes or no.",
+    "I see one red circle, two blue squares, three green triangles and a yellow star.",
+    "There are 0 1 2 3 4 5 6 7 8 9 10 shapes. So the count is 4, which is more than 3. yes no",
+    "A. B. C. D. E. the of and to in is that on with for left right top bottom middle",
+    "The chart shows values 12.5 and 3/4; x = 2, y = -1, angle 45 degrees, \\frac{1}{2}, \\sqrt{2}.",
+]
+
+
+def build_tiny_checkpoint(out_dir, seed=0, vocab_size=1024):
+    """Write a tiny random Qwen2.5-VL checkpoint (model, tokenizer, processor configs) and return its path.
+
+    The folder has the layout of Qwen/Qwen2.5-VL-7B-Instruct: `processor_class` Qwen2_5_VLProcessor and
+    `image_processor_type` Qwen2VLImageProcessor, so AutoProcessor loads it on machines with torchvision;
+    `load_processor` falls back to the PIL image processor where torchvision is missing.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    # Tokenizer: byte-level BPE (as Qwen's), trained on the corpus above, Qwen special tokens first.
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 16, special_tokens=QWEN_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:], model_max_length=32768)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg.update(tokenizer_class="Qwen2Tokenizer", processor_class="Qwen2_5_VLProcessor")
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    tid = tokenizer.convert_tokens_to_ids
+
+    # Processor configs as in the official repo (PIL processing reads the same keys).
+    preprocessor = dict(
+        image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor",
+        do_resize=True, do_rescale=True, do_normalize=True, do_convert_rgb=True, rescale_factor=1 / 255,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        min_pixels=56 * 56, max_pixels=448 * 448, patch_size=14, temporal_patch_size=2, merge_size=2)
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
+
+    # Model: Qwen2.5-VL with every dimension shrunk; mrope_section sums to head_dim / 2 = 16.
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+            bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
+            pad_token_id=tid("<|endoftext|>"), tie_word_embeddings=False),
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+            fullatt_block_indexes=[1]),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [tid("<|im_end|>"), tid("<|endoftext|>")]
+    model.generation_config.pad_token_id = tid("<|endoftext|>")
+    model.save_pretrained(out)
+    return str(out)
+
+
+DEFAULT_TINY = "~/.cache/palmr/tiny-qwen25vl"
+
+
+def ensure_tiny_checkpoint(path=DEFAULT_TINY, seed=0):
+    """Build the tiny checkpoint once (rank 0 builds, the others wait); return its path."""
+    path = Path(path).expanduser()
+    if not (path / "config.json").exists():
+        if get_rank() == 0:
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            build_tiny_checkpoint(tmp, seed=seed)
+            os.replace(tmp, path) if not path.exists() else None
+        barrier()
+    return str(path)
+
+
+# -----------------------------------------------------------------------------
+# Loading a policy checkpoint and its processor
+
+class LiteProcessor:
+    """What this project needs of a processor (tokenizer, image processor, chat template), without torchvision."""
+
+    def __init__(self, tokenizer, image_processor, chat_template):
+        self.tokenizer, self.image_processor, self.chat_template = tokenizer, image_processor, chat_template
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize)
+
+
+def load_processor(path):
+    """AutoProcessor where it loads (torchvision present); else the tokenizer + PIL Qwen2-VL image processor."""
+    from transformers import AutoProcessor, AutoTokenizer
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (ImportError, TypeError, ValueError, OSError, AttributeError):
+        pass  # transformers needs torchvision for the fast image and the video processors
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    template = tokenizer.chat_template
+    tpl_file = Path(path) / "chat_template.json"
+    if tpl_file.exists():
+        template = json.loads(tpl_file.read_text())["chat_template"]
+    elif (Path(path) / "chat_template.jinja").exists():
+        template = (Path(path) / "chat_template.jinja").read_text()
+    return LiteProcessor(tokenizer, Qwen2VLImageProcessorPil.from_pretrained(path), template)
+
+
+def load_model(path, dtype=torch.float32, device="cpu"):
+    """The policy as its transformers class (same class in trainer, evaluation and vLLM)."""
+    from transformers import AutoModelForImageTextToText
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+
+
+def fit_pixels(image, max_pixels):
+    """Resize (never crop) an image so that width * height <= max_pixels, keeping its aspect ratio."""
+    image = image.convert("RGB")
+    w, h = image.size
+    if w * h > max_pixels:
+        s = math.sqrt(max_pixels / (w * h))
+        image = image.resize((max(28, int(w * s)), max(28, int(h * s))))
+    return image
+
+
+def render_prompt(processor, question, choices=None):
+    """Chat-template text of one user turn (image first, then the question) ready for generation."""
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": format_question(question, choices)}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompt(processor, text, image, max_pixels):
+    """-> {input_ids: list[int], pixel_values: (P, C*T*ps*ps), image_grid_thw: (1, 3)} for one prompt."""
+    vision = processor.image_processor(images=[fit_pixels(image, max_pixels)], return_tensors="pt")
+    n_tokens = int(vision["image_grid_thw"].prod()) // processor.image_processor.merge_size ** 2
+    assert text.count("<|image_pad|>") == 1, "a prompt holds exactly one image placeholder"
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * n_tokens)
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return {"input_ids": ids, "pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+
+
+def stop_token_ids(tokenizer):
+    return sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
+
+
+# Never sampled: a vision placeholder inside a completion breaks the image-token/feature match and the
+# mRoPE positions of the next forward. A trained policy gives them ~0 probability anyway.
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def suppressed_token_ids(tokenizer):
+    return sorted(tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS)
+
+
+# -----------------------------------------------------------------------------
+# Sampling engines: one interface (HF generate now; vLLM behind the same calls)
+
+@dataclasses.dataclass
+class Prompt:
+    text: str      # rendered with the chat template, one <|image_pad|> placeholder
+    image: object  # PIL image
+
+
+@dataclasses.dataclass
+class Completion:
+    token_ids: list   # sampled ids, the stop token included when finished
+    text: str         # decoded without special tokens
+    logprobs: list    # the sampler's own log-probs of token_ids (after temperature / top-p)
+    finished: bool    # stopped on a stop token rather than on max_new_tokens
+
+
+class HFEngine:
+    """Sampling with transformers `generate` on the training module itself (CPU default, small runs).
+
+    Under FSDP2 the caller must `register_fsdp_forward_method(model, "generate")`; every rank then
+    calls `generate` the same number of times (`synced_gpus` keeps their forward passes in step).
+    """
+
+    def __init__(self, model, processor, max_pixels):
+        self.model, self.processor, self.max_pixels = model, processor, max_pixels
+        self.stop_ids = stop_token_ids(processor.tokenizer)
+        self.pad_id = processor.tokenizer.pad_token_id
+        self.suppress = suppressed_token_ids(processor.tokenizer)
+
+    def load_weights(self, named_tensors):
+        """No-op: the engine samples from the module the trainer updates."""
+
+    def sleep(self):
+        pass
+
+    def wake(self):
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
+        """-> list (one per prompt) of n Completions."""
+        enc = [encode_prompt(self.processor, p.text, p.image, self.max_pixels) for p in prompts]
+        rows = [e for e in enc for _ in range(n)]
+        batch = collate_prompts(rows, self.pad_id, device=next(self.model.parameters()).device)
+        torch.manual_seed(seed)
+        greedy = temperature <= 0
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=not greedy,
+            temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,
+            eos_token_id=self.stop_ids, pad_token_id=self.pad_id, suppress_tokens=self.suppress, output_scores=True,
+            return_dict_in_generate=True, synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
+        self.model.train(was_training)
+        new = out.sequences[:, batch["input_ids"].shape[1]:].cpu()  # (B, T)
+        # scores are the processed logits the sampler drew from (temperature and top-p applied)
+        logprobs = torch.stack([torch.log_softmax(s.float(), -1).gather(1, new[:, i:i + 1].to(s.device)).cpu()
+                                for i, s in enumerate(out.scores)], 1)[..., 0] if out.scores else new.float()
+        results = []
+        for row in range(new.shape[0]):
+            ids = new[row].tolist()
+            stop = next((i for i, t in enumerate(ids) if t in self.stop_ids), None)
+            keep = len(ids) if stop is None else stop + 1
+            ids = ids[:keep]
+            text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+            results.append(Completion(ids, text, logprobs[row, :keep].tolist(), stop is not None))
+        return [results[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def collate_prompts(rows, pad_id, device="cpu"):
+    """Left-pad encoded prompts into one batch: input_ids, attention_mask (B, P), pixel_values, image_grid_thw."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r["input_ids"]):] = torch.tensor(r["input_ids"])
+        mask[i, width - len(r["input_ids"]):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "pixel_values": torch.cat([r["pixel_values"] for r in rows]).to(device),
+            "image_grid_thw": torch.cat([r["image_grid_thw"] for r in rows]).to(device)}
+
+
+# -----------------------------------------------------------------------------
+# Distributed helpers: stock torchrun environment, one process per device
+
+def init_dist():
+    """-> (rank, world_size, device). NCCL on GPUs, gloo on CPU; plain `python` runs as a world of one."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                device_id=torch.device("cuda", local_rank) if torch.cuda.is_available() else None)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+    return get_rank(), get_world_size(), device
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cmd", choices=["tiny"])
+    ap.add_argument("--out", default=DEFAULT_TINY, help="folder of the tiny checkpoint")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    a = ap.parse_args()
+    print(build_tiny_checkpoint(a.out, seed=a.seed))

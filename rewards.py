@@ -1,0 +1,129 @@
+"""PaLMR rewards: pure functions from a completion (and the judge's verdict) to a total and named parts.
+
+    R_palmr = S_vis * (0.9 * S_ans + 0.1 * S_fmt)     # vision gates everything (METHOD.md section 2)
+
+No I/O and no model calls here: the judge's verdicts arrive as numbers. Answer grading uses
+math-verify (HuggingFace's LaTeX/sympy equivalence checker) only after cheap exact rules (choices,
+yes/no, plain numbers) have had their say: it is well kept and far more complete than hand-written
+LaTeX normalisation, and never does substring matching.
+"""
+import re
+import threading
+from fractions import Fraction
+
+from palmr import CHOICE_LETTERS, parse_response
+
+SCHEMES = ("palmr", "grpo", "bonus", "mix", "perception_r1")
+NEEDS_VIS = {"palmr", "bonus", "mix"}      # schemes that read S_vis
+NEEDS_COV = {"perception_r1"}              # schemes that read the point-wise coverage r_cov
+
+# -----------------------------------------------------------------------------
+# S_fmt
+
+
+def format_reward(text):
+    """1.0 when the response is <think>...</think> followed by text containing \\boxed{...}."""
+    return 1.0 if parse_response(text)[2] else 0.0
+
+
+# -----------------------------------------------------------------------------
+# S_ans: rule-based answer grading
+
+_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$")
+
+
+def normalize(s):
+    """Lower-case, unwrap $...$ and \\text{...}, drop a trailing period and thousands separators."""
+    s = s.strip().strip("$").strip()
+    s = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", s)
+    s = s.replace("\\%", "%").rstrip(".").strip().lower()
+    return re.sub(r"\s+", " ", s)
+
+
+def as_number(s):
+    """A float for '3', '-2.50', '1,000', '3/4', '\\frac{3}{4}', '50%' (as 50); None otherwise."""
+    s = normalize(s).replace(",", "").rstrip("%").strip()
+    m = re.fullmatch(r"\\d?frac\{([^{}]+)\}\{([^{}]+)\}", s)
+    if m:
+        s = f"{m.group(1)}/{m.group(2)}"
+    try:
+        if _NUMBER.match(s):
+            return float(s)
+        if re.fullmatch(r"[-+]?\d+\s*/\s*\d+", s):
+            return float(Fraction(s.replace(" ", "")))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def choice_letter(text, choices):
+    """The option letter a text names: 'B', '(B)', 'B.', 'B. 42', or the option's own text; else None."""
+    letters = CHOICE_LETTERS[:len(choices)]
+    t = normalize(text)
+    m = re.fullmatch(r"\(?([a-j])\)?(?:[.:)]\s*(.*))?", t)
+    if m and m.group(1).upper() in letters:
+        return m.group(1).upper()
+    for letter, option in zip(letters, choices):
+        if t == normalize(str(option)):
+            return letter
+    return None
+
+
+def _math_equal(pred, gold):
+    """LaTeX/sympy equivalence via math-verify; its timeouts use signals, so only in the main thread."""
+    from math_verify import parse, verify
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        g = parse(f"\\boxed{{{gold}}}", parsing_timeout=timeout)
+        p = parse(f"\\boxed{{{pred}}}", parsing_timeout=timeout)
+        return bool(g) and bool(p) and verify(g, p, timeout_seconds=timeout)
+    except Exception:  # math-verify raises on pathological input; an ungradable answer is wrong
+        return False
+
+
+def grade_answer(pred, gold, choices=None):
+    """True when `pred` (the boxed answer) matches `gold` under rule-based grading. Empty is wrong."""
+    if pred is None or not normalize(pred) or gold is None:
+        return False
+    if choices:  # gold is a letter or an option's text; pred may be either
+        gold_letter = choice_letter(str(gold), choices)
+        if gold_letter is not None:
+            return choice_letter(pred, choices) == gold_letter
+    p, g = normalize(pred), normalize(str(gold))
+    if g in ("yes", "no"):
+        return p == g
+    gn, pn = as_number(g), as_number(p)
+    if gn is not None and pn is not None:
+        return abs(gn - pn) <= 1e-6 * max(1.0, abs(gn))
+    if p == g:
+        return True
+    if gn is not None and pn is None and not re.search(r"[\\^{}a-z]", p):
+        return False  # a numeric gold against plain non-numeric text: nothing for math-verify to find
+    return _math_equal(pred, str(gold))
+
+
+# -----------------------------------------------------------------------------
+# Fusion
+
+
+def fuse(scheme, s_fmt, s_ans, s_vis, r_cov=0.0):
+    """The fusion arithmetic alone (METHOD.md section 2)."""
+    if scheme == "palmr":          # hierarchical: a hallucinating rollout gets 0 whatever its answer
+        return s_vis * (0.9 * s_ans + 0.1 * s_fmt)
+    if scheme == "grpo":           # outcome only
+        return 0.9 * s_ans + 0.1 * s_fmt
+    if scheme == "bonus":          # additive vision bonus
+        return 0.9 * s_ans + 0.1 * s_fmt + 0.5 * s_vis
+    if scheme == "mix":            # (ours) the weight-to-term mapping is our reading of the paper
+        return 0.2 * s_ans + 0.7 * s_vis + 0.1 * s_fmt
+    if scheme == "perception_r1":  # additive point-wise coverage of the reference's visual facts
+        return 0.9 * s_ans + 0.1 * s_fmt + 0.7 * r_cov
+    raise ValueError(f"unknown reward scheme {scheme!r}; expected one of {SCHEMES}")
+
+
+def score_completion(scheme, text, gold, choices=None, s_vis=1.0, r_cov=0.0):
+    """-> (total, parts) for one completion; parts are logged as reward/<name>."""
+    _, answer, well_formed = parse_response(text)
+    parts = {"fmt": 1.0 if well_formed else 0.0, "ans": 1.0 if grade_answer(answer, gold, choices) else 0.0,
+             "vis": float(s_vis), "cov": float(r_cov)}
+    return fuse(scheme, parts["fmt"], parts["ans"], parts["vis"], parts["cov"]), parts
