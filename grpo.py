@@ -385,6 +385,9 @@ def load_trainer_state(ckpt, policy, optimizer, args):
 
 
 def main(argv=None):
+    """Run V-GRPO; returns the trained (possibly FSDP-sharded) policy module."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # no per-shard bars when loading and saving checkpoints
     args = get_args(argv)
     rank, world, device = palmr.init_dist()
     assert args.rollout_batch % world == 0, f"--rollout-batch {args.rollout_batch} must divide over {world} ranks"
@@ -474,9 +477,10 @@ def main(argv=None):
         if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
             path = save_checkpoint(policy, optimizer, args, step + 1)
             print0(f"saved {path}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    return policy
 
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():
+        dist.destroy_process_group()
