@@ -75,6 +75,8 @@ def get_args(argv=None):
     ap.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"], help="advantage std: per group, whole batch, or none")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     ap.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward per rank")
+    ap.add_argument("--logprobs", default="fused", choices=["fused", "naive"], help="LM-head log-prob path: chunked fused, or full logits")
+    ap.add_argument("--logprob-chunk", type=int, default=128, help="rows per block of the fused log-prob path")
     ap.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
     ap.add_argument("--max-steps", type=int, default=20, help="rollout steps to run (total, counting resumed ones)")
     ap.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and init")
@@ -198,14 +200,94 @@ def training_batch(rows, processor, max_pixels, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0):
-    """log softmax(hidden @ weight.T / temperature)[targets] for (N, H) rows: logits exist for N rows only."""
+class FusedLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T / T)[targets] and the entropy, `chunk` rows at a time.
+
+    Memory: one or two (chunk, V) buffers, allocated once per call and reused by every block (fresh
+    large allocations cost page faults on CPU); the (N, V) logits never exist. Precision: the matmul
+    runs in the input dtype (as the sampler's does), its block is cast to fp32 (fp64 stays fp64) before
+    temperature, log-sum-exp and softmax; gradients are accumulated in fp32. Backward recomputes each
+    block: d logp / d logits = (onehot - p) / T, so with s = g / T per row,
+    grad_hidden = s * (W[target] - p W) and grad_weight = sum_rows (onehot - p)^T (s * h).
+    The row scale s is applied to the (chunk, H) operands, never to the (chunk, V) block.
+    """
+
+    @staticmethod
+    def _logits(hidden, weight, buf, temperature):
+        """Write the temperature-scaled logits of `hidden` rows into buf (c, V) and return it."""
+        if hidden.dtype == buf.dtype:
+            torch.mm(hidden, weight.T, out=buf)
+        else:
+            buf.copy_(hidden @ weight.T)  # bf16 matmul, then fp32 from here on
+        return buf.div_(temperature) if temperature != 1.0 else buf
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size):
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+        n, c = hidden.shape[0], min(chunk_size, hidden.shape[0])
+        logp, entropy, lse = (torch.empty(n, dtype=acc, device=hidden.device) for _ in range(3))
+        block = torch.empty(c, weight.shape[0], dtype=acc, device=hidden.device)  # (c, V)
+        probs = torch.empty_like(block)
+        for s in range(0, n, c):
+            e = min(s + c, n)
+            x = FusedLogprobs._logits(hidden[s:e], weight, block[:e - s], temperature)
+            m = x.amax(-1, keepdim=True)
+            x.sub_(m)  # shifted logits: exp cannot overflow
+            p = torch.exp(x, out=probs[:e - s])  # unnormalised probabilities
+            z = p.sum(-1)
+            log_z = z.log()
+            lse[s:e] = m.squeeze(1) + log_z
+            logp[s:e] = x.gather(1, targets[s:e, None]).squeeze(1) - log_z
+            entropy[s:e] = log_z - p.mul_(x).sum(-1) / z  # -sum q log q with q = p / z
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.chunk_size = temperature, c
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        acc, n, c = lse.dtype, hidden.shape[0], ctx.chunk_size
+        grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        block = torch.empty(c, weight.shape[0], dtype=acc, device=hidden.device)
+        scale = grad_logp.to(acc)[:, None] / ctx.temperature  # (N, 1)
+        for s in range(0, n, c):
+            e = min(s + c, n)
+            p = FusedLogprobs._logits(hidden[s:e], weight, block[:e - s], ctx.temperature)
+            p.sub_(lse[s:e, None]).exp_()  # softmax, in place
+            p[torch.arange(e - s, device=p.device), targets[s:e]] -= 1.0  # p - onehot = -(d logp / d logits) * T
+            h = hidden[s:e].to(acc) * -scale[s:e]  # (c, H): s * h, with the sign of (onehot - p)
+            if hidden.dtype == acc:
+                torch.mm(p, weight, out=grad_hidden[s:e])
+                grad_weight.addmm_(p.T, h)
+            else:  # bf16 / fp16 weights: matmuls in the input dtype, sums in fp32
+                grad_hidden[s:e] = (p.to(hidden.dtype) @ weight).to(acc)
+                grad_weight += (p.T.to(hidden.dtype) @ h.to(hidden.dtype)).to(acc)
+            grad_hidden[s:e].mul_(-scale[s:e])
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None
+
+
+def fused_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=128):
+    """Per-token log-probs of `targets` under softmax(hidden @ weight.T / temperature), and the entropy.
+
+    hidden (N, H), weight (V, H), targets (N,) -> logp (N,) differentiable w.r.t. hidden and weight,
+    entropy (N,) detached; both fp32 (fp64 for fp64 inputs). The (N, V) logits never exist.
+    """
+    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], "hidden (N, H), weight (V, H)"
+    assert targets.shape == hidden.shape[:1], "one target per row"
+    return FusedLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk_size))
+
+
+def naive_logprobs(hidden, weight, targets, temperature=1.0):
+    """The textbook path, (N, V) logits and their log-softmax in full: the reference the tests compare to."""
     logits = (hidden @ weight.T).float() / temperature  # (N, V)
-    return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    log_p = logits.log_softmax(-1)
+    return log_p.gather(1, targets[:, None]).squeeze(1), -(log_p.exp() * log_p).sum(-1).detach()
 
 
 def completion_logprobs(model, batch, temperature):
-    """(B, T) log-probs of the completion tokens; masked positions are 0. Registered as an FSDP forward."""
+    """(B, T) log-probs and entropies of the completion tokens; masked positions are 0. An FSDP forward."""
     out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=False)
     T = batch["completion_ids"].shape[1]
@@ -213,8 +295,16 @@ def completion_logprobs(model, batch, temperature):
     hidden = out.last_hidden_state[:, P - 1:P - 1 + T]  # (B, T, H): positions that predict completion tokens
     mask = batch["mask"].bool()
     logp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    logp[mask] = token_logprobs(hidden[mask], model.lm_head.weight, batch["completion_ids"][mask], temperature)
-    return logp
+    entropy = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    # only completion positions reach the LM head; inside this (FSDP-registered) forward the head's
+    # weight is the unsharded full tensor, and its gradient is reduce-scattered after backward
+    if model.logprob_impl == "fused":
+        logp[mask], entropy[mask] = fused_logprobs(hidden[mask], model.lm_head.weight,
+                                                   batch["completion_ids"][mask], temperature, model.logprob_chunk)
+    else:
+        logp[mask], entropy[mask] = naive_logprobs(hidden[mask], model.lm_head.weight,
+                                                   batch["completion_ids"][mask], temperature)
+    return logp, entropy
 
 
 # -----------------------------------------------------------------------------
@@ -247,7 +337,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, b
 # Model setup: FSDP2 per decoder layer and vision block
 
 
-def prepare_model(path, device, train, activation_checkpointing=False):
+def prepare_model(path, device, train, activation_checkpointing=False, logprobs="fused", logprob_chunk=128):
     """Load, optionally checkpoint activations, shard with FSDP2 (when distributed), register forwards."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     model = palmr.load_model(path, dtype=torch.float32 if train or device.type == "cpu" else torch.bfloat16,
@@ -256,6 +346,7 @@ def prepare_model(path, device, train, activation_checkpointing=False):
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.completion_logprobs = types.MethodType(completion_logprobs, model)
+    model.logprob_impl, model.logprob_chunk = logprobs, logprob_chunk
     if dist.is_initialized():
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if device.type == "cuda" else MixedPrecisionPolicy()
@@ -292,18 +383,18 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, advantages,
     batches = [[training_batch([rows[i] for i in mb], processor, args.max_pixels, device) for mb in update]
                for update in spans]
     with torch.no_grad():  # reference and (for several updates) old log-probs, before any update
-        ref_logps = [[reference.completion_logprobs(b, args.temperature) for b in update] for update in batches] \
+        ref_logps = [[reference.completion_logprobs(b, args.temperature)[0] for b in update] for update in batches] \
             if args.beta > 0 else None
-        old_logps = [[policy.completion_logprobs(b, args.temperature) for b in update] for update in batches] \
+        old_logps = [[policy.completion_logprobs(b, args.temperature)[0] for b in update] for update in batches] \
             if n_updates > 1 else None
-    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "tokens": 0.0}
+    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0, "tokens": 0.0}
     for u in range(n_updates):
         local_tokens = sum(float(b["mask"].sum()) for b in batches[u])
         global_tokens = float(all_reduce(torch.tensor(local_tokens)))
         for j, (b, span) in enumerate(zip(batches[u], spans[u])):
             if hasattr(policy, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, at the last one
                 policy.set_requires_gradient_sync(j == len(spans[u]) - 1)
-            logp = policy.completion_logprobs(b, args.temperature)  # (B, T)
+            logp, entropy = policy.completion_logprobs(b, args.temperature)  # (B, T) each
             old = old_logps[u][j] if old_logps is not None else logp.detach()
             ref = ref_logps[u][j] if ref_logps is not None else None
             adv = advantages[span.start:span.stop].to(device)  # (B,)
@@ -314,13 +405,14 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, advantages,
             totals["loss"] += float(loss.detach()) * weight
             totals["kl"] += float(m["kl"]) * weight
             totals["clip_frac"] += float(m["clip_frac"]) * weight
+            totals["entropy"] += float((entropy * b["mask"]).sum()) / max(global_tokens, 1.0)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         totals["grad_norm"] += float(grad_norm) / n_updates
         totals["tokens"] += global_tokens
-    for k in ("loss", "kl", "clip_frac"):  # each rank holds its share of the token-weighted sum
+    for k in ("loss", "kl", "clip_frac", "entropy"):  # each rank holds its share of the token-weighted sum
         totals[k] = float(all_reduce(torch.tensor(totals[k]))) / n_updates
     return totals
 
@@ -414,8 +506,10 @@ def main(argv=None):
     args.model_source = args.model
     processor = palmr.load_processor(args.model)
     policy = prepare_model(resume_from or args.model, device, train=True,
-                           activation_checkpointing=args.activation_checkpointing)
-    reference = prepare_model(args.model, device, train=False) if args.beta > 0 else None
+                           activation_checkpointing=args.activation_checkpointing, logprobs=args.logprobs,
+                           logprob_chunk=args.logprob_chunk)
+    reference = prepare_model(args.model, device, train=False, logprobs=args.logprobs,
+                              logprob_chunk=args.logprob_chunk) if args.beta > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = load_trainer_state(resume_from, policy, optimizer, args) if resume_from else 0
     engine = palmr.HFEngine(policy, processor, args.max_pixels)
@@ -464,7 +558,7 @@ def main(argv=None):
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             print(f"step {step + 1}/{args.max_steps} | reward {metrics['reward']:.3f} (fmt {metrics['reward/fmt']:.2f} "
-                  f"ans {metrics['reward/ans']:.2f} vis {metrics['reward/vis']:.2f}) | adv_std {metrics['adv_std']:.2f} "
+                  f"ans {metrics['reward/ans']:.2f} vis {metrics['reward/vis']:.2f}) | ent {metrics['entropy']:.2f} adv_std {metrics['adv_std']:.2f} "
                   f"zero_var {metrics['zero_var_groups']:.2f} | kl {metrics['kl']:.4f} clip {metrics['clip_frac']:.3f} "
                   f"| len {metrics['completion_len']:.1f} | gen {t1 - t0:.1f}s rew {t2 - t1:.1f}s train {t3 - t2:.1f}s",
                   flush=True)

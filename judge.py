@@ -82,8 +82,8 @@ class RuleJudge:
                 continue
             bad = contradictions(it.candidate, it.facts)
             base = len(contradictions(it.reference, it.facts)) if it.reference else 0
-            reason = "; ".join(f"says {c if c is not None else 'a'} {col or ''} {k or 'shape'}, facts say {n}"
-                               for c, col, k, n in bad)
+            reason = "; ".join(" ".join(str(w) for w in ("says", "a" if c is None else c, col, k or "shape") if w)
+                               + f", facts say {n}" for c, col, k, n in bad)
             verdicts.append(Verdict(0.0 if len(bad) > base else 1.0, reason=reason))
         return verdicts
 
@@ -95,8 +95,10 @@ class RuleJudge:
             if not groups:
                 scores.append(0.0)
                 continue
-            said = {(c, col, k) for c, col, k in claims(parse_response(it.candidate)[0] or it.candidate)}
-            hit = sum((o.get("count", 1), (o.get("attributes") or [None])[0], o.get("name")) in said for o in groups)
+            said = {(1 if c is None else c, col, k)  # "a red circle" states a group of one
+                    for c, col, k in claims(parse_response(it.candidate)[0] or it.candidate)}
+            hit = sum(any((o.get("count", 1), a.lower(), o.get("name")) in said for a in o.get("attributes") or [])
+                      for o in groups)
             scores.append(hit / len(groups))
         return scores
 

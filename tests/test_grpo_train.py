@@ -36,8 +36,8 @@ def test_sampler_and_trainer_logprobs_agree(tiny_ckpt, shapes_file):
     rows = _rollouts(policy, processor, samples, args)
     batch = grpo.training_batch(rows, processor, args.max_pixels, torch.device("cpu"))
     with torch.no_grad():
-        logp = policy.completion_logprobs(batch, 0.7)
-        wrong_temp = policy.completion_logprobs(batch, 1.0)
+        logp = policy.completion_logprobs(batch, 0.7)[0]
+        wrong_temp = policy.completion_logprobs(batch, 1.0)[0]
     mask = batch["mask"].bool()
     sampler = torch.zeros_like(logp)
     for i, (_, c) in enumerate(rows):
@@ -75,13 +75,13 @@ def test_training_changes_parameters_towards_advantaged_completions(tiny_ckpt, s
     adv = torch.tensor([1.0, -1.0] * (len(rows) // 2))  # reward completions 0, 2, ... and punish 1, 3, ...
     batch = grpo.training_batch(rows, processor, args.max_pixels, torch.device("cpu"))
     with torch.no_grad():
-        logp0 = (policy.completion_logprobs(batch, 1.0) * batch["mask"]).sum(1)
+        logp0 = (policy.completion_logprobs(batch, 1.0)[0] * batch["mask"]).sum(1)
     before = _params(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     for _ in range(3):
         grpo.train_on_rollouts(policy, None, optimizer, processor, rows, adv, args, torch.device("cpu"))
     with torch.no_grad():
-        logp1 = (policy.completion_logprobs(batch, 1.0) * batch["mask"]).sum(1)
+        logp1 = (policy.completion_logprobs(batch, 1.0)[0] * batch["mask"]).sum(1)
     changed = [n for n, p in policy.named_parameters() if not torch.equal(p, before[n])]
     assert "lm_head.weight" in changed and any("visual" in n for n in changed), "LM and vision tower must train"
     delta = logp1 - logp0
