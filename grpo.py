@@ -93,8 +93,9 @@ def get_args(argv=None):
 
 
 def load_dataset(args, processor):
-    """Samples that can be trained on: readable image, prompt within budget, reference present if judged."""
+    """Samples that can be trained on: readable image, prompt within budget, a reference where S_vis needs one."""
     samples, kept, dropped = read_jsonl(args.data), [], {}
+    need_reference = args.reward in NEEDS_VIS and args.judge not in ("none", "rule")  # rule judges facts alone
     for s in tqdm(samples, desc="checking data", disable=palmr.get_rank() != 0, mininterval=2):
         try:
             image = palmr.fit_pixels(load_image(s), args.max_pixels)
@@ -103,6 +104,7 @@ def load_dataset(args, processor):
                 // processor.image_processor.merge_size ** 2
             n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + n_image
             reason = "prompt too long" if n > args.max_prompt_tokens else None
+            reason = reason or ("no reference trace" if need_reference and not s.reference else None)
         except ValueError as e:
             reason = str(e)
         if reason:
@@ -129,12 +131,20 @@ def step_items(n_items, step, rollout_batch, seed, rank, world):
 
 
 def rollout(engine, processor, samples, args, step, rank):
-    """G completions for each of this rank's prompts -> list of (sample, completion), group after group."""
-    prompts = [palmr.Prompt(palmr.render_prompt(processor, s.question, s.choices), load_image(s)) for s in samples]
+    """G completions for each of this rank's prompts.
+
+    -> rows [(sample, completion)] group after group, and {sample id: encoded prompt}: each image is
+    processed once per step and reused by the trainer's forward passes.
+    """
+    prompts, encoded = [], {}
+    for s in samples:
+        text, image = palmr.render_prompt(processor, s.question, s.choices), load_image(s)
+        encoded[s.id] = palmr.encode_prompt(processor, text, image, args.max_pixels)
+        prompts.append(palmr.Prompt(text, image, encoded[s.id]))
     groups = engine.generate(prompts, n=args.group_size, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p,
                              seed=args.seed + 1_000_003 * step + rank)  # fixed per (seed, step, rank)
-    return [(s, c) for s, group in zip(samples, groups) for c in group]
+    return [(s, c) for s, group in zip(samples, groups) for c in group], encoded
 
 
 def compute_rewards(judge, rows, scheme):
@@ -180,16 +190,14 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-6):
 # Log-probs of completion tokens only
 
 
-def training_batch(rows, processor, max_pixels, device):
+def training_batch(rows, encoded, pad_id, device):
     """Prompt left-padded + completion right-padded, every per-token tensor built from the same ids.
 
     -> dict(input_ids, attention_mask (B, P+T), pixel_values, image_grid_thw, completion_ids, mask (B, T))
     """
-    enc = [palmr.encode_prompt(processor, palmr.render_prompt(processor, s.question, s.choices), load_image(s),
-                               max_pixels) for s, _ in rows]
-    batch = palmr.collate_prompts(enc, processor.tokenizer.pad_token_id)
+    batch = palmr.collate_prompts([encoded[s.id] for s, _ in rows], pad_id)
     width = max(1, max(len(c.token_ids) for _, c in rows))
-    completion = torch.full((len(rows), width), processor.tokenizer.pad_token_id, dtype=torch.long)
+    completion = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (_, c) in enumerate(rows):
         completion[i, :len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
@@ -373,14 +381,15 @@ def micro_batches(n, size):
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def train_on_rollouts(policy, reference, optimizer, processor, rows, advantages, args, device):
+def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device):
     """PPO-clip updates over this rank's rows (group after group); -> metrics averaged over tokens."""
     world = palmr.get_world_size()
     n_updates = args.rollout_batch // args.update_batch
     per_update = len(rows) // n_updates  # this rank's sequences per optimizer update
     spans = [[range(u * per_update + mb.start, u * per_update + mb.stop) for mb in micro_batches(per_update, args.micro_batch)]
              for u in range(n_updates)]
-    batches = [[training_batch([rows[i] for i in mb], processor, args.max_pixels, device) for mb in update]
+    pad_id = processor.tokenizer.pad_token_id
+    batches = [[training_batch([rows[i] for i in mb], encoded, pad_id, device) for mb in update]
                for update in spans]
     with torch.no_grad():  # reference and (for several updates) old log-probs, before any update
         ref_logps = [[reference.completion_logprobs(b, args.temperature)[0] for b in update] for update in batches] \
@@ -526,7 +535,7 @@ def main(argv=None):
         # rollout
         mine = [samples[i] for i in step_items(len(samples), step, args.rollout_batch, args.seed, rank, world)]
         engine.wake()
-        rows = rollout(engine, processor, mine, args, step, rank)
+        rows, encoded = rollout(engine, processor, mine, args, step, rank)
         engine.sleep()
         t1 = time.time()
         # reward and advantage (advantages over the gathered global batch; a group never spans ranks)
@@ -537,7 +546,7 @@ def main(argv=None):
         advantages = all_adv.view(world, -1)[rank]
         t2 = time.time()
         # optimisation
-        stats = train_on_rollouts(policy, reference, optimizer, processor, rows, advantages, args, device)
+        stats = train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device)
         engine.load_weights(None)  # HF engine: shares the module; vLLM: pushes the new weights
         t3 = time.time()
 

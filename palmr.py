@@ -256,8 +256,9 @@ def suppressed_token_ids(tokenizer):
 
 @dataclasses.dataclass
 class Prompt:
-    text: str      # rendered with the chat template, one <|image_pad|> placeholder
-    image: object  # PIL image
+    text: str             # rendered with the chat template, one <|image_pad|> placeholder
+    image: object         # PIL image
+    encoded: dict = None  # encode_prompt's output, when the caller has it already (HF engine)
 
 
 @dataclasses.dataclass
@@ -293,7 +294,7 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
         """-> list (one per prompt) of n Completions."""
-        enc = [encode_prompt(self.processor, p.text, p.image, self.max_pixels) for p in prompts]
+        enc = [p.encoded or encode_prompt(self.processor, p.text, p.image, self.max_pixels) for p in prompts]
         rows = [e for e in enc for _ in range(n)]
         batch = collate_prompts(rows, self.pad_id, device=next(self.model.parameters()).device)
         torch.manual_seed(seed)

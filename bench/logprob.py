@@ -92,7 +92,7 @@ def main():
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--chunk", type=int, default=256, help="fused: rows per block")
+    ap.add_argument("--chunk", type=int, default=128, help="fused: rows per block (the trainer's --logprob-chunk)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
     ap.add_argument("--variants", default="naive,rowloop,fused")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # set in the child processes

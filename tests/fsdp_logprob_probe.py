@@ -22,8 +22,8 @@ processor = palmr.load_processor(model_path)
 policy = grpo.prepare_model(model_path, device, train=True, logprob_chunk=5)
 assert type(policy).__name__.startswith("FSDP"), "the probe must run on a sharded policy"
 samples = [read_jsonl(data_path)[i] for i in grpo.step_items(64, 0, 4, 0, rank, world)]
-rows = grpo.rollout(palmr.HFEngine(policy, processor, args.max_pixels), processor, samples, args, 0, rank)
-batch = grpo.training_batch(rows, processor, args.max_pixels, device)
+rows, enc = grpo.rollout(palmr.HFEngine(policy, processor, args.max_pixels), processor, samples, args, 0, rank)
+batch = grpo.training_batch(rows, enc, processor.tokenizer.pad_token_id, device)
 weights = torch.linspace(-1, 1, batch["mask"].numel()).view(batch["mask"].shape)
 result = {}
 for impl in ("fused", "naive"):

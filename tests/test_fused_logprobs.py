@@ -90,13 +90,13 @@ def test_fused_training_matches_naive(tiny_ckpt, shapes_file):
               for impl in ("fused", "naive")}
     reference = grpo.prepare_model(tiny_ckpt, cpu, train=False, logprobs="naive")
     engine = palmr.HFEngine(models["naive"], processor, args.max_pixels)
-    rows = grpo.rollout(engine, processor, read_jsonl(shapes_file)[:4], args, step=0, rank=0)
+    rows, enc = grpo.rollout(engine, processor, read_jsonl(shapes_file)[:4], args, step=0, rank=0)
     adv = torch.linspace(-1.5, 1.5, len(rows))
     stats = {}
     for impl, model in models.items():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
         for _ in range(3):
-            stats[impl] = grpo.train_on_rollouts(model, reference, opt, processor, rows, adv, args, cpu)
+            stats[impl] = grpo.train_on_rollouts(model, reference, opt, processor, rows, enc, adv, args, cpu)
     init = dict(palmr.load_model(tiny_ckpt).named_parameters())
     fused, naive = dict(models["fused"].named_parameters()), dict(models["naive"].named_parameters())
     # AdamW divides by sqrt(v): where a gradient is ~1e-8 (rare embedding rows) round-off differences of

@@ -33,8 +33,8 @@ def _rollouts(policy, processor, samples, args, step=0):
 def test_sampler_and_trainer_logprobs_agree(tiny_ckpt, shapes_file):
     # the trainer must score completions at the sampling temperature, at the right positions
     args, processor, policy, samples = _setup(tiny_ckpt, shapes_file, "--temperature", "0.7", "--rollout-batch", "2")
-    rows = _rollouts(policy, processor, samples, args)
-    batch = grpo.training_batch(rows, processor, args.max_pixels, torch.device("cpu"))
+    rows, enc = _rollouts(policy, processor, samples, args)
+    batch = grpo.training_batch(rows, enc, processor.tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
         logp = policy.completion_logprobs(batch, 0.7)[0]
         wrong_temp = policy.completion_logprobs(batch, 1.0)[0]
@@ -57,10 +57,10 @@ def test_zero_advantage_step_leaves_parameters_unchanged(tiny_ckpt, shapes_file)
     args, processor, policy, samples = _setup(tiny_ckpt, shapes_file, "--weight-decay", "0", "--beta", "0.05",
                                               "--rollout-batch", "4", "--update-batch", "2", "--micro-batch", "3")
     reference = grpo.prepare_model(tiny_ckpt, torch.device("cpu"), train=False)
-    rows = _rollouts(policy, processor, samples, args)
+    rows, enc = _rollouts(policy, processor, samples, args)
     before = _params(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2, weight_decay=0.0)
-    stats = grpo.train_on_rollouts(policy, reference, optimizer, processor, rows, torch.zeros(len(rows)), args,
+    stats = grpo.train_on_rollouts(policy, reference, optimizer, processor, rows, enc, torch.zeros(len(rows)), args,
                                    torch.device("cpu"))
     # no advantage and policy == reference (k3 KL has zero gradient there): nothing may move, nothing NaN
     assert stats["grad_norm"] == 0.0 and stats["kl"] == 0.0
@@ -71,15 +71,15 @@ def test_zero_advantage_step_leaves_parameters_unchanged(tiny_ckpt, shapes_file)
 def test_training_changes_parameters_towards_advantaged_completions(tiny_ckpt, shapes_file):
     args, processor, policy, samples = _setup(tiny_ckpt, shapes_file, "--beta", "0", "--rollout-batch", "2",
                                               "--update-batch", "2", "--lr", "1e-3")
-    rows = _rollouts(policy, processor, samples, args)
+    rows, enc = _rollouts(policy, processor, samples, args)
     adv = torch.tensor([1.0, -1.0] * (len(rows) // 2))  # reward completions 0, 2, ... and punish 1, 3, ...
-    batch = grpo.training_batch(rows, processor, args.max_pixels, torch.device("cpu"))
+    batch = grpo.training_batch(rows, enc, processor.tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
         logp0 = (policy.completion_logprobs(batch, 1.0)[0] * batch["mask"]).sum(1)
     before = _params(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     for _ in range(3):
-        grpo.train_on_rollouts(policy, None, optimizer, processor, rows, adv, args, torch.device("cpu"))
+        grpo.train_on_rollouts(policy, None, optimizer, processor, rows, enc, adv, args, torch.device("cpu"))
     with torch.no_grad():
         logp1 = (policy.completion_logprobs(batch, 1.0)[0] * batch["mask"]).sum(1)
     changed = [n for n, p in policy.named_parameters() if not torch.equal(p, before[n])]
