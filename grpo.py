@@ -2,7 +2,7 @@
 
     python grpo.py                                   # CPU, tiny model, synthetic shapes, rule judge
     torchrun --nproc_per_node 2 grpo.py              # the same on 2 CPU processes (FSDP2 over gloo)
-    torchrun --nproc_per_node 8 grpo.py $(cat runs/qwen25vl_7b_8xh100.args)   # one 8-GPU node (NCCL, bf16)
+    bash runs/qwen25vl_7b_8xh100.sh                  # one 8-GPU node: torchrun --nproc_per_node 8 (NCCL, bf16)
     python grpo.py --resume --out DIR                # continue the run in DIR from its latest checkpoint
 
 One step: rollout (G completions per prompt, prompts strided over ranks, a prompt's group on one rank)
@@ -449,7 +449,8 @@ def save_checkpoint(policy, optimizer, args, step):
         for f in src.iterdir():  # tokenizer, processor and chat template travel with the weights
             if f.is_file() and f.suffix in (".json", ".jinja", ".txt", ".model") and not (tmp / f.name).exists():
                 shutil.copy(f, tmp / f.name)
-        torch.save({"step": step, "optimizer": optim_sd, "rng": rngs, "args": vars(args)}, tmp / "trainer_state.pt")
+        torch.save({"step": step, "data_position": step * args.rollout_batch,  # prompts consumed so far
+                    "optimizer": optim_sd, "rng": rngs, "args": vars(args)}, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         (out / "latest.tmp").write_text(final.name)

@@ -145,3 +145,18 @@ def test_torchrun_two_ranks_keep_identical_parameters(tmp_path, tiny_ckpt, shape
     for name, value in digests[0].items():
         assert hashlib.sha256(saved[name].detach().contiguous().numpy().tobytes()).hexdigest() == value, name
     assert "step 2/2" in proc.stdout
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_ckpt, shapes_file):
+    args, processor, policy, samples = _setup(tiny_ckpt, shapes_file, "--rollout-batch", "2")
+    rows, enc = _rollouts(policy, processor, samples, args)
+    batch = grpo.training_batch(rows, enc, processor.tokenizer.pad_token_id, torch.device("cpu"))
+    grads = []
+    for ac in (False, True):
+        model = grpo.prepare_model(tiny_ckpt, torch.device("cpu"), train=True, activation_checkpointing=ac)
+        logp, _ = model.completion_logprobs(batch, 1.0)
+        logp.sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[1]["model.language_model.layers.0.mlp.up_proj.weight"] is not None
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
