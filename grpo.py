@@ -24,6 +24,7 @@ Where this departs from textbook GRPO (DeepSeekMath), on purpose:
 Step = one rollout batch and its optimizer updates; --max-steps and checkpoints count these steps.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -63,6 +64,12 @@ def get_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=48, help="completion length cap (8xH100 preset: 2048)")
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, also used for the trainer's log-probs")
     ap.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
+    ap.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"], help="sampler: vllm on GPUs when installed, else HF generate")
+    ap.add_argument("--vllm-tp", type=int, default=1, help="vLLM tensor parallel size (consecutive ranks share an engine)")
+    ap.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="vLLM gpu_memory_utilization (KV cache + weights)")
+    ap.add_argument("--is-cap", type=float, default=0.0, help="sequence-level IS correction for sampler/trainer mismatch: "
+                    "mask sequences whose ratio exceeds this cap (0: off)")
+    ap.add_argument("--debug-logprobs", action="store_true", help="log sampler vs trainer log-prob gaps on the first batch after each sync")
     # reward
     ap.add_argument("--reward", default="palmr", choices=SCHEMES, help="fusion scheme (rewards.py)")
     ap.add_argument("--judge", default="rule", help="visual-fidelity judge backend (judge.py), or 'none'")
@@ -130,21 +137,46 @@ def step_items(n_items, step, rollout_batch, seed, rank, world):
 # Rollout and reward
 
 
+def make_engine(args, policy, processor, model_path, rank, world, device):
+    """The sampler: HF generate on the policy module, or a colocated vLLM engine per rank (GPU)."""
+    name = palmr.select_engine(args.engine, device.type == "cuda", importlib.util.find_spec("vllm") is not None)
+    if name == "hf":
+        return palmr.HFEngine(policy, processor, args.max_pixels)
+    assert world % args.vllm_tp == 0, f"--vllm-tp {args.vllm_tp} must divide the world size {world}"
+    engine = palmr.VLLMEngine(model_path, processor, args.max_pixels, seed=args.seed + rank // args.vllm_tp,
+                              tensor_parallel_size=args.vllm_tp, gpu_memory_utilization=args.vllm_gpu_memory,
+                              max_model_len=args.max_prompt_tokens + args.max_new_tokens)
+    engine.tp_group = dist.new_subgroups(group_size=args.vllm_tp)[0] if args.vllm_tp > 1 else None
+    return engine
+
+
 def rollout(engine, processor, samples, args, step, rank):
     """G completions for each of this rank's prompts.
 
     -> rows [(sample, completion)] group after group, and {sample id: encoded prompt}: each image is
-    processed once per step and reused by the trainer's forward passes.
+    processed once per step and reused by the trainer's forward passes. With vLLM tensor parallelism
+    the ranks of one engine pool their prompts, sample them together, and each keeps its own share.
     """
-    prompts, encoded = [], {}
-    for s in samples:
+    group, tp = getattr(engine, "tp_group", None), max(1, getattr(args, "vllm_tp", 1))
+    pooled = samples
+    if group is not None:
+        gathered = [None] * tp
+        dist.all_gather_object(gathered, samples, group=group)
+        pooled = [s for part in gathered for s in part]
+    prompts, encoded, own = [], {}, {s.id for s in samples}
+    for s in pooled:
         text, image = palmr.render_prompt(processor, s.question, s.choices), load_image(s)
-        encoded[s.id] = palmr.encode_prompt(processor, text, image, args.max_pixels)
-        prompts.append(palmr.Prompt(text, image, encoded[s.id]))
+        if s.id in own:  # the trainer needs only its own prompts encoded
+            encoded[s.id] = palmr.encode_prompt(processor, text, image, args.max_pixels)
+        prompts.append(palmr.Prompt(text, image, encoded.get(s.id)))
+    engine_id = rank // tp  # the ranks sharing an engine share its seed
     groups = engine.generate(prompts, n=args.group_size, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p,
-                             seed=args.seed + 1_000_003 * step + rank)  # fixed per (seed, step, rank)
-    return [(s, c) for s, group in zip(samples, groups) for c in group], encoded
+                             seed=args.seed + 1_000_003 * step + engine_id)  # fixed per (seed, step, engine)
+    if group is not None:
+        mine = (rank % tp) * len(samples)
+        groups = groups[mine:mine + len(samples)]
+    return [(s, c) for s, completions in zip(samples, groups) for c in completions], encoded
 
 
 def compute_rewards(judge, rows, scheme):
@@ -193,18 +225,21 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-6):
 def training_batch(rows, encoded, pad_id, device):
     """Prompt left-padded + completion right-padded, every per-token tensor built from the same ids.
 
-    -> dict(input_ids, attention_mask (B, P+T), pixel_values, image_grid_thw, completion_ids, mask (B, T))
+    -> dict(input_ids, attention_mask (B, P+T), pixel_values, image_grid_thw, completion_ids, mask,
+    sampler_logp (B, T))
     """
     batch = palmr.collate_prompts([encoded[s.id] for s, _ in rows], pad_id)
     width = max(1, max(len(c.token_ids) for _, c in rows))
     completion = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
+    sampler_logp = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, (_, c) in enumerate(rows):
         completion[i, :len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
         mask[i, :len(c.token_ids)] = 1
+        sampler_logp[i, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
     batch["input_ids"] = torch.cat([batch["input_ids"], completion], 1)
     batch["attention_mask"] = torch.cat([batch["attention_mask"], mask], 1)
-    batch["completion_ids"], batch["mask"] = completion, mask
+    batch["completion_ids"], batch["mask"], batch["sampler_logp"] = completion, mask, sampler_logp
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -319,8 +354,26 @@ def completion_logprobs(model, batch, temperature):
 # Loss
 
 
-def policy_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta):
-    """PPO-clip + beta * k3 KL, token-mean over unmasked tokens. (B, T) inputs, advantages (B,)."""
+def sequence_is_weights(old_logp, sampler_logp, mask, cap):
+    """Sequence-level importance weights for the sampler/trainer mismatch, masked above a cap. -> (B,), metrics
+
+    rho = exp(sum_t (old_logp - sampler_logp)): the probability of the whole completion under the trainer's
+    policy over the sampler's. Sequences with rho > cap are dropped (weight 0); the rest keep weight rho.
+    """
+    mask = mask.float()
+    log_rho = ((old_logp - sampler_logp) * mask).sum(-1)  # (B,)
+    rho = torch.exp(log_rho.clamp(max=20.0))  # the clamp only avoids inf: such sequences are masked anyway
+    keep = rho <= cap
+    metrics = {"is/ratio_mean": rho.mean(), "is/masked_frac": (~keep).float().mean(),
+               "is/token_logp_gap": ((old_logp - sampler_logp).abs() * mask).sum() / mask.sum().clamp(min=1.0)}
+    return torch.where(keep, rho, torch.zeros_like(rho)), metrics
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, is_weights=None):
+    """PPO-clip + beta * k3 KL, token-mean over unmasked tokens. (B, T) inputs, advantages (B,).
+
+    is_weights (B,), optional: importance weights on the policy-gradient term (sequence_is_weights).
+    """
     mask = mask.float()
     n_tokens = mask.sum().clamp(min=1.0)  # guard: an all-masked micro-batch gives 0, never NaN
     ratio = torch.exp(logp - old_logp)
@@ -328,6 +381,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, b
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights[:, None]
     kl = torch.zeros_like(logp)
     if beta > 0:
         assert ref_logp is not None, "beta > 0 needs ref_logp"
@@ -381,6 +436,12 @@ def micro_batches(n, size):
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def full_parameters(model):
+    """(name, full tensor) one at a time: under FSDP2 each full_tensor() is an all-gather on every rank."""
+    for name, p in model.named_parameters():
+        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+
+
 def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device):
     """PPO-clip updates over this rank's rows (group after group); -> metrics averaged over tokens."""
     world = palmr.get_world_size()
@@ -397,6 +458,8 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
         old_logps = [[policy.completion_logprobs(b, args.temperature)[0] for b in update] for update in batches] \
             if n_updates > 1 else None
     totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0, "tokens": 0.0}
+    if args.is_cap > 0:
+        totals.update({"is/ratio_mean": 0.0, "is/masked_frac": 0.0, "is/token_logp_gap": 0.0})
     for u in range(n_updates):
         local_tokens = sum(float(b["mask"].sum()) for b in batches[u])
         global_tokens = float(all_reduce(torch.tensor(local_tokens)))
@@ -407,7 +470,16 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
             old = old_logps[u][j] if old_logps is not None else logp.detach()
             ref = ref_logps[u][j] if ref_logps is not None else None
             adv = advantages[span.start:span.stop].to(device)  # (B,)
-            loss, m = policy_loss(logp, old, ref, adv, b["mask"], args.eps_low, args.eps_high, args.beta)
+            if args.debug_logprobs and u == 0 and j == 0:  # first batch after the last weight sync
+                gap = (old - b["sampler_logp"]).abs()[b["mask"].bool()]
+                totals["debug/logprob_gap_max"] = float(gap.max()) if gap.numel() else 0.0
+                totals["debug/logprob_gap_mean"] = float(gap.mean()) if gap.numel() else 0.0
+            is_weights = None
+            if args.is_cap > 0:
+                is_weights, is_m = sequence_is_weights(old, b["sampler_logp"], b["mask"], args.is_cap)
+                for k, v in is_m.items():
+                    totals[k] += float(v) * len(span) / len(rows)  # mean over this rank's sequences
+            loss, m = policy_loss(logp, old, ref, adv, b["mask"], args.eps_low, args.eps_high, args.beta, is_weights)
             # token-mean over the global update batch: FSDP averages gradients over ranks, hence * world
             weight = float(b["mask"].sum()) / max(global_tokens, 1.0)
             (loss * weight * world).backward()
@@ -423,6 +495,8 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
         totals["tokens"] += global_tokens
     for k in ("loss", "kl", "clip_frac", "entropy"):  # each rank holds its share of the token-weighted sum
         totals[k] = float(all_reduce(torch.tensor(totals[k]))) / n_updates
+    for k in [k for k in totals if k.startswith(("is/", "debug/"))]:  # per-rank means -> mean over ranks
+        totals[k] = float(all_reduce(torch.tensor(totals[k]))) / world
     return totals
 
 
@@ -522,12 +596,14 @@ def main(argv=None):
                               logprob_chunk=args.logprob_chunk) if args.beta > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = load_trainer_state(resume_from, policy, optimizer, args) if resume_from else 0
-    engine = palmr.HFEngine(policy, processor, args.max_pixels)
+    engine = make_engine(args, policy, processor, resume_from or args.model, rank, world, device)
+    if resume_from:  # the sampler must start from exactly the trainer's weights
+        engine.load_weights(full_parameters(policy))
     judge = make_judge(args.judge) if args.judge != "none" else None
     samples = load_dataset(args, processor)
     if rank == 0:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
-    print0(f"V-GRPO | world {world} on {device.type} | reward {args.reward} judge {args.judge} | "
+    print0(f"V-GRPO | world {world} on {device.type} | engine {type(engine).__name__} | reward {args.reward} judge {args.judge} | "
            f"G {args.group_size} rollout {args.rollout_batch} update {args.update_batch} prompts | "
            f"steps {start}->{args.max_steps}" + (f" (resumed from {resume_from.name})" if resume_from else ""))
 
@@ -548,7 +624,7 @@ def main(argv=None):
         t2 = time.time()
         # optimisation
         stats = train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device)
-        engine.load_weights(None)  # HF engine: shares the module; vLLM: pushes the new weights
+        engine.load_weights(full_parameters(policy))  # vLLM: stream the new weights; HF: shares the module
         t3 = time.time()
 
         # metrics: mean over the global batch

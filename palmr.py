@@ -322,6 +322,115 @@ class HFEngine:
         return [results[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
+# -----------------------------------------------------------------------------
+# The vLLM engine: one colocated vllm.LLM per rank (GPU only)
+
+def vllm_weight_name(name):
+    """transformers-v5 parameter name -> the hub checkpoint name that vLLM's Qwen2.5-VL loader expects.
+
+    model.language_model.* -> model.*, model.visual.* -> visual.*, lm_head.* unchanged: the names
+    `save_pretrained` writes. vLLM 0.26.0 (model_executor/models/qwen2_5_vl.py, hf_to_vllm_mapper) maps
+    those to its own modules and stacks q/k/v and gate/up itself.
+    """
+    for old, new in (("model.language_model.", "model."), ("model.visual.", "visual.")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def vllm_sampling_kwargs(n, max_new_tokens, temperature, top_p, seed, stop_ids, suppress_ids):
+    """Our sampling settings as vllm.SamplingParams keyword arguments (vLLM 0.26.0 sampling_params.py)."""
+    greedy = temperature <= 0
+    return dict(n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+                top_p=1.0 if greedy else top_p, top_k=0,  # 0: no top-k
+                seed=seed, logprobs=0,  # 0: the sampled token's log-prob only
+                stop_token_ids=list(stop_ids), logit_bias={t: -100.0 for t in suppress_ids},
+                skip_special_tokens=True)
+
+
+def completion_from_vllm(output):
+    """A vLLM CompletionOutput (token_ids, text, logprobs: per position {id: Logprob}, finish_reason)."""
+    ids = list(output.token_ids)
+    logprobs = [position[t].logprob for position, t in zip(output.logprobs or [], ids)]
+    assert len(logprobs) == len(ids), "vLLM returned no log-probs: SamplingParams(logprobs=0) is required"
+    return Completion(ids, output.text, logprobs, output.finish_reason == "stop")
+
+
+def select_engine(requested, cuda_available, vllm_available):
+    """'auto' -> vllm on GPUs when vLLM is installed, else hf; an impossible request is an error."""
+    if requested == "auto":
+        return "vllm" if cuda_available and vllm_available else "hf"
+    if requested == "vllm" and not cuda_available:
+        raise ValueError("--engine vllm needs CUDA GPUs; use --engine hf on CPU")
+    if requested == "vllm" and not vllm_available:
+        raise ValueError("--engine vllm: vllm is not installed (pip install -r requirements-vllm.txt)")
+    if requested not in ("hf", "vllm"):
+        raise ValueError(f"unknown engine {requested!r}")
+    return requested
+
+
+class VLLMEngine:
+    """Sampling with one colocated `vllm.LLM` per rank, written against vLLM 0.26.0's API.
+
+    external_launcher: every torchrun rank runs its own engine in-process (needs
+    VLLM_ENABLE_V1_MULTIPROCESSING=0); with tensor_parallel_size k, each group of k consecutive ranks
+    forms one engine and must send it the same prompts. Between rollouts the engine sleeps at level 1
+    (weights to CPU, KV cache dropped; level 2 corrupts VLM buffers). Sampler log-probs are vLLM's
+    processed log-probs (after temperature / top-p, the distribution sampled from). The multimodal
+    processor cache is off (mm_processor_cache_gb=0) and reset after each sync, so memory stays flat.
+    STATUS: the CPU-testable parts (names, sampling kwargs, output translation, selection) are tested;
+    this class itself has NOT been run on a GPU by this project yet.
+    """
+
+    def __init__(self, model_path, processor, max_pixels, seed, tensor_parallel_size=1,
+                 gpu_memory_utilization=0.3, max_model_len=8192, dtype="bfloat16"):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
+        from vllm import LLM
+        self.processor, self.max_pixels = processor, max_pixels
+        self.stop_ids = stop_token_ids(processor.tokenizer)
+        self.suppress = suppressed_token_ids(processor.tokenizer)
+        self.llm = LLM(model=str(model_path), distributed_executor_backend="external_launcher",
+                       tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                       max_model_len=max_model_len, dtype=dtype, seed=seed, enable_sleep_mode=True,
+                       enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+                       limit_mm_per_prompt={"image": 1}, mm_processor_cache_gb=0)
+        self.asleep = set()  # memory tags still offloaded: "weights", "kv_cache"
+
+    def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
+        from vllm import SamplingParams
+        requests, params = [], []
+        for i, p in enumerate(prompts):  # one image placeholder in the ids: vLLM expands it itself
+            ids = self.processor.tokenizer(p.text, add_special_tokens=False)["input_ids"]
+            requests.append({"prompt_token_ids": ids, "multi_modal_data": {"image": fit_pixels(p.image, self.max_pixels)}})
+            params.append(SamplingParams(**vllm_sampling_kwargs(n, max_new_tokens, temperature, top_p, seed + i,
+                                                                self.stop_ids, self.suppress)))
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [[completion_from_vllm(o) for o in out.outputs] for out in outputs]
+
+    def load_weights(self, named_tensors):
+        """Stream (name, tensor) pairs one at a time into vLLM's model; then drop cached prefixes."""
+        if "weights" in self.asleep:  # partial wake: weights back on the GPU, KV cache still released
+            self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
+
+        def load(model):
+            for name, tensor in named_tensors:
+                model.load_weights([(vllm_weight_name(name), tensor)])
+        self.llm.apply_model(load)  # in-process executor: runs on this rank's worker, no serialisation
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+
+    def sleep(self):
+        if not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = {"weights", "kv_cache"}
+
+    def wake(self):
+        if self.asleep:
+            self.llm.wake_up(tags=sorted(self.asleep))
+            self.asleep = set()
+
+
 def collate_prompts(rows, pad_id, device="cpu"):
     """Left-pad encoded prompts into one batch: input_ids, attention_mask (B, P), pixel_values, image_grid_thw."""
     width = max(len(r["input_ids"]) for r in rows)

@@ -3,30 +3,45 @@
 #   bash runs/qwen25vl_7b_8xh100.sh [more grpo.py flags, which override these]
 # Needs a local copy of the model (no hub access at run time) and a PaDLayer training file.
 #
-# Batch arithmetic (all counts are global, over the 8 ranks):
-#   rollout batch 512 prompts x G 16      = 8192 completions per step, 1024 per rank
-#   update batch 128 prompts              -> 512 / 128 = 4 optimizer steps per rollout batch
-#   per rank and update: 128 / 8 x 16     = 256 sequences = 64 micro-batches of 4 (accumulated)
-#   20 epochs over ~4.7K items            = ~94K prompts / 512 = ~184 steps
-# Status: the trainer runs this as written with the HF sampling engine, which is far too slow for
-# 8192 completions of up to 2048 tokens; the vLLM engine and the LLM judge (Qwen3-30B-A3B served on
-# its own GPU) are the next milestones. Until then `--judge rule` only reads shapes-style
-# "N colour kind" claims against the facts: on real data that is close to plain GRPO.
+# GPUs: 0-6 train (7 torchrun ranks, FSDP2 + one colocated vLLM engine each), 7 serves the judge
+# (Qwen3-30B-A3B, reasoning on, `vllm serve`), as METHOD.md section 3 has it.
+# Batch arithmetic (global counts, over the 7 training ranks). The paper's 512 / 128 prompts do not
+# divide over 7 ranks, so this preset uses the nearest multiples of 7 (ours):
+#   rollout batch 448 prompts x G 16      = 7168 completions per step, 1024 per rank
+#   update batch 112 prompts              -> 448 / 112 = 4 optimizer steps per rollout batch (as the paper's 512 / 128)
+#   per rank and update: 112 / 7 x 16     = 256 sequences = 64 micro-batches of 4 (accumulated)
+#   20 epochs over ~4.7K items            = ~94K prompts / 448 = ~210 steps
+# vLLM per rank: 35% of the GPU (weights bf16 ~16 GB + KV cache); it sleeps (level 1) while FSDP trains.
+# Status: the vLLM engine follows vLLM 0.26.0's API but has not been run on a GPU by this project;
+# the trainer's client for the served judge (--judge openai) is the next milestone: until it lands,
+# `--judge rule` only reads shapes-style "N colour kind" claims (on real data close to plain GRPO).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-models/Qwen2.5-VL-7B-Instruct}   # local folder
 DATA=${DATA:-data/palmr/train.jsonl}           # output of the PaDLayer pipeline (facts + references)
+JUDGE=${JUDGE:-models/Qwen3-30B-A3B}           # local folder of the judge LLM
+
+mkdir -p out
+# the judge, alone on GPU 7 (an OpenAI-compatible server on 127.0.0.1:8000)
+CUDA_VISIBLE_DEVICES=7 vllm serve "$JUDGE" --served-model-name judge --host 127.0.0.1 --port 8000 \
+  --gpu-memory-utilization 0.9 --max-model-len 16384 > out/judge_server.log 2>&1 &
+JUDGE_PID=$!
+trap 'kill $JUDGE_PID' EXIT
+until curl -sf http://127.0.0.1:8000/v1/models > /dev/null; do sleep 5; done
 
 args=(
   --model "$MODEL" --data "$DATA" --out out/palmr_7b
   # rollout: G 16, temperature 1.0, top_p 1.0 (paper); lengths are ours (paper: not reported)
-  --group-size 16 --rollout-batch 512 --update-batch 128 --temperature 1.0 --top-p 1.0
+  --group-size 16 --rollout-batch 448 --update-batch 112 --temperature 1.0 --top-p 1.0
+  # sampler: colocated vLLM; sequence-level IS correction for the bf16 sampler/trainer mismatch
+  --engine vllm --vllm-gpu-memory 0.35 --is-cap 2.0
   --max-new-tokens 2048 --max-prompt-tokens 4096 --max-pixels 1003520
   # reward: the gated PaLMR fusion
   --reward palmr --judge rule
   # optimisation: lr 1e-6 (paper); weight decay 1e-2, beta 1e-2 (k3), clip 0.2 / 0.28 are ours
   --lr 1e-6 --weight-decay 1e-2 --beta 1e-2 --eps-low 0.2 --eps-high 0.28 --max-grad-norm 1.0
   --micro-batch 4 --activation-checkpointing --logprob-chunk 512
-  --max-steps 184 --save-every 20 --keep 3 --log-rollouts-every 10
+  --max-steps 210 --save-every 20 --keep 3 --log-rollouts-every 10
 )
-torchrun --nproc_per_node 8 grpo.py "${args[@]}" "$@"
+CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6 VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+  torchrun --nproc_per_node 7 grpo.py "${args[@]}" "$@"
