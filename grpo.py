@@ -72,7 +72,17 @@ def get_args(argv=None):
     ap.add_argument("--debug-logprobs", action="store_true", help="log sampler vs trainer log-prob gaps on the first batch after each sync")
     # reward
     ap.add_argument("--reward", default="palmr", choices=SCHEMES, help="fusion scheme (rewards.py)")
-    ap.add_argument("--judge", default="rule", help="visual-fidelity judge backend (judge.py), or 'none'")
+    ap.add_argument("--judge", default="rule", choices=["rule", "openai", "hf", "none"], help="visual-fidelity judge backend (judge.py)")
+    ap.add_argument("--judge-base-url", default=None, help="openai: the server, e.g. http://127.0.0.1:8000/v1")
+    ap.add_argument("--judge-model", default=None, help="openai: served model name; hf: local folder")
+    ap.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
+    ap.add_argument("--judge-protocol", default="pairwise", choices=["pairwise", "pointwise"], help="pairwise vs the reference (paper) or each rollout alone")
+    ap.add_argument("--judge-swap", action="store_true", help="ask both A/B orders; the reference must win both to gate (ours)")
+    ap.add_argument("--judge-concurrency", type=int, default=32, help="openai: requests in flight per rank")
+    ap.add_argument("--judge-timeout", type=float, default=300.0, help="openai: seconds per request (reasoning replies are long)")
+    ap.add_argument("--judge-retries", type=int, default=4, help="openai: retries on 429/5xx/timeouts, exponential backoff")
+    ap.add_argument("--judge-max-tokens", type=int, default=4096, help="judge reply budget (reasoning included)")
+    ap.add_argument("--judge-no-reasoning", action="store_true", help="turn the judge's thinking off (paper: on)")
     # optimisation
     ap.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-6 for 7B)")
     ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
@@ -180,23 +190,35 @@ def rollout(engine, processor, samples, args, step, rank):
 
 
 def compute_rewards(judge, rows, scheme):
-    """-> rewards (N,), parts {name: (N,)}, judge failures; the judge is asked once for the whole batch."""
+    """-> rewards (N,), parts {name: (N,)}, judge metrics; the judge is asked once for the whole batch.
+
+    A judge that fails (server down, bad replies) never stops the run: its items count as failures
+    with S_vis = 1 ("no preference") and the error is printed once per batch.
+    """
     n = len(rows)
-    s_vis, r_cov, failed = [1.0] * n, [0.0] * n, 0
+    s_vis, r_cov, failed, stats, stats_ties = [1.0] * n, [0.0] * n, 0, {}, 0
     if judge is not None:
         items = [JudgeItem(s.question, s.facts, c.text, s.reference) for s, c in rows]
-        verdicts = judge.judge(items)
-        s_vis = [v.s_vis for v in verdicts]
-        failed = sum(v.failed for v in verdicts)
-        if scheme in NEEDS_COV:
-            r_cov = judge.coverage(items)
+        judge.stats = {}
+        try:
+            verdicts = judge.judge(items)
+            s_vis, failed = [v.s_vis for v in verdicts], sum(v.failed for v in verdicts)
+            stats_ties = sum(v.preference == "tie" for v in verdicts)
+            if scheme in NEEDS_COV:
+                r_cov = judge.coverage(items)
+        except Exception as e:  # noqa: BLE001 -- a judge outage must not kill a multi-day run
+            print(f"[rank {palmr.get_rank()}] judge failed on this batch, counted as no preference: "
+                  f"{type(e).__name__}: {e}", flush=True)
+            failed = n
+        stats = dict(judge.stats)
     totals, parts = [], {}
     for (s, c), vis, cov in zip(rows, s_vis, r_cov):
         total, p = score_completion(scheme, c.text, s.answer, s.choices, s_vis=vis, r_cov=cov)
         totals.append(total)
         for k, v in p.items():
             parts.setdefault(k, []).append(v)
-    return torch.tensor(totals), {k: torch.tensor(v) for k, v in parts.items()}, failed
+    stats["failed"], stats["ties"] = failed, stats_ties
+    return torch.tensor(totals), {k: torch.tensor(v) for k, v in parts.items()}, stats
 
 
 # -----------------------------------------------------------------------------
@@ -599,7 +621,11 @@ def main(argv=None):
     engine = make_engine(args, policy, processor, resume_from or args.model, rank, world, device)
     if resume_from:  # the sampler must start from exactly the trainer's weights
         engine.load_weights(full_parameters(policy))
-    judge = make_judge(args.judge) if args.judge != "none" else None
+    judge = None if args.judge == "none" else make_judge(
+        args.judge, args.judge_base_url, args.judge_model, args.judge_api_key_env, protocol=args.judge_protocol,
+        swap=args.judge_swap, concurrency=args.judge_concurrency, timeout=args.judge_timeout,
+        max_retries=args.judge_retries, max_tokens=args.judge_max_tokens, reasoning=not args.judge_no_reasoning,
+        seed=args.seed)
     samples = load_dataset(args, processor)
     if rank == 0:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
@@ -616,7 +642,7 @@ def main(argv=None):
         engine.sleep()
         t1 = time.time()
         # reward and advantage (advantages over the gathered global batch; a group never spans ranks)
-        rewards, parts, judge_failed = compute_rewards(judge, rows, args.reward)
+        rewards, parts, judge_stats = compute_rewards(judge, rows, args.reward)
         gathered = [torch.zeros_like(rewards) for _ in range(world)]
         dist.all_gather(gathered, rewards) if dist.is_initialized() else gathered.__setitem__(0, rewards)
         all_adv = group_advantages(torch.cat(gathered), args.group_size, args.adv_scale)
@@ -632,11 +658,17 @@ def main(argv=None):
         groups = torch.cat(gathered).view(-1, args.group_size)
         local = {"reward": rewards.sum(), **{f"reward/{k}": v.sum() for k, v in parts.items()},
                  "completion_len": lengths.sum(), "finished": torch.tensor(float(sum(c.finished for _, c in rows))),
-                 "judge/failed": torch.tensor(float(judge_failed)),
+                 "judge/failed": torch.tensor(float(judge_stats["failed"])),
+                 "judge/ties": torch.tensor(float(judge_stats["ties"])),
                  "judge/gated_zero": (parts["vis"] == 0).float().sum(),
                  "judge/hallucinated_correct": ((parts["vis"] == 0) & (parts["ans"] == 1)).float().sum()}
         n_rows = len(rows) * world
         metrics = {k: float(all_reduce(v.double().clone())) / n_rows for k, v in local.items()}
+        if "sent" in judge_stats:  # LLM judges: mean latency per request sent, tokens and cache hits per step
+            sums = all_reduce(torch.tensor([judge_stats[k] for k in ("latency_sum", "sent", "tokens", "cache_hits")],
+                                           dtype=torch.float64))
+            metrics.update({"judge/latency": float(sums[0] / sums[1].clamp(min=1)), "judge/tokens": float(sums[2]),
+                            "judge/cache_hits": float(sums[3])})
         metrics.update(step=step + 1, adv_std=float(all_adv.std()),
                        zero_var_groups=float((groups.std(dim=1) == 0).float().mean()),
                        **stats, t_rollout=t1 - t0, t_reward=t2 - t1, t_train=t3 - t2)
@@ -646,7 +678,8 @@ def main(argv=None):
             print(f"step {step + 1}/{args.max_steps} | reward {metrics['reward']:.3f} (fmt {metrics['reward/fmt']:.2f} "
                   f"ans {metrics['reward/ans']:.2f} vis {metrics['reward/vis']:.2f}) | ent {metrics['entropy']:.2f} adv_std {metrics['adv_std']:.2f} "
                   f"zero_var {metrics['zero_var_groups']:.2f} | kl {metrics['kl']:.4f} clip {metrics['clip_frac']:.3f} "
-                  f"| len {metrics['completion_len']:.1f} | gen {t1 - t0:.1f}s rew {t2 - t1:.1f}s train {t3 - t2:.1f}s",
+                  f"| len {metrics['completion_len']:.1f} | judge failed {metrics['judge/failed']:.2f} gated "
+                  f"{metrics['judge/gated_zero']:.2f} | gen {t1 - t0:.1f}s rew {t2 - t1:.1f}s train {t3 - t2:.1f}s",
                   flush=True)
             if args.log_rollouts_every and (step + 1) % args.log_rollouts_every == 0:
                 with open(out / "rollouts.jsonl", "a") as f:

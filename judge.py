@@ -1,16 +1,41 @@
 """PaLMR's visual-fidelity judge: is a rollout's reasoning less faithful to the image than the reference's?
 
-    python -c "import judge; print(judge.make_judge('rule'))"
+    vllm serve Qwen/Qwen3-30B-A3B --port 8000                     # the paper's judge, on its own GPU
+    python grpo.py --judge openai --judge-base-url http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen3-30B-A3B
+    python judge.py agree --pairs examples/judge_pairs.jsonl --backend openai \
+        --base-url http://127.0.0.1:8000/v1 --model Qwen/Qwen3-30B-A3B --out agree.json
 
-The trainer sees one narrow interface: `judge.judge(items) -> list[Verdict]` (pairwise, S_vis) and
-`judge.coverage(items) -> list[float]` (point-wise, the perception_r1 r_cov). Backends:
+The trainer sees one narrow interface: `judge.judge(items) -> list[Verdict]` (S_vis) and
+`judge.coverage(items) -> list[float]` (the perception_r1 r_cov). Backends:
 - `rule`: exact, for the synthetic `shapes` task, whose facts are the true scene. A trace is checked
   claim by claim ("2 red circles", "no blue square", "a triangle", "3 shapes"); S_vis = 0 iff the
   candidate contradicts the facts more often than the reference does (the pairwise protocol, made exact).
-LLM backends (an OpenAI-compatible server, a local transformers model) plug into the same interface.
+- `openai`: any OpenAI-compatible chat-completions server (vLLM, SGLang, a hosted API); the key comes
+  from the environment variable named by `api_key_env` and never appears in logs or errors.
+- `hf`: a local transformers model, batched greedy generation.
+Protocols for the LLM backends: `pairwise` (the paper's: question + facts + candidate + reference, the
+judge names the more faithful; S_vis = 0 iff it prefers the reference) and `pointwise` (one response
+alone: faithful or not), so the two can be compared (`agree`). Our choices (flags in grpo.py):
+randomised A/B order per item (seeded), optional position swap (the reference must win both orders),
+a tie, an unparseable reply or a request that failed is "no preference" (S_vis = 1); failures are
+counted (judge/failed) and ties are counted apart (judge/ties): two equally faithful traces tie, and
+calling that a failure would make a faithful policy look like a broken judge.
 """
+import argparse
+import concurrent.futures
 import dataclasses
+import hashlib
+import http.client
+import json
+import os
+import random
 import re
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 
 from palmr import parse_response
 
@@ -25,9 +50,10 @@ class JudgeItem:
 
 @dataclasses.dataclass
 class Verdict:
-    s_vis: float         # 0.0 when the judge prefers the reference (the rollout is less faithful), else 1.0
-    failed: bool = False  # the judge gave no usable verdict (counted as "no preference": s_vis 1.0)
+    s_vis: float          # 0.0 when the judge prefers the reference (the rollout is less faithful), else 1.0
+    failed: bool = False  # no usable verdict (error, unparseable reply): "no preference", s_vis 1.0
     reason: str = ""
+    preference: str = None  # "reference" | "candidate" | "tie" (None: no usable verdict)
 
 
 # -----------------------------------------------------------------------------
@@ -84,7 +110,8 @@ class RuleJudge:
             base = len(contradictions(it.reference, it.facts)) if it.reference else 0
             reason = "; ".join(" ".join(str(w) for w in ("says", "a" if c is None else c, col, k or "shape") if w)
                                + f", facts say {n}" for c, col, k, n in bad)
-            verdicts.append(Verdict(0.0 if len(bad) > base else 1.0, reason=reason))
+            preference = "reference" if len(bad) > base else "candidate" if len(bad) < base else "tie"
+            verdicts.append(Verdict(0.0 if len(bad) > base else 1.0, reason=reason, preference=preference))
         return verdicts
 
     def coverage(self, items):
@@ -103,11 +130,366 @@ class RuleJudge:
         return scores
 
 
-JUDGES = {"rule": RuleJudge}
+# -----------------------------------------------------------------------------
+# Prompts and verdict parsing for LLM judges
+
+JUDGE_SYSTEM = ("You are a meticulous visual-fidelity judge. You cannot see the image; you are given a "
+                "structured description of it (the facts), which is the ground truth.")
 
 
-def make_judge(name, **kwargs):
-    """The judge backend by name (see JUDGES)."""
-    if name not in JUDGES:
-        raise ValueError(f"unknown judge {name!r}; available: {sorted(JUDGES)}")
-    return JUDGES[name](**kwargs)
+def facts_text(facts):
+    return json.dumps(facts, indent=1, sort_keys=True) if facts else "(no facts available)"
+
+
+def pairwise_prompt(question, facts, response_a, response_b):
+    return (f"Image facts (ground truth):\n{facts_text(facts)}\n\nQuestion: {question}\n\n"
+            f"[Response A]\n{response_a}\n[End of Response A]\n\n[Response B]\n{response_b}\n[End of Response B]\n\n"
+            "Compare only how faithfully each response's reasoning describes the image: objects, counts, "
+            "attributes, positions, relations, text and numbers, checked against the facts. Ignore style, "
+            "length and whether the final answer is right. A response that states something the facts "
+            "contradict, or invents what they do not contain, is less faithful. Reason step by step, then "
+            "end with exactly one line: `VERDICT: A`, `VERDICT: B` or `VERDICT: TIE`.")
+
+
+def pointwise_prompt(question, facts, response):
+    return (f"Image facts (ground truth):\n{facts_text(facts)}\n\nQuestion: {question}\n\n"
+            f"[Response]\n{response}\n[End of Response]\n\n"
+            "Check the response's reasoning against the facts: does it state anything about the image "
+            "(objects, counts, attributes, positions, relations, text, numbers) that the facts contradict "
+            "or do not contain? Reason step by step, then end with exactly one line: "
+            "`VERDICT: FAITHFUL` or `VERDICT: UNFAITHFUL`.")
+
+
+def fact_list(facts):
+    """The facts as numbered atomic statements, for the coverage protocol."""
+    out = [f"{o.get('count', 1)} {' '.join(o.get('attributes') or [])} {o.get('name', '')}".replace("  ", " ").strip()
+           + (f" at {', '.join(o['location'])}" if isinstance(o.get("location"), list) and o.get("location") else "")
+           for o in (facts or {}).get("objects", [])]
+    out += [f"relation: {r}" for r in (facts or {}).get("relations", [])]
+    out += [f"visible text: {t}" for t in (facts or {}).get("text", [])]
+    return out
+
+
+def coverage_prompt(question, facts, response):
+    listed = "\n".join(f"{i + 1}. {f}" for i, f in enumerate(fact_list(facts)))
+    return (f"Visual facts of an image:\n{listed}\n\nQuestion: {question}\n\n[Response]\n{response}\n"
+            "[End of Response]\n\nWhich of the numbered facts does the response state correctly (same "
+            "object, count and attributes)? Reason briefly, then end with exactly one line `COVERED: ` "
+            "followed by the numbers, comma-separated, or `COVERED: none`.")
+
+
+_THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
+_VERDICT = re.compile(r"verdict\s*[:=\-]?\s*[*_`\[(\s]*(a|b|tie|faithful|unfaithful)\b", re.IGNORECASE)
+
+
+def parse_verdict(text):
+    """'A' | 'B' | 'TIE' | 'FAITHFUL' | 'UNFAITHFUL' from the last VERDICT line after any <think> block; else None."""
+    if not text:
+        return None
+    found = _VERDICT.findall(_THINK_BLOCK.sub(" ", text))
+    return found[-1].upper() if found else None
+
+
+def parse_covered(text, n):
+    """Fraction of n numbered facts listed on the last `COVERED:` line; None when there is no such line."""
+    lines = re.findall(r"covered\s*:\s*([^\n]*)", _THINK_BLOCK.sub(" ", text or ""), re.IGNORECASE)
+    if not lines or n == 0:
+        return None
+    picked = {int(k) for k in re.findall(r"\d+", lines[-1]) if 1 <= int(k) <= n}
+    return len(picked) / n
+
+
+# -----------------------------------------------------------------------------
+# Clients: a list of chat requests in, replies out in the same order
+
+
+@dataclasses.dataclass
+class Reply:
+    text: str = None     # None when the request failed
+    error: str = ""      # why it failed (status, timeout, ...), never containing secrets
+    latency: float = 0.0
+    tokens: int = 0
+    cached: bool = False
+
+
+RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+class OpenAIClient:
+    """Chat completions over HTTP (stdlib only): bounded concurrency, per-request timeout, retries with
+    exponential backoff and jitter on 429 / 5xx / timeouts / dropped connections, and a cache so that
+    identical requests are sent once."""
+
+    def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", concurrency=32, timeout=120.0,
+                 max_retries=4, backoff=1.0, max_tokens=4096, temperature=0.0, reasoning=True):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key_env = model, api_key_env
+        self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
+        self.params = {"max_tokens": max_tokens, "temperature": temperature,
+                       "chat_template_kwargs": {"enable_thinking": reasoning}}  # Qwen3 on vLLM / SGLang
+        self.cache, self.lock = {}, threading.Lock()
+        self.pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="judge")
+
+    def complete(self, requests):
+        """requests: list of message lists -> list of Reply, in input order."""
+        keys = [hashlib.sha256(json.dumps([self.model, m, self.params], sort_keys=True).encode()).hexdigest()
+                for m in requests]
+        replies, todo = [None] * len(requests), {}
+        for i, (key, messages) in enumerate(zip(keys, requests)):
+            with self.lock:
+                hit = self.cache.get(key)
+            if hit is not None:
+                replies[i] = dataclasses.replace(hit, cached=True, latency=0.0, tokens=0)
+            else:
+                todo.setdefault(key, (messages, []))[1].append(i)  # identical requests in a batch: sent once
+        futures = {self.pool.submit(self._send, messages): (key, idx) for key, (messages, idx) in todo.items()}
+        for future in concurrent.futures.as_completed(futures):
+            key, idx = futures[future]
+            reply = future.result()
+            if reply.text is not None:
+                with self.lock:
+                    self.cache[key] = reply
+            for n, i in enumerate(idx):
+                replies[i] = reply if n == 0 else dataclasses.replace(reply, cached=True, latency=0.0, tokens=0)
+        return replies
+
+    def _send(self, messages):
+        body = json.dumps({"model": self.model, "messages": messages, **self.params}).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        error = ""
+        for attempt in range(self.max_retries + 1):
+            start, retry_after = time.time(), None
+            try:
+                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    data = json.loads(resp.read())
+                text = data["choices"][0]["message"]["content"]
+                if not isinstance(text, str):
+                    raise ValueError("reply has no text content")
+                usage = data.get("usage") or {}
+                return Reply(text, latency=time.time() - start, tokens=int(usage.get("total_tokens", 0)))
+            except urllib.error.HTTPError as e:
+                error = f"HTTP {e.code}"
+                if e.code not in RETRY_STATUS:
+                    return Reply(error=f"{error} from {self.url} (not retried)")
+                retry_after = e.headers.get("Retry-After") if e.headers else None
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+                error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except (ValueError, KeyError, IndexError, TypeError) as e:  # 200 with a malformed body
+                error = f"malformed reply: {type(e).__name__}: {e}"
+            if attempt < self.max_retries:
+                delay = self.backoff * 2 ** attempt
+                delay = min(60.0, float(retry_after) if retry_after and retry_after.isdigit() else delay)
+                time.sleep(delay + random.uniform(0, self.backoff))  # jitter keeps ranks from retrying in step
+        return Reply(error=f"{error} from {self.url} after {self.max_retries + 1} attempts")
+
+
+class HFClient:
+    """A local transformers model as the judge: batched greedy generation (text only)."""
+
+    def __init__(self, model_path, max_tokens=512, batch_size=8, device="cpu"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+        self.torch, self.max_tokens, self.batch_size = torch, max_tokens, batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(model_path)
+        except ValueError:  # a vision-language checkpoint (e.g. the tiny Qwen2.5-VL): use it on text alone
+            self.model = AutoModelForImageTextToText.from_pretrained(model_path)
+        self.model.to(device).eval()
+
+    def complete(self, requests):
+        replies = []
+        for s in range(0, len(requests), self.batch_size):
+            chunk = requests[s:s + self.batch_size]
+            start = time.time()
+            texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in chunk]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+            with self.torch.no_grad():
+                out = self.model.generate(**enc, max_new_tokens=self.max_tokens, do_sample=False,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            latency = (time.time() - start) / len(chunk)
+            replies += [Reply(self.tokenizer.decode(row, skip_special_tokens=True), latency=latency,
+                              tokens=int(enc["attention_mask"][i].sum()) + len(row)) for i, row in enumerate(new)]
+        return replies
+
+
+# -----------------------------------------------------------------------------
+# The LLM judge: prompts -> client -> verdicts
+
+
+class LLMJudge:
+    """Pairwise (or point-wise) fidelity judging through a client; `stats` describes the last batch."""
+
+    def __init__(self, client, protocol="pairwise", swap=False, order="random", seed=0):
+        assert protocol in ("pairwise", "pointwise"), protocol
+        assert order in ("random", "fixed"), order
+        self.client, self.protocol, self.swap, self.order, self.seed = client, protocol, swap, order, seed
+        self.name = type(client).__name__
+        self.stats = {}
+
+    def _ask(self, prompts):
+        """Send the prompts; add the batch's counts to self.stats (the caller resets it per training step)."""
+        replies = self.client.complete([[{"role": "system", "content": JUDGE_SYSTEM},
+                                         {"role": "user", "content": p}] for p in prompts])
+        sent = [r for r in replies if not r.cached and r.text is not None]
+        for k, v in {"requests": len(replies), "cache_hits": sum(r.cached for r in replies), "sent": len(sent),
+                     "latency_sum": sum(r.latency for r in sent), "tokens": sum(r.tokens for r in replies),
+                     "errors": sum(r.text is None for r in replies)}.items():
+            self.stats[k] = self.stats.get(k, 0) + v
+        return replies
+
+    def _reference_first(self, item):
+        """Where the reference goes (A or B): seeded per item, so a rerun asks the same prompts (cache)."""
+        if self.order == "fixed":
+            return False
+        digest = hashlib.sha256(f"{self.seed}|{item.question}|{item.candidate}".encode()).digest()
+        return digest[0] % 2 == 1
+
+    def judge(self, items):
+        if self.protocol == "pointwise" or any(it.reference is None for it in items):
+            return self._judge_pointwise(items) if self.protocol == "pointwise" else self._judge_mixed(items)
+        prompts, orders = [], []
+        for it in items:
+            ref_first = self._reference_first(it)
+            for rf in ([ref_first, not ref_first] if self.swap else [ref_first]):
+                a, b = (it.reference, it.candidate) if rf else (it.candidate, it.reference)
+                prompts.append(pairwise_prompt(it.question, it.facts, a, b))
+                orders.append(rf)
+        replies = self._ask(prompts)
+        per_item = 2 if self.swap else 1
+        verdicts = []
+        for i in range(len(items)):
+            votes, reasons = [], []
+            for k in range(per_item):
+                reply, rf = replies[i * per_item + k], orders[i * per_item + k]
+                v = parse_verdict(reply.text)
+                if v in ("A", "B"):
+                    votes.append("reference" if (v == "A") == rf else "candidate")
+                elif v == "TIE":  # no preference: a real answer (two faithful traces), logged as judge/ties
+                    votes.append("tie")
+                else:  # no usable verdict: no preference, counted as a failure
+                    votes.append(None)
+                    reasons.append(reply.error or "unparseable verdict")
+            if all(v == votes[0] for v in votes) and votes[0] is not None:
+                preference = votes[0]
+            else:  # no verdict, or the two orders disagree (position bias): no preference
+                preference = "tie" if all(v is not None for v in votes) else None
+            # with swap, the reference must win in both orders to gate the rollout
+            verdicts.append(Verdict(0.0 if preference == "reference" else 1.0, failed=bool(reasons),
+                                    reason="; ".join(reasons), preference=preference))
+        return verdicts
+
+    def _judge_pointwise(self, items):
+        replies = self._ask([pointwise_prompt(it.question, it.facts, it.candidate) for it in items])
+        verdicts = []
+        for reply in replies:
+            v = parse_verdict(reply.text)
+            if v in ("FAITHFUL", "UNFAITHFUL"):
+                verdicts.append(Verdict(0.0 if v == "UNFAITHFUL" else 1.0, preference=v.lower()))
+            else:
+                verdicts.append(Verdict(1.0, failed=True, reason=reply.error or "unparseable verdict"))
+        return verdicts
+
+    def _judge_mixed(self, items):
+        """Pairwise where a reference exists, point-wise otherwise (evaluation of reference-less items)."""
+        paired = [i for i, it in enumerate(items) if it.reference is not None]
+        alone = [i for i, it in enumerate(items) if it.reference is None]
+        out = [None] * len(items)
+        for idx, fn in ((paired, self.judge), (alone, self._judge_pointwise)):
+            if idx:
+                for i, v in zip(idx, fn([items[i] for i in idx])):
+                    out[i] = v
+        return out
+
+    def coverage(self, items):
+        """Point-wise coverage: the fraction of the facts' statements the response states (0 on failure)."""
+        replies = self._ask([coverage_prompt(it.question, it.facts, it.candidate) for it in items])
+        scores = [parse_covered(r.text, len(fact_list(it.facts))) for r, it in zip(replies, items)]
+        self.stats["coverage_failed"] = self.stats.get("coverage_failed", 0) + sum(s is None for s in scores)
+        return [s or 0.0 for s in scores]
+
+
+JUDGES = ("rule", "openai", "hf")
+
+
+def make_judge(name, base_url=None, model=None, api_key_env="OPENAI_API_KEY", protocol="pairwise", swap=False,
+               order="random", concurrency=32, timeout=120.0, max_retries=4, backoff=1.0, max_tokens=4096,
+               reasoning=True, seed=0):
+    """The judge backend by name: rule | openai (needs base_url, model) | hf (needs model: a local path)."""
+    if name == "rule":
+        return RuleJudge()
+    if name == "openai":
+        assert base_url and model, "--judge openai needs --judge-base-url and --judge-model"
+        client = OpenAIClient(base_url, model, api_key_env, concurrency, timeout, max_retries, backoff,
+                              max_tokens, reasoning=reasoning)
+    elif name == "hf":
+        assert model, "--judge hf needs --judge-model (a local transformers folder)"
+        client = HFClient(model, max_tokens=min(max_tokens, 512))
+    else:
+        raise ValueError(f"unknown judge {name!r}; available: {list(JUDGES)}")
+    return LLMJudge(client, protocol=protocol, swap=swap, order=order, seed=seed)
+
+
+# -----------------------------------------------------------------------------
+# `python judge.py agree`: judge-human agreement of the pairwise and point-wise protocols
+
+
+def agreement_report(judge, pairs):
+    """pairs: dicts with question, facts, candidate, reference, label in {candidate, reference, tie}."""
+    items = [JudgeItem(p["question"], p["facts"], p["candidate"], p["reference"]) for p in pairs]
+    labels = [p["label"] for p in pairs]
+    assert set(labels) <= {"candidate", "reference", "tie"}, f"labels must be candidate/reference/tie: {set(labels)}"
+    judge.protocol = "pairwise"
+    pair_verdicts = judge.judge(items)
+    pair_pred = [v.preference or "tie" for v in pair_verdicts]
+    # point-wise: each response judged alone; the preference follows from the two verdicts
+    judge.protocol = "pointwise"
+    cand = judge.judge(items)
+    ref = judge.judge([JudgeItem(it.question, it.facts, it.reference, None) for it in items])
+    judge.protocol = "pairwise"
+    point_pred = ["candidate" if c.s_vis > r.s_vis else "reference" if r.s_vis > c.s_vis else "tie"
+                  for c, r in zip(cand, ref)]
+    n = len(pairs)
+    return {"n": n, "agreement": sum(p == l for p, l in zip(pair_pred, labels)) / max(1, n),
+            "failed": sum(v.failed for v in pair_verdicts),
+            "pointwise_agreement": sum(p == l for p, l in zip(point_pred, labels)) / max(1, n),
+            "pointwise_failed": sum(v.failed for v in cand + ref),
+            "swap": judge.swap, "judge": judge.name,
+            "items": [{"label": l, "pairwise": p, "pointwise": q} for l, p, q in zip(labels, pair_pred, point_pred)]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ag = sub.add_parser("agree", help="agreement of the judge with human labels, pairwise vs point-wise")
+    ag.add_argument("--pairs", required=True, help="JSONL: question, facts, candidate, reference, label")
+    ag.add_argument("--backend", default="openai", choices=list(JUDGES))
+    ag.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    ag.add_argument("--model", help="served model name (openai) or local folder (hf)")
+    ag.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    ag.add_argument("--swap", action="store_true", help="ask both A/B orders; the reference must win both")
+    ag.add_argument("--no-reasoning", action="store_true", help="turn the judge's thinking off")
+    ag.add_argument("--concurrency", type=int, default=32)
+    ag.add_argument("--timeout", type=float, default=120.0)
+    ag.add_argument("--out", required=True, help="JSON report path")
+    a = ap.parse_args(argv)
+    pairs = [json.loads(line) for line in open(a.pairs) if line.strip()]
+    if a.backend == "rule":
+        raise SystemExit("agree compares LLM protocols: use --backend openai or hf")
+    judge = make_judge(a.backend, a.base_url, a.model, a.api_key_env, swap=a.swap, concurrency=a.concurrency,
+                       timeout=a.timeout, reasoning=not a.no_reasoning)
+    report = agreement_report(judge, pairs)
+    with open(a.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"n {report['n']} | pairwise agreement {report['agreement']:.3f} (failed {report['failed']}) | "
+          f"point-wise agreement {report['pointwise_agreement']:.3f} -> {a.out}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()

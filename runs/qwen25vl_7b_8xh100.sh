@@ -13,8 +13,8 @@
 #   20 epochs over ~4.7K items            = ~94K prompts / 448 = ~210 steps
 # vLLM per rank: 35% of the GPU (weights bf16 ~16 GB + KV cache); it sleeps (level 1) while FSDP trains.
 # Status: the vLLM engine follows vLLM 0.26.0's API but has not been run on a GPU by this project;
-# the trainer's client for the served judge (--judge openai) is the next milestone: until it lands,
-# `--judge rule` only reads shapes-style "N colour kind" claims (on real data close to plain GRPO).
+# the judge client (--judge openai) is tested against a local fault-injecting server, not yet against
+# a served Qwen3-30B-A3B.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-models/Qwen2.5-VL-7B-Instruct}   # local folder
@@ -36,8 +36,10 @@ args=(
   # sampler: colocated vLLM; sequence-level IS correction for the bf16 sampler/trainer mismatch
   --engine vllm --vllm-gpu-memory 0.35 --is-cap 2.0
   --max-new-tokens 2048 --max-prompt-tokens 4096 --max-pixels 1003520
-  # reward: the gated PaLMR fusion
-  --reward palmr --judge rule
+  # reward: the gated PaLMR fusion, judged pairwise by the served LLM with its reasoning on (paper);
+  # 7 ranks x 32 requests in flight; long timeout because reasoning replies run to thousands of tokens
+  --reward palmr --judge openai --judge-base-url http://127.0.0.1:8000/v1 --judge-model judge
+  --judge-protocol pairwise --judge-concurrency 32 --judge-timeout 600 --judge-max-tokens 8192
   # optimisation: lr 1e-6 (paper); weight decay 1e-2, beta 1e-2 (k3), clip 0.2 / 0.28 are ours
   --lr 1e-6 --weight-decay 1e-2 --beta 1e-2 --eps-low 0.2 --eps-high 0.28 --max-grad-norm 1.0
   --micro-batch 4 --activation-checkpointing --logprob-chunk 512

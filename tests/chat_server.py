@@ -1,0 +1,120 @@
+"""A real OpenAI-compatible chat-completions server on 127.0.0.1 for tests and bench/judge.py.
+
+It answers like a perfect judge: it reads the facts and responses out of judge.py's prompts and decides
+with the exact `shapes` rule (judge.contradictions). Faults are injected per marker: a request whose
+user message contains the marker gets the next fault in that marker's queue:
+  "429" (with Retry-After: 0), "500", "slow" (answers after `slow_seconds`), "drop" (closes the
+  connection without a reply), "malformed" (200 with a body that is not JSON), "nocontent" (200, JSON
+  without choices), "noverdict" (200, a reply with no verdict line), "401".
+"""
+import json
+import re
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import judge  # noqa: E402
+
+
+def _block(text, name):
+    m = re.search(rf"\[{name}\]\n(.*?)\n\[End of {name}\]", text, re.DOTALL)
+    return m.group(1) if m else None
+
+
+def perfect_reply(messages):
+    """The verdict a faithful judge gives, with a reasoning block first (as Qwen3 with thinking on)."""
+    text = messages[-1]["content"]
+    if "COVERED:" in text:
+        facts = re.findall(r"^(\d+)\. (\d+) (\w+) (\w+)", text, re.MULTILINE)
+        said = set(judge.claims(_block(text, "Response") or ""))
+        hit = [k for k, n, color, kind in facts if (int(n), color, kind) in said]
+        return "<think>checking each fact</think>\nCOVERED: " + (", ".join(hit) or "none")
+    facts = json.loads(text.split("Image facts (ground truth):\n", 1)[1].split("\n\nQuestion:", 1)[0])
+    if "[Response A]" in text:
+        bad_a = len(judge.contradictions(_block(text, "Response A"), facts))
+        bad_b = len(judge.contradictions(_block(text, "Response B"), facts))
+        verdict = "A" if bad_a < bad_b else "B" if bad_b < bad_a else "TIE"
+        return f"<think>A has {bad_a} errors, B has {bad_b}. VERDICT: maybe</think>\nSo **VERDICT: {verdict}**"
+    bad = judge.contradictions(_block(text, "Response"), facts)
+    return f"<think>{len(bad)} errors</think>\nVERDICT: {'UNFAITHFUL' if bad else 'FAITHFUL'}"
+
+
+class ChatServer:
+    def __init__(self, reply=perfect_reply, latency=0.0, slow_seconds=2.0):
+        self.reply, self.latency, self.slow_seconds = reply, latency, slow_seconds
+        self.faults, self.requests, self.lock = {}, [], threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code, body, headers=()):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                content = payload["messages"][-1]["content"]
+                with server.lock:
+                    server.requests.append({"path": self.path, "content": content, "payload": payload,
+                                            "authorization": self.headers.get("Authorization")})
+                    fault = next((q.pop(0) for marker, q in server.faults.items() if marker in content and q), None)
+                if fault == "429":
+                    return self._send(429, b'{"error": "rate limited"}', [("Retry-After", "0")])
+                if fault in ("500", "401"):
+                    return self._send(int(fault), b'{"error": "injected"}')
+                if fault == "drop":
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return None
+                if fault == "malformed":
+                    return self._send(200, b"{this is not json")
+                if fault == "nocontent":
+                    return self._send(200, b'{"id": "x", "object": "chat.completion"}')
+                time.sleep(server.slow_seconds if fault == "slow" else server.latency)
+                text = "I am not sure." if fault == "noverdict" else server.reply(payload["messages"])
+                body = {"id": "cmpl", "object": "chat.completion", "model": payload["model"],
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": len(content) // 4, "completion_tokens": len(text) // 4,
+                                  "total_tokens": (len(content) + len(text)) // 4}}
+                try:
+                    return self._send(200, json.dumps(body).encode())
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                    return None
+
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256  # the default backlog of 5 drops SYNs under 32 concurrent clients
+            daemon_threads = True
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def inject(self, marker, *faults):
+        with self.lock:
+            self.faults.setdefault(marker, []).extend(faults)
+
+    def count(self, marker=""):
+        with self.lock:
+            return sum(marker in r["content"] for r in self.requests)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
