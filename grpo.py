@@ -523,6 +523,49 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
 
 
 # -----------------------------------------------------------------------------
+# Supervised warm-up: a tiny policy that can do the task (and misread it sometimes), before RL
+
+
+def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pixels=112 * 112, seed=0, log_every=50):
+    """SFT on each sample's trace (meta["sft_trace"] if present, else its reference); save to out_dir.
+
+    One process, teacher forcing on completion tokens only (the same batch builder and log-prob path
+    as the RL loss). Returns the list of (step, loss) it logged.
+    """
+    torch.manual_seed(seed)
+    processor = palmr.load_processor(model_path)
+    model = prepare_model(model_path, torch.device("cpu"), train=True)
+    samples = [s for s in read_jsonl(data_path) if s.meta.get("sft_trace") or s.reference]
+    assert samples, f"no traces to warm up on in {data_path}"
+    tok = processor.tokenizer
+    encoded, rows = {}, []
+    for s in samples:
+        encoded[s.id] = palmr.encode_prompt(processor, palmr.render_prompt(processor, s.question, s.choices),
+                                            load_image(s), max_pixels)
+        trace = s.meta.get("sft_trace") or s.reference
+        ids = tok(trace, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        rows.append((s, palmr.Completion(ids, trace, [0.0] * len(ids), True)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng, history = random.Random(seed), []
+    for step in tqdm(range(steps), desc="warm-up", mininterval=5):
+        b = training_batch(rng.sample(rows, min(batch, len(rows))), encoded, tok.pad_token_id, torch.device("cpu"))
+        logp, _ = model.completion_logprobs(b, 1.0)
+        loss = -(logp * b["mask"]).sum() / b["mask"].sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % log_every == 0 or step == steps - 1:
+            history.append((step, float(loss)))
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    for f in Path(model_path).iterdir():  # tokenizer and processor files travel with the weights
+        if f.is_file() and f.suffix in (".json", ".jinja") and not (out / f.name).exists():
+            shutil.copy(f, out / f.name)
+    return history
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: a Hugging Face folder + trainer state, written by rank 0
 
 
