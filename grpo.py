@@ -556,7 +556,7 @@ def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pix
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % log_every == 0 or step == steps - 1:
-            history.append((step, float(loss)))
+            history.append((step, float(loss.detach())))
     out = Path(out_dir)
     model.save_pretrained(out)
     for f in Path(model_path).iterdir():  # tokenizer and processor files travel with the weights

@@ -221,13 +221,15 @@ class OpenAIClient:
     identical requests are sent once."""
 
     def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", concurrency=32, timeout=120.0,
-                 max_retries=4, backoff=1.0, max_tokens=4096, temperature=0.0, reasoning=True):
+                 max_retries=4, backoff=1.0, max_tokens=4096, temperature=0.0, reasoning=True, extra=None,
+                 cache=True):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key_env = model, api_key_env
         self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
         self.params = {"max_tokens": max_tokens, "temperature": temperature,
-                       "chat_template_kwargs": {"enable_thinking": reasoning}}  # Qwen3 on vLLM / SGLang
-        self.cache, self.lock = {}, threading.Lock()
+                       "chat_template_kwargs": {"enable_thinking": reasoning},  # Qwen3 on vLLM / SGLang
+                       **(extra or {})}  # e.g. response_format for structured output
+        self.cache, self.lock, self.use_cache = {}, threading.Lock(), cache
         self.pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="judge")
 
     def complete(self, requests):
@@ -237,7 +239,7 @@ class OpenAIClient:
         replies, todo = [None] * len(requests), {}
         for i, (key, messages) in enumerate(zip(keys, requests)):
             with self.lock:
-                hit = self.cache.get(key)
+                hit = self.cache.get(key) if self.use_cache else None
             if hit is not None:
                 replies[i] = dataclasses.replace(hit, cached=True, latency=0.0, tokens=0)
             else:
@@ -246,7 +248,7 @@ class OpenAIClient:
         for future in concurrent.futures.as_completed(futures):
             key, idx = futures[future]
             reply = future.result()
-            if reply.text is not None:
+            if reply.text is not None and self.use_cache:
                 with self.lock:
                     self.cache[key] = reply
             for n, i in enumerate(idx):

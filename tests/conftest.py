@@ -26,3 +26,12 @@ def tiny_ckpt(tmp_path_factory):
 def shapes_file(tmp_path_factory):
     import data
     return data.make_shapes(64, tmp_path_factory.mktemp("shapes"), split="train", seed=0)
+
+
+@pytest.fixture(scope="session")
+def warm_ckpt(tmp_path_factory, tiny_ckpt, shapes_file):
+    """The tiny checkpoint after a short supervised warm-up: writes the format, sometimes answers right."""
+    import grpo
+    out = tmp_path_factory.mktemp("warm") / "ckpt"
+    grpo.warmup(tiny_ckpt, shapes_file, out, steps=150, batch=16, seed=0)
+    return str(out)

@@ -12,7 +12,7 @@ from judge import JudgeItem
 ROOT = Path(__file__).resolve().parent.parent
 FACTS = {"objects": [{"name": "circle", "count": 2, "attributes": ["red"], "location": ["top left", "top right"]},
                      {"name": "square", "count": 1, "attributes": ["blue"], "location": ["middle centre"]}],
-         "relations": [], "text": [], "global": {"total_shapes": 3}}
+         "relations": [], "text": [], "global": {"total_objects": 3}}
 REFERENCE = "<think>I see 2 red circles and 1 blue square.</think> The answer is \\boxed{2}."
 
 

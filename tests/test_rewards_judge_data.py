@@ -541,7 +541,7 @@ def test_make_shapes_facts_match_objects(shapes40):
     for s in samples:
         objects = s.meta["objects"]
         assert sum(o["count"] for o in s.facts["objects"]) == len(objects), s.id
-        assert s.facts["global"]["total_shapes"] == len(objects), s.id
+        assert s.facts["global"]["total_objects"] == len(objects), s.id
         for g in s.facts["objects"]:
             n = sum(o["kind"] == g["name"] and o["color"] == g["attributes"][0] for o in objects)
             assert g["count"] == n == len(g["location"]), s.id
