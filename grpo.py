@@ -19,8 +19,11 @@ Where this departs from textbook GRPO (DeepSeekMath), on purpose:
    so such groups add no policy gradient (they still count in the token-mean); their share is logged.
 5. Old log-probs: with one update per rollout batch the ratio is exactly 1 and old_logp is
    logp.detach() (no extra forward); with several updates old_logp is computed once before them.
-6. IS correction for sampler/trainer mismatch: not applied by the HF engine, which samples from the
-   trained module itself (the vLLM engine adds it).
+6. IS correction for the sampler/trainer mismatch (vLLM in bf16 vs FSDP): off by default; with
+   --is-cap C, each sequence's policy-gradient term is weighted by rho = exp(sum_t old_logp - sampler_logp)
+   and sequences with rho > C are masked (TRL's "sequence_mask"; like verl we leave the KL term
+   unweighted). The HF engine samples from the trained module itself, so rho ~ 1 there.
+7. Weight sync: once per step, after the last optimizer update and before the next rollout.
 Step = one rollout batch and its optimizer updates; --max-steps and checkpoints count these steps.
 """
 import argparse

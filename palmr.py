@@ -377,7 +377,9 @@ class VLLMEngine:
     forms one engine and must send it the same prompts. Between rollouts the engine sleeps at level 1
     (weights to CPU, KV cache dropped; level 2 corrupts VLM buffers). Sampler log-probs are vLLM's
     processed log-probs (after temperature / top-p, the distribution sampled from). The multimodal
-    processor cache is off (mm_processor_cache_gb=0) and reset after each sync, so memory stays flat.
+    processor cache is off (mm_processor_cache_gb=0); prefix, multimodal and encoder caches are reset
+    after each sync (stale image embeddings otherwise survive a vision-tower update). vLLM checks that
+    gpu_memory_utilization x total memory is free when it starts: it is built after the FSDP policy.
     STATUS: the CPU-testable parts (names, sampling kwargs, output translation, selection) are tested;
     this class itself has NOT been run on a GPU by this project yet.
     """
@@ -417,8 +419,9 @@ class VLLMEngine:
             for name, tensor in named_tensors:
                 model.load_weights([(vllm_weight_name(name), tensor)])
         self.llm.apply_model(load)  # in-process executor: runs on this rank's worker, no serialisation
-        self.llm.reset_prefix_cache()
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.llm.reset_mm_cache()
+        self.llm.llm_engine.reset_encoder_cache()  # and so were cached image embeddings (vision tower)
 
     def sleep(self):
         if not self.asleep:
