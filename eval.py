@@ -1,0 +1,445 @@
+"""PaLMR evaluation: the paper's benchmarks from local files, scored by their official rules, plus the
+process-hallucination rate.
+
+    python eval.py --bench shapes                                  # tiny model, held-out shapes, exact judge
+    python eval.py --checkpoints base=models/Qwen2.5-VL-7B-Instruct palmr=out/palmr_7b/checkpoint-000210 \
+        --bench hallusion=bench/HallusionBench.tsv mmmu=bench/mmmu_validation.parquet \
+                mathvista=bench/mathvista_testmini.parquet mathverse=bench/mathverse_testmini.parquet \
+                mmstar=bench/MMStar.tsv --out out/eval
+
+Formats (by extension): official JSON + image folder (`.json`, image paths relative to the file),
+Hugging Face parquet (`.parquet`, images as {bytes, path} structs), VLMEvalKit TSV (`.tsv`, base64
+images). A missing or corrupt image is reported per item and counted (`missing_images`), not fatal.
+Generation goes through the sampling engine (greedy by default); the prompt, decoding settings, pixel
+limit and max tokens are recorded with every result, because published numbers move with them.
+Predictions are cached per item (OUT/<checkpoint>/<bench>.predictions.jsonl): a rerun only generates
+what is missing. `--facts FILE` (JSONL of id + facts, e.g. from `data.py facts`) enables the
+process-hallucination rate on real benchmarks: among answers graded correct, the share the judge finds
+unfaithful to the facts (pairwise where a reference exists, point-wise otherwise).
+"""
+import argparse
+import ast
+import base64
+import csv
+import io
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import palmr
+from judge import JudgeItem, contradictions, claims, make_judge
+from rewards import choice_letter, grade_answer, normalize
+
+csv.field_size_limit(2 ** 31 - 1)  # VLMEvalKit TSVs hold whole images in one field
+
+# -----------------------------------------------------------------------------
+# Answer extraction: one extractor for all benchmarks
+
+
+def extract_answer(text):
+    """The last \\boxed{...}, else the last <answer>...</answer>, else None (the benchmark's fallback)."""
+    boxed = palmr.last_boxed(text or "")
+    if boxed is not None:
+        return boxed.strip()
+    tags = re.findall(r"<answer>(.*?)</answer>", text or "", re.DOTALL)
+    return tags[-1].strip() if tags else None
+
+
+# -----------------------------------------------------------------------------
+# Loading: one item dict per question, whatever the file format
+
+def _image_from(value, base):
+    """PIL image from base64 text (TSV), bytes / {bytes, path} (parquet) or a path; None when absent."""
+    from PIL import Image
+    if value is None or value == "" or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+        if value is None:
+            return None
+    if isinstance(value, (bytes, bytearray)):
+        im = Image.open(io.BytesIO(value))
+    else:
+        im = Image.open(Path(base) / value)
+    im.load()
+    return im.convert("RGB")
+
+
+def _rows(path):
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".tsv":
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t"))
+    data = json.loads(path.read_text())
+    return data if isinstance(data, list) else [{"id": k, **v} for k, v in data.items()]
+
+
+def _options_from_row(row):
+    """Choices from `options`/`choices` (list or its string form) or VLMEvalKit's A..J columns."""
+    for key in ("options", "choices"):
+        value = row.get(key)
+        if isinstance(value, str) and value.strip().startswith("["):
+            value = ast.literal_eval(value)
+        if isinstance(value, list) and value:
+            return [str(v) for v in value]
+    letters = [c for c in "ABCDEFGHIJ" if row.get(c) not in (None, "") and row.get(c) == row.get(c)]
+    return [str(row[c]) for c in letters] or None
+
+
+def load_bench(bench, path, limit=None):
+    """-> (items, problems): items are dicts with id, question, choices, answer, image (PIL or None), meta."""
+    base, items, problems = Path(path).parent, [], []
+    for i, row in enumerate(_rows(path)):
+        if limit and len(items) >= limit:
+            break
+        row = {k: v for k, v in row.items()}
+        item = {"id": str(row.get("id") or row.get("index") or row.get("pid") or row.get("sample_index") or i),
+                "question": str(row.get("question") or row.get("query") or ""), "choices": _options_from_row(row),
+                "answer": str(row.get("answer") if row.get("answer") is not None else row.get("gt_answer", "")),
+                "meta": {k: v for k, v in row.items() if _plain(v)}}
+        if bench == "hallusion":  # official JSON: gt_answer "1"/"0"; TSV: answer Yes/No
+            gt = str(row.get("gt_answer", row.get("answer", ""))).strip().lower()
+            item["answer"] = {"1": "yes", "0": "no"}.get(gt, gt)
+            item["choices"] = None
+        if bench == "mathvista" and row.get("question_type") == "free_form":
+            item["choices"] = None
+        if bench == "mmstar":  # the options are inside the question text; the gold is a letter
+            item["choices"] = None
+        key = next((k for k in ("decoded_image", "image", "image_1", "filename", "image_path")
+                    if row.get(k) not in (None, "")), None)
+        try:
+            value = row.get(key) if key else None
+            if Path(path).suffix == ".tsv" and key == "image":  # VLMEvalKit: the image itself, base64
+                value = base64.b64decode(value, validate=False)
+            item["image"] = _image_from(value, base)
+        except (OSError, ValueError, SyntaxError) as e:  # binascii.Error is a ValueError
+            problems.append(f"{bench} item {item['id']}: cannot read image: {type(e).__name__}: {str(e)[:200]}")
+            item["image"], item["meta"]["image_error"] = None, str(e)
+        items.append(item)
+    return items, problems
+
+
+def _plain(v):
+    return isinstance(v, (str, int, float, bool, type(None))) and not (isinstance(v, str) and len(v) > 2000)
+
+
+# -----------------------------------------------------------------------------
+# Scoring by the official rules
+
+def yes_no(text):
+    """HallusionBench's mapping: 'yes' xor 'no' as a word -> that; both or neither -> 'unknown'."""
+    words = set(re.findall(r"[a-z]+", (text or "").lower()))
+    if ("yes" in words) == ("no" in words):
+        return "unknown"
+    return "yes" if "yes" in words else "no"
+
+
+def hallusion_scores(records):
+    """aAcc, fAcc, qAcc (percent) and their mean from official records plus `prediction` (raw output)."""
+    def correct(r):
+        pred = yes_no(extract_answer(r["prediction"]) or r["prediction"])
+        gt = {"1": "yes", "0": "no"}.get(str(r["gt_answer"]).strip().lower(), str(r["gt_answer"]).strip().lower())
+        if pred == "unknown" and r["category"] == "VS" and str(r.get("visual_input", "1")) == "0":
+            return True  # official rule: VS questions without an image accept "unknown"
+        return pred == gt
+    figures, groups, right = {}, {}, []
+    for r in records:
+        ok = correct(r)
+        right.append(ok)
+        key = f"{r['category']}_{r['subcategory']}_{r['set_id']}"
+        if not (r["category"] == "VS" and str(r["figure_id"]) == "0"):  # VS figure 0: the question without image
+            figures.setdefault(f"{key}_{r['figure_id']}", []).append(ok)
+        groups.setdefault(f"{key}_{r['question_id']}", []).append(ok)
+    pct = lambda xs: 100.0 * sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    scores = {"aAcc": pct(right), "fAcc": pct([all(v) for v in figures.values()]),
+              "qAcc": pct([all(v) for v in groups.values()])}
+    scores["avg"] = (scores["aAcc"] + scores["fAcc"] + scores["qAcc"]) / 3
+    scores.update(n_questions=len(records), n_figures=len(figures), n_groups=len(groups))
+    return scores
+
+
+def mmmu_choice(response, choices, item_id):
+    """MMMU's rule-based multiple-choice parser: (A) first, then a bare letter, then option text (for
+    longer replies); several candidates -> the one mentioned last; none -> a random letter, seeded by
+    the item id so scores are reproducible."""
+    letters = [chr(65 + i) for i in range(len(choices))]
+    text = " " + response.strip().strip(",.!?;:'") + " "
+    found = [c for c in letters if f"({c})" in text]
+    if not found:
+        found = [c for c in letters if f" {c} " in text or f" {c}." in text or f" {c}," in text]
+    by_text = False
+    if not found and len(text.split()) > 5:
+        found = [c for c, opt in zip(letters, choices) if str(opt).lower() in text.lower()]
+        by_text = True
+    if not found:
+        return random.Random(item_id).choice(letters)
+    if len(found) == 1:
+        return found[0]
+    if by_text:
+        return max(found, key=lambda c: text.lower().rfind(str(choices[letters.index(c)]).lower()))
+    return max(found, key=lambda c: max(text.rfind(f"({c})"), text.rfind(f" {c} ")))
+
+
+def _numbers(text):
+    return [float(x.replace(",", "")) for x in re.findall(r"-?\d[\d,]*\.?\d*(?:e-?\d+)?", text)]
+
+
+def mmmu_open(response, gold):
+    """MMMU's open-question rule: a number in the reply equal to the gold (2 decimals), or the gold string
+    (normalised) among the reply's normalised strings."""
+    golds = ast.literal_eval(gold) if gold.strip().startswith("[") else [gold]
+    for g in golds:
+        g = str(g)
+        try:
+            gv = float(g.replace(",", ""))
+            if any(round(v, 2) == round(gv, 2) for v in _numbers(response)):
+                return True
+        except ValueError:
+            if normalize(g) and normalize(g) in normalize(response):
+                return True
+    return False
+
+
+def score_item(bench, item, prediction):
+    """Is this prediction correct under the benchmark's rule?"""
+    boxed = extract_answer(prediction)
+    answer = boxed if boxed is not None else prediction  # the benchmark's fallback runs on the whole text
+    meta, choices, gold = item["meta"], item["choices"], item["answer"]
+    if bench == "hallusion":
+        return yes_no(answer) == gold
+    if bench == "mmmu":
+        if choices and str(meta.get("question_type", "multiple-choice")) != "open":
+            return mmmu_choice(answer, choices, item["id"]) == gold.strip().upper()[:1]
+        return mmmu_open(answer, gold)
+    if bench == "mathvista":
+        if choices:  # the gold is the option text: a predicted letter maps to its option
+            letter = choice_letter(answer, choices)
+            return letter is not None and normalize(choices[ord(letter) - 65]) == normalize(gold)
+        kind, precision = meta.get("answer_type", "text"), meta.get("precision")
+        try:
+            if kind == "integer":
+                return int(round(float(answer.replace(",", "")))) == int(float(gold)) and \
+                    abs(float(answer.replace(",", "")) - round(float(answer.replace(",", "")))) < 1e-9
+            if kind == "float":
+                digits = int(precision) if precision not in (None, "") and precision == precision else 2
+                return round(float(answer.replace(",", "")), digits) == round(float(gold), digits)
+        except ValueError:
+            return False
+        return normalize(answer) == normalize(gold) or grade_answer(answer, gold)
+    if bench == "mathverse":
+        if str(meta.get("question_type", "")).startswith("multi"):
+            m = re.match(r"\(?([A-Ea-e])\)?(?:[.:)]|\s|$)", answer.strip())
+            return bool(m) and m.group(1).upper() == gold.strip().upper()[:1]
+        return grade_answer(answer, gold)
+    if bench == "mmstar":
+        m = re.match(r"\s*\(?([A-Da-d])\)?(?:[.:)]|\s|$)", answer)
+        return bool(m) and m.group(1).upper() == gold.strip().upper()[:1]
+    return grade_answer(answer, gold, choices)  # shapes and anything rule-graded
+
+
+def aggregate(bench, items, predictions):
+    """Benchmark scores from items and their raw predictions."""
+    right = [score_item(bench, it, predictions[it["id"]]) for it in items]
+    acc = 100.0 * sum(right) / max(1, len(right))
+    if bench == "hallusion":
+        recs = [{**{k: it["meta"].get(k) for k in ("category", "subcategory", "set_id", "figure_id", "question_id",
+                                                      "visual_input")}, "gt_answer": it["answer"],
+                 "prediction": predictions[it["id"]]} for it in items]
+        return hallusion_scores(recs), right
+    if bench == "mathverse":
+        versions = {}
+        for it, ok in zip(items, right):
+            versions.setdefault(str(it["meta"].get("problem_version", "all")), []).append(ok)
+        out = {"acc": acc, **{f"acc/{v}": 100.0 * sum(x) / len(x) for v, x in sorted(versions.items())}}
+        out["vision_only"] = out.get("acc/Vision Only", float("nan"))
+        return out, right
+    return {"acc": acc}, right
+
+
+# -----------------------------------------------------------------------------
+# Process hallucination
+
+def hallucination(judge, items, predictions, right, facts):
+    """Among correct answers with facts, the share the judge finds unfaithful -> dict with judge and n."""
+    judged = [(it, predictions[it["id"]]) for it, ok in zip(items, right) if ok and facts.get(it["id"])]
+    if not judged:
+        return {"hallucination_rate": None, "hallucination_n": 0}
+    verdicts = judge.judge([JudgeItem(it["question"], facts[it["id"]], pred, it.get("reference")) for it, pred in judged])
+    usable = [v for v in verdicts if not v.failed]
+    rate = 100.0 * sum(v.s_vis == 0 for v in usable) / max(1, len(usable))
+    return {"hallucination_rate": rate, "hallucination_n": len(usable), "hallucination_failed": len(verdicts) - len(usable),
+            "judge": getattr(judge, "name", type(judge).__name__)}
+
+
+def shapes_perception(items, predictions):
+    """shapes only (exact facts): perception accuracy = share of replies whose reasoning makes at least one
+    scene claim and no wrong one; hallucination = among correct answers, the share with a wrong claim."""
+    ok_perception, halluc, n_correct = 0, 0, 0
+    for it in items:
+        text = predictions[it["id"]]
+        wrong = contradictions(text, it["facts"])
+        ok_perception += bool(claims(palmr.parse_response(text)[0] or text)) and not wrong
+        if grade_answer(palmr.parse_response(text)[1], it["answer"], it["choices"]):
+            n_correct += 1
+            halluc += bool(wrong)
+    return {"perception_acc": 100.0 * ok_perception / max(1, len(items)),
+            "hallucination_rate": 100.0 * halluc / n_correct if n_correct else None,
+            "hallucination_n": n_correct, "judge": "rule"}
+
+
+# -----------------------------------------------------------------------------
+# Generation with a cache per item
+
+def generate(engine, processor, bench, items, cache_path, args):
+    """Greedy (or sampled) predictions for every item, appended per batch to cache_path; -> {id: text}."""
+    cache = {}
+    if cache_path.exists():
+        for line in cache_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                cache[row["id"]] = row["prediction"]
+            except (ValueError, KeyError):
+                continue  # a torn last line from a killed run: regenerate that item
+    todo = [it for it in items if it["id"] not in cache and it["image"] is not None]
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_path, "a") as f:
+        for s in tqdm(range(0, len(todo), args.batch), desc=f"{bench}", mininterval=2):
+            chunk = todo[s:s + args.batch]
+            prompts = [palmr.Prompt(palmr.render_prompt(processor, it["question"], it["choices"]), it["image"]) for it in chunk]
+            outs = engine.generate(prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, seed=args.seed + s)
+            for it, (c,) in zip(chunk, outs):
+                cache[it["id"]] = c.text
+                f.write(json.dumps({"id": it["id"], "prediction": c.text}) + "\n")
+            f.flush()
+    for it in items:
+        cache.setdefault(it["id"], "")  # no image: no generation, scored as a wrong (empty) answer
+    return cache
+
+
+def shapes_items(limit):
+    from data import ensure_shapes, load_image, read_jsonl
+    path = ensure_shapes(n=200, split="test", seed=1)
+    items = []
+    for s in read_jsonl(path)[:limit]:
+        items.append({"id": s.id, "question": s.question, "choices": s.choices, "answer": s.answer,
+                      "image": load_image(s), "facts": s.facts, "reference": s.reference, "meta": {"source": s.source}})
+    return items, []
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", nargs="+", default=["shapes"],
+                    help="NAME=PATH for hallusion, mmmu, mathvista, mathverse, mmstar; plain `shapes` needs no path")
+    ap.add_argument("--checkpoints", nargs="+", default=None,
+                    help="LABEL=PATH or PATH (default: the tiny checkpoint)")
+    ap.add_argument("--out", default="out/eval", help="results.json, results.md and the prediction caches")
+    ap.add_argument("--limit", type=int, default=None, help="first N items of each benchmark (quick runs)")
+    ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-pixels", type=int, default=1003520, help="image pixel budget (shapes: 112 x 112)")
+    ap.add_argument("--batch", type=int, default=16, help="prompts per generate call")
+    ap.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--facts", default=None, help="JSONL of {id, facts[, reference]} for the hallucination rate")
+    ap.add_argument("--judge", default="rule", choices=["rule", "openai", "hf"])
+    ap.add_argument("--judge-base-url", default=None)
+    ap.add_argument("--judge-model", default=None)
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    checkpoints = {}
+    for c in a.checkpoints or [palmr.ensure_tiny_checkpoint()]:
+        label, _, path = c.rpartition("=") if "=" in c else (Path(c).name, "", c)
+        checkpoints[label] = path
+    benches = {}
+    for b in a.bench:
+        name, _, path = b.partition("=")
+        assert name == "shapes" or path, f"--bench {name} needs a path: {name}=FILE"
+        benches[name] = path
+    facts = {}
+    if a.facts:
+        for line in Path(a.facts).read_text().splitlines():
+            row = json.loads(line)
+            facts[str(row["id"])] = row.get("facts")
+    judge = make_judge(a.judge, a.judge_base_url, a.judge_model) if a.facts else None
+    settings = {"prompt": palmr.INSTRUCTION, "decoding": "greedy" if a.temperature <= 0 else
+                f"temperature {a.temperature}, top_p {a.top_p}", "max_new_tokens": a.max_new_tokens,
+                "max_pixels": {b: (112 * 112 if b == "shapes" else a.max_pixels) for b in benches},
+                "limit": a.limit, "answer_extraction": "last \\boxed{}, else <answer>, else the benchmark's rule"}
+    loaded = {}
+    for name, path in benches.items():
+        loaded[name] = shapes_items(a.limit) if name == "shapes" else load_bench(name, path, a.limit)
+        for p in loaded[name][1]:
+            print(p, file=sys.stderr)
+    results = {"settings": settings, "checkpoints": {}}
+    for label, path in checkpoints.items():
+        processor = palmr.load_processor(path)
+        engine_name = palmr.select_engine(a.engine, torch.cuda.is_available(), _has_vllm())
+        results["checkpoints"][label] = {"path": str(path)}
+        for name, (items, problems) in loaded.items():
+            pixels = settings["max_pixels"][name]
+            engine = palmr.HFEngine(palmr.load_model(path, device="cuda" if torch.cuda.is_available() else "cpu"),
+                                    processor, pixels) if engine_name == "hf" else \
+                palmr.VLLMEngine(path, processor, pixels, seed=a.seed)
+            preds = generate(engine, processor, name, items, out / label / f"{name}.predictions.jsonl", a)
+            scores, right = aggregate(name, items, preds)
+            scores.update(n=len(items), missing_images=sum(it["image"] is None for it in items))
+            if name == "shapes":
+                scores.update(shapes_perception(items, preds))
+            elif judge is not None:
+                for it in items:
+                    it["reference"] = it.get("reference")
+                scores.update(hallucination(judge, items, preds, right, facts))
+            results["checkpoints"][label][name] = scores
+    (out).mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown_table(results)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    return results
+
+
+def _has_vllm():
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
+
+
+HEADLINE = {"hallusion": ["aAcc", "fAcc", "qAcc", "avg"], "mathverse": ["acc", "vision_only"],
+            "shapes": ["acc", "perception_acc", "hallucination_rate"]}
+
+
+def markdown_table(results):
+    """Checkpoints side by side, one column per benchmark metric."""
+    cols = []
+    for label, res in results["checkpoints"].items():
+        for bench, scores in res.items():
+            if bench == "path":
+                continue
+            for m in HEADLINE.get(bench, ["acc"]) + (["hallucination_rate"] if "judge" in scores and bench != "shapes" else []):
+                if (bench, m) not in cols:
+                    cols.append((bench, m))
+    head = "| checkpoint | " + " | ".join(f"{b} {m}" for b, m in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 1) + "|"]
+    for label, res in results["checkpoints"].items():
+        cells = []
+        for b, m in cols:
+            v = res.get(b, {}).get(m)
+            cells.append("-" if v is None or v != v else f"{v:.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    s = results["settings"]
+    lines.append(f"\nDecoding: {s['decoding']}, max {s['max_new_tokens']} new tokens, pixels {s['max_pixels']}; "
+                 f"answers: {s['answer_extraction']}. Hallucination rate: % of correct answers judged unfaithful.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
