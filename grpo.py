@@ -560,16 +560,20 @@ def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pix
         optimizer.step()
         if step % log_every == 0 or step == steps - 1:
             history.append((step, float(loss.detach())))
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    for f in Path(model_path).iterdir():  # tokenizer and processor files travel with the weights
-        if f.is_file() and f.suffix in (".json", ".jinja") and not (out / f.name).exists():
-            shutil.copy(f, out / f.name)
+    model.save_pretrained(out_dir)
+    copy_processor_files(model_path, out_dir)
     return history
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints: a Hugging Face folder + trainer state, written by rank 0
+
+
+def copy_processor_files(src, dst):
+    """Tokenizer, processor configs and chat template travel with the weights (config.json is the model's)."""
+    for f in Path(src).iterdir():
+        if f.is_file() and f.suffix in (".json", ".jinja", ".txt", ".model") and not (Path(dst) / f.name).exists():
+            shutil.copy(f, Path(dst) / f.name)
 
 
 def save_checkpoint(policy, optimizer, args, step):
@@ -587,10 +591,7 @@ def save_checkpoint(policy, optimizer, args, step):
         final, tmp = out / f"checkpoint-{step:06d}", out / f".checkpoint-{step:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         policy.save_pretrained(tmp, state_dict=model_sd)
-        src = Path(args.model_source)
-        for f in src.iterdir():  # tokenizer, processor and chat template travel with the weights
-            if f.is_file() and f.suffix in (".json", ".jinja", ".txt", ".model") and not (tmp / f.name).exists():
-                shutil.copy(f, tmp / f.name)
+        copy_processor_files(args.model_source, tmp)
         torch.save({"step": step, "data_position": step * args.rollout_batch,  # prompts consumed so far
                     "optimizer": optim_sd, "rng": rngs, "args": vars(args)}, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
