@@ -30,6 +30,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -136,7 +137,8 @@ def load_image(sample):
 KINDS = ["circle", "square", "triangle"]
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-GRID = 3            # scenes are laid out on a 3 x 3 grid, one shape per cell
+GRID = 3            # scenes are laid out on a 3 x 3 grid, one shape per cell: at the default 84 px each
+                    # cell is one 28 px merged vision token of Qwen2.5-VL (14 px patches, 2 x 2 merge)
 ROWS = ["top", "middle", "bottom"]
 COLS = ["left", "centre", "right"]
 
@@ -216,7 +218,7 @@ def make_question(objects, rng):
     return qtype, f"How many {color} shapes are there?", "ABCD"[options.index(n)], [str(k) for k in options], why
 
 
-def make_shapes_sample(index, rng, image_dir, size=112, prefix="shapes"):
+def make_shapes_sample(index, rng, image_dir, size=84, prefix="shapes"):
     """Draw one scene, save its PNG, and return its Sample (facts and canonical reference included)."""
     n_objects = rng.randint(1, 6)
     cells = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], n_objects)
@@ -231,7 +233,7 @@ def make_shapes_sample(index, rng, image_dir, size=112, prefix="shapes"):
                   meta={"objects": objects})
 
 
-def make_shapes(n, out_dir, split="train", seed=0, size=112):
+def make_shapes(n, out_dir, split="train", seed=0, size=84):
     """Write `n` shapes samples to out_dir/{split}.jsonl with PNGs under out_dir/images/; return the path."""
     out_dir = Path(out_dir)
     image_dir = out_dir / "images" / split
@@ -241,6 +243,23 @@ def make_shapes(n, out_dir, split="train", seed=0, size=112):
     write_jsonl(out_dir / f"{split}.jsonl", samples)
     return str(out_dir / f"{split}.jsonl")
 
+
+
+def hallucinated_trace(sample, rng):
+    """The canonical trace with one group of its inventory misread (count off by one, or another colour)
+    and the same final answer: a right answer reached through wrong perception, for the SFT warm-up."""
+    think, rest = sample.reference.split("</think>", 1)
+    head, tail = think.split(". ", 1) if ". " in think else (think, "")
+    groups = list(re.finditer(r"(\d+) (red|green|blue|yellow) (circle|square|triangle)s?", head))
+    g = rng.choice(groups)
+    n, color, kind = int(g.group(1)), g.group(2), g.group(3)
+    if rng.random() < 0.5:
+        n = n + 1
+    else:
+        color = rng.choice([c for c in COLORS if c != color])
+    wrong = f"{n} {color} {plural(n, kind)}"
+    head = head[:g.start()] + wrong + head[g.end():]
+    return head + (". " + tail if tail else "") + "</think>" + rest
 
 DEFAULT_SHAPES = "~/.cache/palmr/shapes"
 
@@ -808,7 +827,7 @@ if __name__ == "__main__":
     sp.add_argument("--out", default="data/shapes", help="output folder (JSONL + images/)")
     sp.add_argument("--split", default="train", help="split name: the file is OUT/SPLIT.jsonl")
     sp.add_argument("--seed", type=int, default=0, help="scene and question seed")
-    sp.add_argument("--size", type=int, default=112, help="image side in pixels")
+    sp.add_argument("--size", type=int, default=84, help="image side in pixels (84: one 28-px vision token per grid cell)")
     for name in ("ingest", "filter", "facts", "reference", "build"):
         p = sub.add_parser(name, help=f"PaDLayer step: {name}" if name != "build" else "all steps in order")
         if name in ("ingest", "build"):

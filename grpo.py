@@ -43,7 +43,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import palmr
-from data import ensure_shapes, load_image, read_jsonl
+from data import ensure_shapes, hallucinated_trace, load_image, read_jsonl
 from judge import JudgeItem, make_judge
 from palmr import print0
 from rewards import NEEDS_COV, NEEDS_VIS, SCHEMES, score_completion
@@ -98,6 +98,10 @@ def get_args(argv=None):
     ap.add_argument("--logprobs", default="fused", choices=["fused", "naive"], help="LM-head log-prob path: chunked fused, or full logits")
     ap.add_argument("--logprob-chunk", type=int, default=128, help="rows per block of the fused log-prob path")
     ap.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
+    ap.add_argument("--warmup-steps", type=int, default=0, help="with the default tiny model: SFT steps of a cached "
+                    "warm start built before RL (0: start from the random tiny model)")
+    ap.add_argument("--warmup-hallucinated", type=float, default=0.3, help="share of warm-up traces that reach the "
+                    "right answer through a misread scene (ours: so the start policy hallucinates)")
     ap.add_argument("--max-steps", type=int, default=20, help="rollout steps to run (total, counting resumed ones)")
     ap.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and init")
     # logging and checkpoints
@@ -529,23 +533,24 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
 # Supervised warm-up: a tiny policy that can do the task (and misread it sometimes), before RL
 
 
-def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pixels=112 * 112, seed=0, log_every=50):
-    """SFT on each sample's trace (meta["sft_trace"] if present, else its reference); save to out_dir.
-
-    One process, teacher forcing on completion tokens only (the same batch builder and log-prob path
-    as the RL loss). Returns the list of (step, loss) it logged.
+def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pixels=112 * 112, seed=0, log_every=50,
+           hallucinated_share=0.0):
+    """SFT on the samples' reference traces, a `hallucinated_share` of them misread on purpose
+    (data.hallucinated_trace: same answer, one wrong group), so the start policy hallucinates like real
+    base models do; save to out_dir. One process, teacher forcing on completion tokens only (the same
+    batch builder and log-prob path as the RL loss). Returns the (step, loss) pairs it logged.
     """
     torch.manual_seed(seed)
     processor = palmr.load_processor(model_path)
     model = prepare_model(model_path, torch.device("cpu"), train=True)
-    samples = [s for s in read_jsonl(data_path) if s.meta.get("sft_trace") or s.reference]
+    samples = [s for s in read_jsonl(data_path) if s.reference]
     assert samples, f"no traces to warm up on in {data_path}"
-    tok = processor.tokenizer
+    tok, pick = processor.tokenizer, random.Random(f"warmup-{seed}")
     encoded, rows = {}, []
     for s in samples:
         encoded[s.id] = palmr.encode_prompt(processor, palmr.render_prompt(processor, s.question, s.choices),
                                             load_image(s), max_pixels)
-        trace = s.meta.get("sft_trace") or s.reference
+        trace = hallucinated_trace(s, pick) if pick.random() < hallucinated_share else s.reference
         ids = tok(trace, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
         rows.append((s, palmr.Completion(ids, trace, [0.0] * len(ids), True)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -567,6 +572,19 @@ def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pix
 
 # -----------------------------------------------------------------------------
 # Checkpoints: a Hugging Face folder + trainer state, written by rank 0
+
+
+def ensure_warm_start(base, data_path, steps, hallucinated_share, seed=0):
+    """The warm-up checkpoint for these settings, built once under ~/.cache/palmr (rank 0; others wait)."""
+    path = Path(base).with_name(f"{Path(base).name}-warm{steps}-h{hallucinated_share:g}-s{seed}")
+    if not (path / "config.json").exists():
+        if palmr.get_rank() == 0:
+            print0(f"building the warm start ({steps} SFT steps, {hallucinated_share:.0%} misread traces) -> {path}")
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            warmup(base, data_path, tmp, steps=steps, seed=seed, hallucinated_share=hallucinated_share)
+            os.replace(tmp, path)
+        palmr.barrier()
+    return str(path)
 
 
 def copy_processor_files(src, dst):
@@ -642,12 +660,15 @@ def main(argv=None):
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    if args.model == palmr.DEFAULT_TINY:
-        args.model = palmr.ensure_tiny_checkpoint(args.model, seed=args.seed)
+    tiny = args.model == palmr.DEFAULT_TINY
+    if tiny:
+        args.model = palmr.ensure_tiny_checkpoint(args.model, seed=0)
     if args.data is None:
         args.data = ensure_shapes() if rank == 0 else None
         palmr.barrier()
         args.data = args.data or ensure_shapes()
+    if tiny and args.warmup_steps > 0:  # the embedded default starts from a warm, cached tiny policy
+        args.model = ensure_warm_start(args.model, ensure_shapes(), args.warmup_steps, args.warmup_hallucinated)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)

@@ -526,7 +526,7 @@ def test_make_shapes_rows_and_images(shapes40):
     assert len({s.id for s in samples}) == 40
     assert len(list((out / "images" / "train").glob("*.png"))) == 40
     for s in samples[:5]:
-        assert load_image(s).size == (112, 112)
+        assert load_image(s).size == (84, 84)  # one 28-px vision token per grid cell
 
 
 def test_make_shapes_sources(shapes40):
