@@ -732,8 +732,8 @@ def main(argv=None):
                  "judge/hallucinated_correct": ((parts["vis"] == 0) & (parts["ans"] == 1)).float().sum()}
         n_rows = len(rows) * world
         metrics = {k: float(all_reduce(v.double().clone())) / n_rows for k, v in local.items()}
-        if "sent" in judge_stats:  # LLM judges: mean latency per request sent, tokens and cache hits per step
-            sums = all_reduce(torch.tensor([judge_stats[k] for k in ("latency_sum", "sent", "tokens", "cache_hits")],
+        if args.judge in ("openai", "hf"):  # decided by flags, never by this rank's stats: every rank reduces
+            sums = all_reduce(torch.tensor([judge_stats.get(k, 0) for k in ("latency_sum", "sent", "tokens", "cache_hits")],
                                            dtype=torch.float64))
             metrics.update({"judge/latency": float(sums[0] / sums[1].clamp(min=1)), "judge/tokens": float(sums[2]),
                             "judge/cache_hits": float(sums[3])})
