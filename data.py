@@ -347,6 +347,8 @@ def pending(in_path, io_):
     samples = read_jsonl(in_path, errors=errors)
     for e in errors:
         item = e.split("(id ", 1)[1].split(")", 1)[0] if "(id " in e else e
+        if e.endswith("duplicate id"):  # the first copy is the item: log the repeat under its own key
+            item = f"{item}#duplicate-line{e.split(':')[-2].split(' ')[0]}"
         if item not in io_.done:
             io_.drop(item, f"bad row: {e}")
     return [s for s in samples if s.id not in io_.done]
@@ -413,7 +415,7 @@ def raw_rows(path):
         ann = next((path / n for n in ("annotations.jsonl", "annotations.json", "annotations.csv") if (path / n).exists()), None)
         if ann is None:
             raise ValueError(f"{path}: a folder needs annotations.jsonl, annotations.json or annotations.csv")
-        yield from ((src, i, raw, path) for src, i, raw, _ in raw_rows(ann))
+        yield from ((path.name, i, raw, path) for _, i, raw, _ in raw_rows(ann))  # the folder names the source
         return
     source = path.stem
     if path.suffix == ".parquet":
@@ -493,7 +495,10 @@ def ingest(inputs, out_path, max_pixels=1003520):
 
 
 def safe_name(item_id):
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in item_id)[:120]
+    """A file name for an id: readable part plus a hash, so ids differing in punctuation never collide."""
+    import hashlib
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in item_id)[:80]
+    return f"{readable}-{hashlib.sha1(item_id.encode()).hexdigest()[:10]}"
 
 
 # --- filter (learnability) ---------------------------------------------------
@@ -618,6 +623,10 @@ class RetryableError(Exception):
     """A provider error worth retrying (429, 5xx, timeout, dropped connection)."""
 
 
+class FatalError(Exception):
+    """A provider error that retrying cannot fix (4xx other than 429: key, quota, request)."""
+
+
 class GeminiProvider:
     """Gemini through google-genai; `base_url` overrides the endpoint (tests, proxies). The key comes from
     GEMINI_API_KEY or GOOGLE_API_KEY and is never printed."""
@@ -643,22 +652,24 @@ class GeminiProvider:
         except errors.APIError as e:
             if e.code in (429, 500, 502, 503, 504):
                 raise RetryableError(f"HTTP {e.code}") from None
-            raise ValueError(f"HTTP {e.code}: {e.status}") from None
+            raise FatalError(f"HTTP {e.code}: {e.status}") from None  # a bad key or request: retrying cannot help
         except Exception as e:  # noqa: BLE001 -- transport errors come from httpx or httpx2, by version
             name = type(e).__name__
             if isinstance(e, OSError) or any(w in name for w in ("Timeout", "Connect", "Network", "Transport", "Protocol")):
                 raise RetryableError(name) from None
             raise
         usage = r.usage_metadata
+        if not isinstance(r.text, str):  # blocked (safety, recitation) or cut off before any text
+            raise ValueError(f"no text in the reply (finish reason: {getattr(r.candidates[0], 'finish_reason', '?') if r.candidates else 'none'})")
         return r.text, getattr(usage, "prompt_token_count", 0) or 0, getattr(usage, "candidates_token_count", 0) or 0
 
 
 class OpenAIVisionProvider:
     """A self-hosted VLM behind an OpenAI-compatible server (structured output via response_format)."""
 
-    def __init__(self, model, base_url, api_key_env="OPENAI_API_KEY", timeout=120.0):
+    def __init__(self, model, base_url, api_key_env="OPENAI_API_KEY", timeout=120.0, concurrency=16):
         from judge import OpenAIClient  # the same HTTP client (retries, backoff) as the judge
-        self.client = OpenAIClient(base_url, model, api_key_env, concurrency=1, timeout=timeout, max_retries=0,
+        self.client = OpenAIClient(base_url, model, api_key_env, concurrency=concurrency, timeout=timeout, max_retries=0,
                                    max_tokens=4096, reasoning=False, cache=False,
                                    extra={"response_format": {"type": "json_schema", "json_schema": {
                                        "name": "facts", "schema": FACTS_SCHEMA}}})
@@ -668,9 +679,9 @@ class OpenAIVisionProvider:
         reply = self.client.complete([[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": FACTS_PROMPT}]}]])[0]
         if reply.text is None:
-            if any(c in reply.error for c in ("429", "HTTP 5", "Timeout", "timed out", "URLError", "Connection", "Remote")):
-                raise RetryableError(reply.error)
-            raise ValueError(reply.error)
+            if "not retried" in reply.error:  # a 4xx other than 429
+                raise FatalError(reply.error)
+            raise RetryableError(reply.error)
         return reply.text, reply.tokens, 0
 
 
@@ -697,7 +708,9 @@ def facts_step(in_path, out_path, provider, concurrency=16, retries=4, backoff=1
                 return facts, "", tokens_in, tokens_out
             except RetryableError as e:
                 reason = f"provider: {e}"
-            except ValueError as e:  # invalid JSON or schema: ask again
+            except FatalError as e:
+                return None, f"provider: {e}", tokens_in, tokens_out
+            except (ValueError, TypeError) as e:  # invalid JSON or schema: ask again
                 reason = f"invalid reply: {e}"
             if attempt < retries:
                 time.sleep(backoff * 2 ** attempt + random.uniform(0, backoff))
@@ -711,6 +724,9 @@ def facts_step(in_path, out_path, provider, concurrency=16, retries=4, backoff=1
                 facts, reason, t_in, t_out = future.result()
             except (OSError, ValueError) as e:
                 io_.drop(s.id, f"missing or corrupt image: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001 -- one bad item must not discard the others' paid replies
+                io_.fail(s.id, f"error: {type(e).__name__}: {e}")
                 continue
             cost["input_tokens"] += t_in
             cost["output_tokens"] += t_out
@@ -780,7 +796,7 @@ def _provider(a):
     if a.provider == "gemini":
         return GeminiProvider(a.facts_model or "gemini-2.5-flash", a.base_url, a.timeout)
     assert a.base_url and a.facts_model, "--provider openai needs --base-url and --facts-model"
-    return OpenAIVisionProvider(a.facts_model, a.base_url, a.api_key_env, a.timeout)
+    return OpenAIVisionProvider(a.facts_model, a.base_url, a.api_key_env, a.timeout, a.concurrency)
 
 
 def _judge(a):

@@ -348,6 +348,9 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=128):
     """
     assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], "hidden (N, H), weight (V, H)"
     assert targets.shape == hidden.shape[:1], "one target per row"
+    if hidden.shape[0] == 0:  # no completion tokens here: keep the head in the graph (FSDP expects its grad)
+        zero = ((hidden.sum() + weight.sum()) * 0.0).float()
+        return zero.expand(0), torch.zeros(0, device=hidden.device)
     return FusedLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk_size))
 
 
@@ -479,13 +482,14 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
     spans = [[range(u * per_update + mb.start, u * per_update + mb.stop) for mb in micro_batches(per_update, args.micro_batch)]
              for u in range(n_updates)]
     pad_id = processor.tokenizer.pad_token_id
-    batches = [[training_batch([rows[i] for i in mb], encoded, pad_id, device) for mb in update]
-               for update in spans]
+    # micro-batches wait on the CPU and go to the device one at a time (pixel values are per row)
+    batches = [[training_batch([rows[i] for i in mb], encoded, pad_id, "cpu") for mb in update] for update in spans]
+    on = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
     with torch.no_grad():  # reference and (for several updates) old log-probs, before any update
-        ref_logps = [[reference.completion_logprobs(b, args.temperature)[0] for b in update] for update in batches] \
-            if args.beta > 0 else None
-        old_logps = [[policy.completion_logprobs(b, args.temperature)[0] for b in update] for update in batches] \
-            if n_updates > 1 else None
+        ref_logps = [[reference.completion_logprobs(on(b), args.temperature)[0] for b in update]
+                     for update in batches] if args.beta > 0 else None
+        old_logps = [[policy.completion_logprobs(on(b), args.temperature)[0] for b in update]
+                     for update in batches] if n_updates > 1 else None
     totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0, "tokens": 0.0}
     if args.is_cap > 0:
         totals.update({"is/ratio_mean": 0.0, "is/masked_frac": 0.0, "is/token_logp_gap": 0.0})
@@ -493,8 +497,9 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
         local_tokens = sum(float(b["mask"].sum()) for b in batches[u])
         global_tokens = float(all_reduce(torch.tensor(local_tokens)))
         for j, (b, span) in enumerate(zip(batches[u], spans[u])):
-            if hasattr(policy, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, at the last one
-                policy.set_requires_gradient_sync(j == len(spans[u]) - 1)
+            # FSDP2 reduce-scatters after every micro-batch: skipping it (no-sync) would hold the full
+            # unsharded fp32 gradients on every rank, ~30 GB for a 7B policy
+            b = on(b)
             logp, entropy = policy.completion_logprobs(b, args.temperature)  # (B, T) each
             old = old_logps[u][j] if old_logps is not None else logp.detach()
             ref = ref_logps[u][j] if ref_logps is not None else None
@@ -577,21 +582,26 @@ def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pix
 def ensure_warm_start(base, data_path, steps, hallucinated_share, seed=0):
     """The warm-up checkpoint for these settings, built once under ~/.cache/palmr (rank 0; others wait)."""
     path = Path(base).with_name(f"{Path(base).name}-warm{steps}-h{hallucinated_share:g}-s{seed}")
-    if not (path / "config.json").exists():
-        if palmr.get_rank() == 0:
-            print0(f"building the warm start ({steps} SFT steps, {hallucinated_share:.0%} misread traces) -> {path}")
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            warmup(base, data_path, tmp, steps=steps, seed=seed, hallucinated_share=hallucinated_share)
-            os.replace(tmp, path)
-        palmr.barrier()
+    if palmr.get_rank() == 0 and not (path / "config.json").exists():
+        print0(f"building the warm start ({steps} SFT steps, {hallucinated_share:.0%} misread traces) -> {path}")
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        warmup(base, data_path, tmp, steps=steps, seed=seed, hallucinated_share=hallucinated_share)
+        os.replace(tmp, path)
+    palmr.barrier()  # every rank, always
     return str(path)
 
 
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "preprocessor_config.json", "video_preprocessor_config.json",
+                   "processor_config.json", "chat_template.json", "chat_template.jinja")
+
+
 def copy_processor_files(src, dst):
-    """Tokenizer, processor configs and chat template travel with the weights (config.json is the model's)."""
-    for f in Path(src).iterdir():
-        if f.is_file() and f.suffix in (".json", ".jinja", ".txt", ".model") and not (Path(dst) / f.name).exists():
-            shutil.copy(f, Path(dst) / f.name)
+    """Tokenizer, processor configs and chat template travel with the weights. An allowlist: copying the
+    source's model.safetensors.index.json would point loaders (vLLM) at weight shards that do not exist."""
+    for name in PROCESSOR_FILES:
+        if (Path(src) / name).is_file() and not (Path(dst) / name).exists():
+            shutil.copy(Path(src) / name, Path(dst) / name)
 
 
 def save_checkpoint(policy, optimizer, args, step):
@@ -629,11 +639,15 @@ RESUME_MUST_MATCH = ("model", "data", "seed", "group_size", "rollout_batch", "up
 def load_trainer_state(ckpt, policy, optimizer, args):
     """Restore optimizer, RNG and step from a checkpoint folder (weights were loaded from it already)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False, map_location="cpu")
+    # mmap: the optimizer tensors are read only where used (rank 0 broadcasts them; a 7B AdamW state
+    # is ~60 GB, too much to load once per rank)
+    state = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False, map_location="cpu", mmap=True)
     differ = {k: (state["args"].get(k), getattr(args, k)) for k in RESUME_MUST_MATCH
               if state["args"].get(k) != getattr(args, k)}
     assert not differ, f"--resume with other settings than the run in {args.out}: {differ} (saved, given)"
-    set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    distributed = dist.is_initialized() and palmr.get_world_size() > 1
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"] if palmr.get_rank() == 0 or not distributed else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed))
     rng = state["rng"][palmr.get_rank()]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

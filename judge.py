@@ -229,7 +229,7 @@ class OpenAIClient:
         self.params = {"max_tokens": max_tokens, "temperature": temperature,
                        "chat_template_kwargs": {"enable_thinking": reasoning},  # Qwen3 on vLLM / SGLang
                        **(extra or {})}  # e.g. response_format for structured output
-        self.cache, self.lock, self.use_cache = {}, threading.Lock(), cache
+        self.cache, self.lock, self.use_cache, self.cache_size = {}, threading.Lock(), cache, 100_000
         self.pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="judge")
 
     def complete(self, requests):
@@ -251,6 +251,8 @@ class OpenAIClient:
             if reply.text is not None and self.use_cache:
                 with self.lock:
                     self.cache[key] = reply
+                    while len(self.cache) > self.cache_size:  # oldest first: dicts keep insertion order
+                        self.cache.pop(next(iter(self.cache)))
             for n, i in enumerate(idx):
                 replies[i] = reply if n == 0 else dataclasses.replace(reply, cached=True, latency=0.0, tokens=0)
         return replies

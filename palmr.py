@@ -8,6 +8,7 @@ byte-level BPE tokenizer trained offline here, so that every entry point runs wi
 """
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -164,12 +165,11 @@ DEFAULT_TINY = "~/.cache/palmr/tiny-qwen25vl"
 def ensure_tiny_checkpoint(path=DEFAULT_TINY, seed=0):
     """Build the tiny checkpoint once (rank 0 builds, the others wait); return its path."""
     path = Path(path).expanduser()
-    if not (path / "config.json").exists():
-        if get_rank() == 0:
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            build_tiny_checkpoint(tmp, seed=seed)
-            os.replace(tmp, path) if not path.exists() else None
-        barrier()
+    if get_rank() == 0 and not (path / "config.json").exists():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        build_tiny_checkpoint(tmp, seed=seed)
+        os.replace(tmp, path) if not path.exists() else None
+    barrier()  # every rank, always: a rank that found the folder already built must not skip it
     return str(path)
 
 
@@ -304,6 +304,7 @@ class HFEngine:
         out = self.model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,
+            repetition_penalty=1.0,  # Qwen's generation_config sets 1.05, which the trainer's log-probs do not model
             eos_token_id=self.stop_ids, pad_token_id=self.pad_id, suppress_tokens=self.suppress, output_scores=True,
             return_dict_in_generate=True, synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
         self.model.train(was_training)
@@ -456,8 +457,11 @@ def init_dist():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                device_id=torch.device("cuda", local_rank) if torch.cuda.is_available() else None)
+        # CPU tensors (rewards, token counts, metrics) travel over gloo, CUDA tensors over NCCL; the
+        # timeout covers the slowest legitimate wait (a rank still judging, rank 0 writing a checkpoint)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                device_id=torch.device("cuda", local_rank) if torch.cuda.is_available() else None,
+                                timeout=datetime.timedelta(minutes=int(os.environ.get("PALMR_DIST_TIMEOUT_MIN", "60"))))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")
     return get_rank(), get_world_size(), device

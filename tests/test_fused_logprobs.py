@@ -121,3 +121,12 @@ def test_fused_under_fsdp2_two_ranks_matches_naive(tmp_path, tiny_ckpt, shapes_f
         assert r["grad_names_equal"] and r["lm_head_grad_norm"] > 0, r
         assert r["logp_max_diff"] < 1e-5 and r["entropy_max_diff"] < 1e-4, r
         assert r["grad_max_rel_diff"] < 1e-4, r
+
+
+def test_zero_rows_give_empty_results_and_a_zero_gradient():
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    logp, entropy = grpo.fused_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long))
+    assert logp.shape == (0,) and entropy.shape == (0,)
+    (logp.sum() + 0.0).backward()
+    assert weight.grad is not None and torch.equal(weight.grad, torch.zeros(11, 8)), "the head stays in the graph"

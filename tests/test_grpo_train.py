@@ -160,3 +160,22 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_ckpt, shapes_fil
     assert grads[1]["model.language_model.layers.0.mlp.up_proj.weight"] is not None
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_two_rank_resume_equals_straight(tmp_path, tiny_ckpt, shapes_file):
+    # under FSDP2 the optimizer state is broadcast from rank 0 on resume (set_optimizer_state_dict)
+    def run(out, steps, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "grpo.py"),
+               "--model", tiny_ckpt, "--data", shapes_file, "--out", str(out), "--max-steps", str(steps),
+               "--rollout-batch", "4", "--update-batch", "2", "--group-size", "2", "--max-new-tokens", "12",
+               "--lr", "1e-3", "--save-every", "2", *extra]
+        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run(tmp_path / "straight", 3)
+    run(tmp_path / "resumed", 2)
+    run(tmp_path / "resumed", 3, "--resume")
+    a = load_file(tmp_path / "straight" / "checkpoint-000003" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint-000003" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after a 2-rank resume"

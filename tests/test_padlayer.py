@@ -75,7 +75,7 @@ def test_ingest_three_formats_and_bad_rows(tmp_path, raw_inputs):
     assert samples["j1"].meta == {"difficulty": 3}                                        # unknown keys kept
     assert samples["j2"].choices == ["red", "blue"] and samples["j2"].answer == "B"       # options dict -> list
     assert samples["p1"].answer == "3" and samples["p1"].meta["extra_field"] == "kept"     # first of a list answer
-    assert samples["c1"].meta == {"note": "hi"} and samples["c1"].source == "annotations"
+    assert samples["c1"].meta == {"note": "hi"} and samples["c1"].source == "folder"  # the folder names the source
     w, h = Image.open(samples["j1"].image).size
     assert w * h <= 112 * 112 and abs(w / h - 4 / 3) < 0.05, "resized to the budget, aspect kept, not cropped"
     reasons = {r["id"]: r.get("reason", "") for r in _log(out) if r["status"] == "dropped"}
@@ -238,3 +238,33 @@ def test_build_on_shapes_gives_a_file_grpo_trains_on(tmp_path, shapes_file, warm
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "step 1/1" in proc.stdout and (tmp_path / "run" / "checkpoint-000001").exists()
+
+
+def test_pending_keeps_the_first_copy_of_a_repeated_id(tmp_path, shapes_file):
+    s = read_jsonl(shapes_file)[0]
+    src = tmp_path / "in.jsonl"
+    row = json.dumps({**s.to_dict(), "image": s.image})
+    src.write_text(row + "\n" + row + "\n")
+    io_ = data.StepIO(tmp_path / "out.jsonl", "test")
+    todo = data.pending(src, io_)
+    assert [x.id for x in todo] == [s.id], "the first copy is still to do; the repeat is logged apart"
+    assert any(r["id"].startswith(s.id + "#duplicate") for r in _log(tmp_path / "out.jsonl"))
+
+
+class BlockedProvider:
+    """Gemini returns no text when a reply is blocked: the provider raises ValueError for it."""
+    calls = 0
+
+    def describe(self, png):
+        BlockedProvider.calls += 1
+        if BlockedProvider.calls % 2:
+            raise ValueError("no text in the reply (finish reason: SAFETY)")
+        return json.dumps(data.FACTS_SCHEMA and {"objects": [], "relations": [], "text": [], "global": {}}), 10, 5
+
+
+def test_facts_keeps_good_items_when_others_are_blocked(tmp_path, shapes_file):
+    src, samples = _facts_inputs(tmp_path, shapes_file, 4)
+    out = tmp_path / "facts.jsonl"
+    summary = data.facts_step(src, out, BlockedProvider(), concurrency=1, retries=0, backoff=0.0)
+    assert summary["kept"] == 2 and summary["failed"] == {"invalid reply": 2}, summary
+    assert len(read_jsonl(out)) == 2
