@@ -224,3 +224,22 @@ def test_shapes_hallucination_is_exact():
     s = ev.shapes_perception(items, preds)
     assert s["perception_acc"] == pytest.approx(200 / 3) and s["hallucination_rate"] == 50.0 and s["hallucination_n"] == 2
     assert not math.isnan(s["perception_acc"])
+
+
+def test_hallucination_rate_with_facts_pairwise_and_pointwise():
+    # real benchmarks: the rate comes from a judge over correct answers that have facts
+    import judge
+    facts = {"objects": [{"name": "circle", "count": 2, "attributes": ["red"], "location": []}]}
+    ref = "<think>I see 2 red circles.</think> \\boxed{2}"
+    items = [{"id": "a", "question": "q", "reference": ref}, {"id": "b", "question": "q", "reference": None},
+             {"id": "c", "question": "q", "reference": ref}, {"id": "d", "question": "q", "reference": None}]
+    preds = {"a": "<think>I see 3 red circles.</think> \\boxed{2}",   # correct, unfaithful (pairwise vs reference)
+             "b": "<think>I see 2 red circles.</think> \\boxed{2}",   # correct, faithful (judged alone)
+             "c": "<think>I see 2 red circles.</think> \\boxed{2}",   # correct, faithful
+             "d": "<think>I see 5 red circles.</think> \\boxed{9}"}   # wrong answer: not counted
+    right = [True, True, True, False]
+    s = ev.hallucination(judge.RuleJudge(), items, preds, right, {k: facts for k in "abcd"})
+    assert s["hallucination_rate"] == pytest.approx(100 / 3) and s["hallucination_n"] == 3 and s["judge"] == "rule"
+    # items without facts are not judged
+    s = ev.hallucination(judge.RuleJudge(), items, preds, right, {"a": facts})
+    assert s["hallucination_rate"] == 100.0 and s["hallucination_n"] == 1
