@@ -438,8 +438,11 @@ def prepare_model(path, device, train, activation_checkpointing=False, logprobs=
     model = palmr.load_model(path, dtype=torch.float32 if train or device.type == "cpu" else torch.bfloat16,
                              device=device)
     model.requires_grad_(train)
-    if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if activation_checkpointing:  # transformers >= 5.2x renamed it; 5.17 (vLLM 0.26's era) has the old name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.completion_logprobs = types.MethodType(completion_logprobs, model)
     model.logprob_impl, model.logprob_chunk = logprobs, logprob_chunk
     if dist.is_initialized():
