@@ -385,19 +385,17 @@ def main(argv=None):
         processor = palmr.load_processor(path)
         engine_name = palmr.select_engine(a.engine, torch.cuda.is_available(), _has_vllm())
         results["checkpoints"][label] = {"path": str(path)}
+        engine = palmr.HFEngine(palmr.load_model(path, device="cuda" if torch.cuda.is_available() else "cpu"),
+                                processor, a.max_pixels) if engine_name == "hf" else \
+            palmr.VLLMEngine(path, processor, a.max_pixels, seed=a.seed)  # loaded once per checkpoint
         for name, (items, problems) in loaded.items():
-            pixels = settings["max_pixels"][name]
-            engine = palmr.HFEngine(palmr.load_model(path, device="cuda" if torch.cuda.is_available() else "cpu"),
-                                    processor, pixels) if engine_name == "hf" else \
-                palmr.VLLMEngine(path, processor, pixels, seed=a.seed)
+            engine.max_pixels = settings["max_pixels"][name]
             preds = generate(engine, processor, name, items, out / label / f"{name}.predictions.jsonl", a)
             scores, right = aggregate(name, items, preds)
             scores.update(n=len(items), missing_images=sum(it["image"] is None for it in items))
             if name == "shapes":
                 scores.update(shapes_perception(items, preds))
             elif judge is not None:
-                for it in items:
-                    it["reference"] = it.get("reference")
                 scores.update(hallucination(judge, items, preds, right, facts))
             results["checkpoints"][label][name] = scores
     (out).mkdir(parents=True, exist_ok=True)

@@ -174,7 +174,8 @@ def rollout(engine, processor, samples, args, step, rank):
     processed once per step and reused by the trainer's forward passes. With vLLM tensor parallelism
     the ranks of one engine pool their prompts, sample them together, and each keeps its own share.
     """
-    group, tp = getattr(engine, "tp_group", None), max(1, getattr(args, "vllm_tp", 1))
+    group = getattr(engine, "tp_group", None)
+    tp = args.vllm_tp if group is not None else 1  # only ranks that really share a vLLM engine share seeds
     pooled = samples
     if group is not None:
         gathered = [None] * tp

@@ -187,3 +187,14 @@ def test_warmup_loss_falls_on_a_small_budget(tmp_path, tiny_ckpt, shapes_file):
     (first, loss0), (last, loss1) = history[0], history[-1]
     assert first == 0 and last == 11 and loss1 < 0.5 * loss0, history
     assert (tmp_path / "warm" / "tokenizer.json").exists(), "the warm start is a complete checkpoint folder"
+
+
+def test_hf_engine_ranks_get_distinct_seeds_whatever_vllm_tp_says(tiny_ckpt, shapes_file):
+    # regression: --vllm-tp once divided the seed's rank part even for the HF engine, so two ranks drew
+    # the same completions for the same prompts
+    args, processor, policy, samples = _setup(tiny_ckpt, shapes_file, "--rollout-batch", "1", "--vllm-tp", "2",
+                                              "--max-new-tokens", "12")
+    engine = palmr.HFEngine(policy, processor, args.max_pixels)
+    a, _ = grpo.rollout(engine, processor, samples[:1], args, 0, rank=0)
+    b, _ = grpo.rollout(engine, processor, samples[:1], args, 0, rank=1)
+    assert [c.token_ids for _, c in a] != [c.token_ids for _, c in b]
