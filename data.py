@@ -155,7 +155,10 @@ def draw_scene(objects, size):
     cell = size / GRID
     for o in objects:
         r, c = o["cell"]
-        pad = cell * 0.15
+        # kinds differ in size as well as outline (a full square, a mid triangle, a small disc), so that
+        # each kind spreads its ink differently over the cell's four 14 px patches: a tiny vision tower
+        # then tells kinds apart as readily as colours (docs/LOG.md)
+        pad = cell * {"square": 0.06, "triangle": 0.1, "circle": 0.24}[o["kind"]]
         x0, y0, x1, y1 = c * cell + pad, r * cell + pad, (c + 1) * cell - pad, (r + 1) * cell - pad
         fill = COLORS[o["color"]]
         if o["kind"] == "circle":
@@ -246,22 +249,23 @@ def make_shapes(n, out_dir, split="train", seed=0, size=84):
 
 
 def hallucinated_trace(sample, rng):
-    """The canonical trace with one group of its inventory misread (count off by one, or another colour)
-    and the same final answer: a right answer reached through wrong perception, for the SFT warm-up."""
+    """The canonical trace with one group of its inventory misread (another kind, another colour, or a
+    count off by one; always a claim the scene contradicts) and the same final answer: a right answer
+    reached through wrong perception, for the SFT warm-up."""
     think, rest = sample.reference.split("</think>", 1)
     head, tail = think.split(". ", 1) if ". " in think else (think, "")
-    groups = list(re.finditer(r"(\d+) (red|green|blue|yellow) (circle|square|triangle)s?", head))
-    g = rng.choice(groups)
+    g = rng.choice(list(re.finditer(r"(\d+) (red|green|blue|yellow) (circle|square|triangle)s?", head)))
     n, color, kind = int(g.group(1)), g.group(2), g.group(3)
-    if rng.random() < 0.5:
-        n = n + 1
-    else:
-        color = rng.choice([c for c in COLORS if c != color])
-    wrong = f"{n} {color} {plural(n, kind)}"
-    head = head[:g.start()] + wrong + head[g.end():]
+    objects = sample.meta["objects"]
+    misreads = ([(n, color, k) for k in KINDS if k != kind] + [(n, c, kind) for c in COLORS if c != color]
+                + [(n + 1, color, kind)] + ([(n - 1, color, kind)] if n > 1 else []))
+    misreads = [m for m in misreads if count_of(objects, m[1], m[2]) != n] or [(n + 1, color, kind)]
+    n, color, kind = rng.choice(misreads)
+    head = head[:g.start()] + f"{n} {color} {plural(n, kind)}" + head[g.end():]
     return head + (". " + tail if tail else "") + "</think>" + rest
 
-DEFAULT_SHAPES = "~/.cache/palmr/shapes"
+
+DEFAULT_SHAPES = "~/.cache/palmr/shapes-v2"  # bump the suffix whenever the generator's output changes
 
 
 def ensure_shapes(n=2000, out_dir=DEFAULT_SHAPES, split="train", seed=0):

@@ -102,6 +102,8 @@ def get_args(argv=None):
                     "warm start built before RL (0: start from the random tiny model)")
     ap.add_argument("--warmup-hallucinated", type=float, default=0.3, help="share of warm-up traces that reach the "
                     "right answer through a misread scene (ours: so the start policy hallucinates)")
+    ap.add_argument("--warmup-only", action="store_true", help="build (or find) the cached warm start, print its path "
+                    "and exit")
     ap.add_argument("--max-steps", type=int, default=20, help="rollout steps to run (total, counting resumed ones)")
     ap.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and init")
     # logging and checkpoints
@@ -543,7 +545,7 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
 
 
 def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pixels=112 * 112, seed=0, log_every=50,
-           hallucinated_share=0.0):
+           hallucinated_share=0.0, vision_lr_mult=1.0):
     """SFT on the samples' reference traces, a `hallucinated_share` of them misread on purpose
     (data.hallucinated_trace: same answer, one wrong group), so the start policy hallucinates like real
     base models do; save to out_dir. One process, teacher forcing on completion tokens only (the same
@@ -562,9 +564,19 @@ def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pix
         trace = hallucinated_trace(s, pick) if pick.random() < hallucinated_share else s.reference
         ids = tok(trace, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
         rows.append((s, palmr.Completion(ids, trace, [0.0] * len(ids), True)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
+    ids = {id(p) for p in vision}
+    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in ids], "lr": lr},
+                                   {"params": vision, "lr": lr * vision_lr_mult}], weight_decay=0.0)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     rng, history = random.Random(seed), []
     for step in tqdm(range(steps), desc="warm-up", mininterval=5):
+        # linear warm-up over the first 5% of steps, then cosine decay to 0: the decay is where a small
+        # model's loss drops most
+        w = steps // 20
+        scale = (step + 1) / w if step < w else 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
+        for g, base_lr in zip(optimizer.param_groups, base_lrs):
+            g["lr"] = base_lr * scale
         b = training_batch(rng.sample(rows, min(batch, len(rows))), encoded, tok.pad_token_id, torch.device("cpu"))
         logp, _ = model.completion_logprobs(b, 1.0)
         loss = -(logp * b["mask"]).sum() / b["mask"].sum()
@@ -584,12 +596,21 @@ def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pix
 
 
 def ensure_warm_start(base, data_path, steps, hallucinated_share, seed=0):
-    """The warm-up checkpoint for these settings, built once under ~/.cache/palmr (rank 0; others wait)."""
-    path = Path(base).with_name(f"{Path(base).name}-warm{steps}-h{hallucinated_share:g}-s{seed}")
+    """The warm-up checkpoint for these settings, built once under ~/.cache/palmr (rank 0; others wait).
+
+    Rank 0 builds it with every core: torchrun sets OMP_NUM_THREADS=1 per process, and the other ranks
+    only wait at the barrier meanwhile.
+    """
+    path = Path(base).with_name(f"{Path(base).name}-warm{steps}-h{hallucinated_share:g}-s{seed}-v2")
     if palmr.get_rank() == 0 and not (path / "config.json").exists():
         print0(f"building the warm start ({steps} SFT steps, {hallucinated_share:.0%} misread traces) -> {path}")
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        warmup(base, data_path, tmp, steps=steps, seed=seed, hallucinated_share=hallucinated_share)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or threads)
+        try:
+            warmup(base, data_path, tmp, steps=steps, seed=seed, hallucinated_share=hallucinated_share)
+        finally:
+            torch.set_num_threads(threads)
         os.replace(tmp, path)
     palmr.barrier()  # every rank, always
     return str(path)
@@ -687,6 +708,9 @@ def main(argv=None):
         args.data = args.data or ensure_shapes()
     if tiny and args.warmup_steps > 0:  # the embedded default starts from a warm, cached tiny policy
         args.model = ensure_warm_start(args.model, ensure_shapes(), args.warmup_steps, args.warmup_hallucinated)
+    if args.warmup_only:
+        print0(args.model)
+        return None
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)

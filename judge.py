@@ -8,8 +8,9 @@
 The trainer sees one narrow interface: `judge.judge(items) -> list[Verdict]` (S_vis) and
 `judge.coverage(items) -> list[float]` (the perception_r1 r_cov). Backends:
 - `rule`: exact, for the synthetic `shapes` task, whose facts are the true scene. A trace is checked
-  claim by claim ("2 red circles", "no blue square", "a triangle", "3 shapes"); S_vis = 0 iff the
-  candidate contradicts the facts more often than the reference does (the pairwise protocol, made exact).
+  claim by claim ("2 red circles", "no blue square", "a triangle", "3 shapes", "a red circle at top left");
+  S_vis = 0 iff the candidate contradicts the facts more often than the reference does (the pairwise
+  protocol, made exact).
 - `openai`: any OpenAI-compatible chat-completions server (vLLM, SGLang, a hosted API); the key comes
   from the environment variable named by `api_key_env` and never appears in logs or errors.
 - `hf`: a local transformers model, batched greedy generation.
@@ -34,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+import typing
 import urllib.error
 import urllib.request
 
@@ -63,36 +65,54 @@ _WORD_COUNTS = {"no": 0, "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "
                 "seven": 7, "eight": 8, "nine": 9, "ten": 10, "a": None, "an": None}
 _COLOR_WORDS = "red|green|blue|yellow|orange|purple|black|white|gray|grey|brown|pink"
 _KIND_WORDS = "circle|square|triangle|star|rectangle|shape"
-_CLAIM = re.compile(rf"\b(\d+|{'|'.join(_WORD_COUNTS)})\s+(?:({_COLOR_WORDS})\s+)?({_KIND_WORDS})(?:e?s)?\b",
+_PLACE = r"(?:\s+(?:at|in)\s+(?:the\s+)?(top|middle|bottom)\s+(left|centre|center|right))?"
+_CLAIM = re.compile(rf"\b(\d+|{'|'.join(_WORD_COUNTS)})\s+(?:({_COLOR_WORDS})\s+)?({_KIND_WORDS})(?:e?s)?\b{_PLACE}",
                     re.IGNORECASE)
 
 
+class Claim(typing.NamedTuple):
+    """One perception claim: count (None for 'a/an'), colour, kind (None for 'shape'), where (None, or a
+    grid cell such as 'top left': "a red circle at top left" claims that cell holds a red circle)."""
+    count: typing.Optional[int]
+    color: typing.Optional[str]
+    kind: typing.Optional[str]
+    where: typing.Optional[str] = None
+
+
 def claims(text):
-    """Perception claims in a trace: (count or None for 'a/an', colour or None, kind or None for 'shape')."""
+    """Perception claims in a trace, in order of appearance."""
     out = []
     for m in _CLAIM.finditer(text):
         word, color, kind = m.group(1).lower(), m.group(2), m.group(3).lower()
         count = int(word) if word.isdigit() else _WORD_COUNTS[word]
-        out.append((count, color.lower() if color else None, None if kind == "shape" else kind))
+        where = f"{m.group(4).lower()} {m.group(5).lower().replace('center', 'centre')}" if m.group(4) else None
+        out.append(Claim(count, color.lower() if color else None, None if kind == "shape" else kind, where))
     return out
 
 
-def true_count(facts, color, kind):
-    """How many objects of this colour and kind (None: any) the facts hold."""
-    return sum(o.get("count", 1) for o in facts.get("objects", [])
-               if (kind is None or o.get("name") == kind)
-               and (color is None or color in [a.lower() for a in o.get("attributes", [])]))
+def true_count(facts, color, kind, where=None):
+    """How many objects of this colour and kind (None: any) the facts hold (at `where`, if given)."""
+    n = 0
+    for o in facts.get("objects", []):
+        if (kind is None or o.get("name") == kind) and \
+                (color is None or color in [a.lower() for a in o.get("attributes", [])]):
+            if where is None:
+                n += o.get("count", 1)
+            else:
+                n += sum(str(loc).lower().replace("center", "centre") == where for loc in o.get("location") or [])
+    return n
 
 
 def contradictions(text, facts):
-    """Claims in the reasoning that the facts contradict (a wrong count, or a colour/kind that is absent)."""
+    """(claim, true count) for each claim in the reasoning that the facts contradict: a wrong count, or a
+    colour/kind that is absent (from the whole scene, or from the named cell)."""
     think, _, well_formed = parse_response(text)
     body = think if well_formed else text  # judge the reasoning; fall back to the whole text
     wrong = []
-    for count, color, kind in claims(body):
-        n = true_count(facts, color, kind)
-        if (count is None and n == 0) or (count is not None and count != n):
-            wrong.append((count, color, kind, n))
+    for c in claims(body):
+        n = true_count(facts, c.color, c.kind, c.where)
+        if (c.count is None and n == 0) or (c.count is not None and c.count != n):
+            wrong.append((c, n))
     return wrong
 
 
@@ -108,8 +128,9 @@ class RuleJudge:
                 continue
             bad = contradictions(it.candidate, it.facts)
             base = len(contradictions(it.reference, it.facts)) if it.reference else 0
-            reason = "; ".join(" ".join(str(w) for w in ("says", "a" if c is None else c, col, k or "shape") if w)
-                               + f", facts say {n}" for c, col, k, n in bad)
+            reason = "; ".join(" ".join(str(w) for w in ("says", "a" if c.count is None else c.count, c.color,
+                                                         c.kind or "shape", c.where and f"at {c.where}") if w)
+                               + f", facts say {n}" for c, n in bad)
             preference = "reference" if len(bad) > base else "candidate" if len(bad) < base else "tie"
             verdicts.append(Verdict(0.0 if len(bad) > base else 1.0, reason=reason, preference=preference))
         return verdicts
@@ -122,8 +143,13 @@ class RuleJudge:
             if not groups:
                 scores.append(0.0)
                 continue
-            said = {(1 if c is None else c, col, k)  # "a red circle" states a group of one
-                    for c, col, k in claims(parse_response(it.candidate)[0] or it.candidate)}
+            said, placed = set(), {}
+            for c in claims(parse_response(it.candidate)[0] or it.candidate):
+                if c.where is None:
+                    said.add((1 if c.count is None else c.count, c.color, c.kind))  # "a red circle": a group of one
+                else:  # "a red circle at top left, a red circle at bottom right": a group of two
+                    placed.setdefault((c.color, c.kind), set()).add(c.where)
+            said |= {(len(cells), col, k) for (col, k), cells in placed.items()}
             hit = sum(any((o.get("count", 1), a.lower(), o.get("name")) in said for a in o.get("attributes") or [])
                       for o in groups)
             scores.append(hit / len(groups))

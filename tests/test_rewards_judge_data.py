@@ -1,6 +1,7 @@
 """Table-driven checks of response parsing, answer grading, reward fusion (palmr.py, rewards.py),
 the rule judge (judge.py) and the data contract and synthetic shapes task (data.py)."""
 import json
+import random
 import re
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 import data
 import judge
 import rewards
-from data import Sample, load_image, make_shapes, read_jsonl, write_jsonl
+from data import Sample, hallucinated_trace, load_image, make_shapes, read_jsonl, write_jsonl
 from judge import JudgeItem, RuleJudge, claims, contradictions
 from palmr import INSTRUCTION, format_question, parse_response
 from rewards import SCHEMES, fuse, grade_answer, score_completion
@@ -293,9 +294,14 @@ def trace(reasoning, answer="1"):
     ("I think the answer is 3.", []),
     # "one of the" is not a count claim
     ("one of the circles", []),
+    # a located claim names one grid cell ("center" is read as "centre")
+    ("I see a red circle at top left and a blue square in the middle center.",
+     [(None, "red", "circle", "top left"), (None, "blue", "square", "middle centre")]),
+    # "at" without a cell is no location
+    ("a red circle at last", [(None, "red", "circle")]),
 ])
 def test_claims(text, expected):
-    assert claims(text) == expected
+    assert claims(text) == [judge.Claim(*e) for e in expected]
 
 
 @pytest.mark.parametrize("candidate, reference, s_vis", [
@@ -331,6 +337,13 @@ def test_claims(text, expected):
     (trace("I see 2 red circles."), trace("I see 4 shapes and a green star."), 1.0),
     # malformed candidate: the whole text is judged
     ("I see 5 red circles. \\boxed{5}", None, 0.0),
+    # located claims, every cell right (the shapes reference format)
+    (trace("I see a red circle at top left, a red circle at top right and a blue square at middle centre."),
+     None, 1.0),
+    # a present kind and colour in the wrong cell is a misread
+    (trace("I see a blue square at top left."), None, 0.0),
+    # another colour in a right cell
+    (trace("I see a red circle at top left and a blue circle at top right."), None, 0.0),
 ])
 def test_rule_judge(candidate, reference, s_vis):
     [v] = RuleJudge().judge([JudgeItem("How many circles?", FACTS, candidate, reference)])
@@ -343,7 +356,7 @@ def test_rule_judge_judges_reasoning_not_answer():
     # a well-formed trace is judged on its <think> part only
     text = "<think>I see 2 red circles.</think> So \\boxed{3 red circles}"
     assert contradictions(text, FACTS) == []
-    assert contradictions("<think>I see 3 red circles.</think> \\boxed{3}", FACTS) == [(3, "red", "circle", 2)]
+    assert contradictions("<think>I see 3 red circles.</think> \\boxed{3}", FACTS) == [((3, "red", "circle", None), 2)]
 
 
 @pytest.mark.parametrize("facts", [
@@ -378,6 +391,11 @@ def test_rule_judge_batch_keeps_order():
     (trace("There is a red circle."), FACTS, 0.0),
     # no claims
     (trace("No idea."), FACTS, 0.0),
+    # located claims add up to groups: two red circles in two cells, and the blue square
+    (trace("I see a red circle at top left, a red circle at top right and a blue square at middle centre."),
+     FACTS, 1.0),
+    # one red circle located: the group of two is not stated
+    (trace("I see a red circle at top left and a blue square at middle centre."), FACTS, 0.5),
     # malformed candidate: the whole text is read
     ("I see 2 red circles and 1 blue square. \\boxed{3}", FACTS, 1.0),
     # no facts
@@ -558,13 +576,16 @@ def test_make_shapes_references_are_faithful(shapes40):
     assert rj.coverage([JudgeItem(s.question, s.facts, s.reference, None) for s in samples]) == [1.0] * 40
 
 
-def test_make_shapes_perturbed_reference_is_gated(shapes40):
-    # the check above is not vacuous: one wrong count in the inventory makes the judge prefer the reference
+def test_hallucinated_trace_keeps_the_answer_and_is_gated(shapes40):
+    # the check above is not vacuous: one misread object (data.hallucinated_trace, the warm-up's
+    # controlled hallucination) keeps the answer, is one contradiction, and makes the judge prefer the reference
     _, _, samples = shapes40
-    items = []
+    rng, items = random.Random(0), []
     for s in samples:
-        bad = re.sub(r"I see (\d+)", lambda m: f"I see {int(m.group(1)) + 1}", s.reference, count=1)
-        assert bad != s.reference
+        bad = hallucinated_trace(s, rng)
+        assert bad != s.reference and parse_response(bad)[1] == s.answer, s.id
+        [(claim, n)] = contradictions(bad, s.facts)
+        assert claim.count != n, s.id  # a group the scene does not hold, or a wrong count
         items.append(JudgeItem(s.question, s.facts, bad, s.reference))
     assert [v.s_vis for v in RuleJudge().judge(items)] == [0.0] * 40
 

@@ -1,0 +1,83 @@
+"""runs/shapes_study.sh and runs/shapes_report.py: the GRPO-vs-PaLMR study on shapes (issue 8)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import grpo
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "runs"))
+import shapes_report  # noqa: E402
+
+
+def _metrics(path, rewards, ans, halluc):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"step": i + 1, "reward": r, "reward/ans": a, "judge/hallucinated_correct": h})
+                            + "\n" for i, (r, a, h) in enumerate(zip(rewards, ans, halluc))))
+
+
+def test_report_table_and_plot(tmp_path):
+    res = {"start": {"acc": 60.0, "perception_acc": 20.0, "hallucination_rate": 70.0}}
+    for seed, (g, p) in enumerate([(50.0, 30.0), (60.0, 40.0)]):
+        res[f"grpo-s{seed}"] = {"acc": 60.0, "perception_acc": 10.0, "hallucination_rate": g}
+        res[f"palmr-s{seed}"] = {"acc": 62.0, "perception_acc": 30.0, "hallucination_rate": p}
+        _metrics(tmp_path / f"grpo-s{seed}" / "metrics.jsonl", [0.5, 0.6, 0.7], [0.5, 0.6, 0.7], [0.25, 0.3, 0.35])
+        _metrics(tmp_path / f"palmr-s{seed}" / "metrics.jsonl", [0.1, 0.2, 0.3], [0.5, 0.5, 0.5], [0.25, 0.2, 0.0])
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(
+        {"checkpoints": {name: {"path": "x", "shapes": r} for name, r in res.items()}}))
+    shapes_report.main(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "| **grpo** | 2 | 60.0 ± 0.0 | 10.0 ± 0.0 | 55.0 ± 7.1 |" in md  # mean ± sample sd over seeds
+    assert "| **palmr** | 2 | 62.0 ± 0.0 | 30.0 ± 0.0 | 35.0 ± 7.1 |" in md
+    assert "| start (warm-up) | - | 60.0 ± 0.0 | 20.0 ± 0.0 | 70.0 ± 0.0 |" in md
+    assert "| palmr seed 1 | 1 | 62.0 ± 0.0 | 30.0 ± 0.0 | 40.0 ± 0.0 |" in md
+    # curves: per-step mean over seeds, hallucination rate = hallucinated correct / correct, smoothed
+    series = shapes_report.curves(tmp_path, [0, 1], smooth=1)
+    assert series["palmr"]["hallucination rate (rollouts)"] == pytest.approx([0.5, 0.4, 0.0])
+    assert series["grpo"]["reward"] == pytest.approx([0.5, 0.6, 0.7])
+    assert shapes_report.curves(tmp_path, [0, 1], smooth=2)["grpo"]["reward"] == pytest.approx([0.5, 0.55, 0.65])
+    img = Image.open(tmp_path / "curves.png").convert("RGB")
+    colors = {c for _, c in img.getcolors(1 << 20)}
+    assert shapes_report.COLORS["grpo"] in colors and shapes_report.COLORS["palmr"] in colors  # both lines drawn
+
+
+def test_warm_start_is_built_once_with_every_core(tmp_path, tiny_ckpt, shapes_file):
+    import shutil
+    base = tmp_path / "tiny"
+    shutil.copytree(tiny_ckpt, base)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun leaves each rank
+    try:
+        path = grpo.ensure_warm_start(str(base), shapes_file, steps=2, hallucinated_share=0.5)
+        assert torch.get_num_threads() == 1, "the thread count is restored after the build"
+    finally:
+        torch.set_num_threads(threads)
+    assert Path(path).parent == tmp_path and (Path(path) / "config.json").exists()
+    stamp = (Path(path) / "model.safetensors").stat().st_mtime_ns
+    assert grpo.ensure_warm_start(str(base), shapes_file, steps=2, hallucinated_share=0.5) == path
+    assert (Path(path) / "model.safetensors").stat().st_mtime_ns == stamp, "the cached warm start is reused"
+
+
+@pytest.mark.slow
+def test_study_script_end_to_end(tmp_path):
+    # the real script on a toy budget, with its own empty ~/.cache: warm start, 2 rewards x 1 seed, eval,
+    # report
+    env = dict(os.environ, HOME=str(tmp_path / "home"), SEEDS="0", STEPS="1", WARMUP="2", LIMIT="4",
+               PYTHONPATH=str(ROOT))
+    out = tmp_path / "study"
+    p = subprocess.run(["bash", str(ROOT / "runs" / "shapes_study.sh"), str(out)], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    results = json.loads((out / "eval" / "results.json").read_text())["checkpoints"]
+    assert set(results) == {"start", "grpo-s0", "palmr-s0"}
+    assert all(r["shapes"]["n"] == 4 for r in results.values())
+    assert "| **palmr** | 1 |" in (out / "results.md").read_text()
+    assert (out / "curves.png").exists()
+    assert len((out / "palmr-s0" / "metrics.jsonl").read_text().splitlines()) == 1
