@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-out/shapes_study}
 SEEDS=${SEEDS:-"0 1 2"}
 STEPS=${STEPS:-40}
-WARMUP=${WARMUP:-600}
+WARMUP=${WARMUP:-1200}
 JOBS=${JOBS:-2}
 LIMIT=${LIMIT:-}  # evaluate the first LIMIT held-out items only (smoke tests)
 RL=(--warmup-steps "$WARMUP" --max-steps "$STEPS" --group-size 8 --rollout-batch 8 --update-batch 8
