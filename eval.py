@@ -281,16 +281,25 @@ def hallucination(judge, items, predictions, right, facts):
 
 def shapes_perception(items, predictions):
     """shapes only (exact facts): perception accuracy = share of replies whose reasoning makes at least one
-    scene claim and no wrong one; hallucination = among correct answers, the share with a wrong claim."""
-    ok_perception, halluc, n_correct = 0, 0, 0
+    scene claim and no wrong one; complete perception = no wrong claim and every group of the scene stated
+    with its count (a reply that says less cannot score it); claims per reply; hallucination = among
+    correct answers, the share with a wrong claim."""
+    from judge import RuleJudge
+    ok_perception, complete, n_claims, halluc, n_correct = 0, 0, 0, 0, 0
     for it in items:
         text = predictions[it["id"]]
         wrong = contradictions(text, it["facts"])
-        ok_perception += bool(claims(palmr.parse_response(text)[0] or text)) and not wrong
+        said = claims(palmr.parse_response(text)[0] or text)
+        ok_perception += bool(said) and not wrong
+        [coverage] = RuleJudge().coverage([JudgeItem(it["question"], it["facts"], text, None)])
+        complete += coverage == 1.0 and not wrong
+        n_claims += len(said)
         if grade_answer(palmr.parse_response(text)[1], it["answer"], it["choices"]):
             n_correct += 1
             halluc += bool(wrong)
-    return {"perception_acc": 100.0 * ok_perception / max(1, len(items)),
+    n = max(1, len(items))
+    return {"perception_acc": 100.0 * ok_perception / n, "perception_complete": 100.0 * complete / n,
+            "claims_per_reply": n_claims / n,
             "hallucination_rate": 100.0 * halluc / n_correct if n_correct else None,
             "hallucination_n": n_correct, "judge": "rule"}
 
@@ -412,7 +421,7 @@ def _has_vllm():
 
 
 HEADLINE = {"hallusion": ["aAcc", "fAcc", "qAcc", "avg"], "mathverse": ["acc", "vision_only"],
-            "shapes": ["acc", "perception_acc", "hallucination_rate"]}
+            "shapes": ["acc", "perception_acc", "perception_complete", "claims_per_reply", "hallucination_rate"]}
 
 
 def markdown_table(results):

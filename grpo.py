@@ -98,7 +98,7 @@ def get_args(argv=None):
     ap.add_argument("--logprobs", default="fused", choices=["fused", "naive"], help="LM-head log-prob path: chunked fused, or full logits")
     ap.add_argument("--logprob-chunk", type=int, default=128, help="rows per block of the fused log-prob path")
     ap.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
-    ap.add_argument("--warmup-steps", type=int, default=0, help="with the default tiny model: SFT steps of a cached "
+    ap.add_argument("--warmup-steps", type=int, default=600, help="with the default tiny model: SFT steps of a cached "
                     "warm start built before RL (0: start from the random tiny model)")
     ap.add_argument("--warmup-hallucinated", type=float, default=0.3, help="share of warm-up traces that reach the "
                     "right answer through a misread scene (ours: so the start policy hallucinates)")
@@ -435,8 +435,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, b
 # Model setup: FSDP2 per decoder layer and vision block
 
 
-def prepare_model(path, device, train, activation_checkpointing=False, logprobs="fused", logprob_chunk=128):
-    """Load, optionally checkpoint activations, shard with FSDP2 (when distributed), register forwards."""
+def prepare_model(path, device, train, activation_checkpointing=False, logprobs="fused", logprob_chunk=128, shard=True):
+    """Load, optionally checkpoint activations, shard with FSDP2 (when distributed and `shard`), register forwards."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     model = palmr.load_model(path, dtype=torch.float32 if train or device.type == "cpu" else torch.bfloat16,
                              device=device)
@@ -448,7 +448,7 @@ def prepare_model(path, device, train, activation_checkpointing=False, logprobs=
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.completion_logprobs = types.MethodType(completion_logprobs, model)
     model.logprob_impl, model.logprob_chunk = logprobs, logprob_chunk
-    if dist.is_initialized():
+    if shard and dist.is_initialized():
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if device.type == "cuda" else MixedPrecisionPolicy()
         for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
@@ -545,15 +545,17 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
 
 
 def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pixels=112 * 112, seed=0, log_every=50,
-           hallucinated_share=0.0, vision_lr_mult=1.0):
+           hallucinated_share=0.0):
     """SFT on the samples' reference traces, a `hallucinated_share` of them misread on purpose
     (data.hallucinated_trace: same answer, one wrong group), so the start policy hallucinates like real
-    base models do; save to out_dir. One process, teacher forcing on completion tokens only (the same
-    batch builder and log-prob path as the RL loss). Returns the (step, loss) pairs it logged.
+    base models do; save to out_dir. One process (never sharded, even under torchrun), teacher forcing on
+    completion tokens only (the same batch builder and log-prob path as the RL loss), AdamW with a linear
+    warm-up over 5% of the steps then cosine decay to 0 (the decay is where a small model's loss drops
+    most; docs/LOG.md has the recipes tried). Returns the (step, loss) pairs it logged.
     """
     torch.manual_seed(seed)
     processor = palmr.load_processor(model_path)
-    model = prepare_model(model_path, torch.device("cpu"), train=True)
+    model = prepare_model(model_path, torch.device("cpu"), train=True, shard=False)
     samples = [s for s in read_jsonl(data_path) if s.reference]
     assert samples, f"no traces to warm up on in {data_path}"
     tok, pick = processor.tokenizer, random.Random(f"warmup-{seed}")
@@ -564,19 +566,11 @@ def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pix
         trace = hallucinated_trace(s, pick) if pick.random() < hallucinated_share else s.reference
         ids = tok(trace, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
         rows.append((s, palmr.Completion(ids, trace, [0.0] * len(ids), True)))
-    vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
-    ids = {id(p) for p in vision}
-    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in ids], "lr": lr},
-                                   {"params": vision, "lr": lr * vision_lr_mult}], weight_decay=0.0)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    rng, history = random.Random(seed), []
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng, history, w = random.Random(seed), [], steps // 20
     for step in tqdm(range(steps), desc="warm-up", mininterval=5):
-        # linear warm-up over the first 5% of steps, then cosine decay to 0: the decay is where a small
-        # model's loss drops most
-        w = steps // 20
         scale = (step + 1) / w if step < w else 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
-        for g, base_lr in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = base_lr * scale
+        optimizer.param_groups[0]["lr"] = lr * scale
         b = training_batch(rng.sample(rows, min(batch, len(rows))), encoded, tok.pad_token_id, torch.device("cpu"))
         logp, _ = model.completion_logprobs(b, 1.0)
         loss = -(logp * b["mask"]).sum() / b["mask"].sum()
@@ -591,20 +585,18 @@ def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pix
     return history
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints: a Hugging Face folder + trainer state, written by rank 0
-
-
 def ensure_warm_start(base, data_path, steps, hallucinated_share, seed=0):
-    """The warm-up checkpoint for these settings, built once under ~/.cache/palmr (rank 0; others wait).
+    """The warm-up checkpoint for these settings, built once next to `base` by rank 0; the others wait.
 
-    Rank 0 builds it with every core: torchrun sets OMP_NUM_THREADS=1 per process, and the other ranks
-    only wait at the barrier meanwhile.
+    Rank 0 builds with every core: torchrun leaves each process one thread, and the waiting ranks use
+    none. (Measured: a data-parallel FSDP warm-up over 2 gloo ranks ran 3.2 steps/s against 4.7 for one
+    process with both cores; the tiny model is too small for per-layer collectives to pay.)
     """
     path = Path(base).with_name(f"{Path(base).name}-warm{steps}-h{hallucinated_share:g}-s{seed}-v2")
     if palmr.get_rank() == 0 and not (path / "config.json").exists():
         print0(f"building the warm start ({steps} SFT steps, {hallucinated_share:.0%} misread traces) -> {path}")
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a build that was killed
         threads = torch.get_num_threads()
         torch.set_num_threads(os.cpu_count() or threads)
         try:
@@ -614,6 +606,10 @@ def ensure_warm_start(base, data_path, steps, hallucinated_share, seed=0):
         os.replace(tmp, path)
     palmr.barrier()  # every rank, always
     return str(path)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: a Hugging Face folder + trainer state, written by rank 0
 
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

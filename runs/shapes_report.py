@@ -10,12 +10,13 @@ import statistics
 import sys
 from pathlib import Path
 
-METRICS = [("acc", "answer acc"), ("perception_acc", "perception acc"), ("hallucination_rate", "hallucination rate")]
+METRICS = [("acc", "answer acc"), ("perception_acc", "perception acc"), ("perception_complete", "complete perception"),
+           ("claims_per_reply", "claims / reply"), ("hallucination_rate", "hallucination rate")]
 COLORS = {"grpo": (214, 96, 40), "palmr": (40, 110, 200)}
 
 
 def mean_sd(values):
-    values = [v for v in values if v is not None]
+    values = [v for v in values if v is not None]  # (older results.json files lack the newer metrics)
     if not values:
         return "-"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -99,7 +100,9 @@ def main(out):
     results = json.loads((out / "eval" / "results.json").read_text())["checkpoints"]
     seeds = sorted({int(name.split("-s")[1]) for name in results if "-s" in name})
     md = ["# GRPO vs PaLMR on shapes (held-out split, greedy; mean ± sd over seeds)", "", table(results, seeds), "",
-          "Hallucination rate: % of correct answers whose reasoning misreads the scene (exact rule judge).", ""]
+          "Perception acc: % of replies with at least one scene claim and no wrong one. Complete perception: no "
+          "wrong claim and every group of the scene stated with its count (saying less cannot score it). "
+          "Hallucination rate: % of correct answers whose reasoning misreads the scene. All exact (rule judge).", ""]
     series = curves(out, seeds)
     if series:
         plot(series, out / "curves.png")

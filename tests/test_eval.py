@@ -212,7 +212,8 @@ def test_shapes_bench_runs_and_prints_the_table(tmp_path, tiny_ckpt, capsys):
     s = res["checkpoints"]["tiny"]["shapes"]
     assert s["n"] == 8 and s["judge"] == "rule" and s["acc"] == 0.0 and s["hallucination_rate"] is None
     out = capsys.readouterr().out
-    assert "| checkpoint | shapes acc | shapes perception_acc | shapes hallucination_rate |" in out
+    assert ("| checkpoint | shapes acc | shapes perception_acc | shapes perception_complete | shapes claims_per_reply "
+            "| shapes hallucination_rate |") in out
 
 
 def test_shapes_hallucination_is_exact():
@@ -224,6 +225,21 @@ def test_shapes_hallucination_is_exact():
     s = ev.shapes_perception(items, preds)
     assert s["perception_acc"] == pytest.approx(200 / 3) and s["hallucination_rate"] == 50.0 and s["hallucination_n"] == 2
     assert not math.isnan(s["perception_acc"])
+    assert s["perception_complete"] == pytest.approx(200 / 3) and s["claims_per_reply"] == 1.0
+
+
+def test_shapes_complete_perception_does_not_reward_saying_less():
+    # a reply that states one group of two and stops is faithful but incomplete (the gate's known hack)
+    facts = {"objects": [{"name": "circle", "count": 2, "attributes": ["red"], "location": []},
+                         {"name": "square", "count": 1, "attributes": ["blue"], "location": []}]}
+    items = [{"id": str(i), "question": "q", "answer": "yes", "choices": None, "facts": facts} for i in range(3)]
+    preds = {"0": "<think>I see 2 red circles, </think> \\boxed{yes}",                    # faithful, incomplete
+             "1": "<think>I see 2 red circles and 1 blue square.</think> \\boxed{yes}",   # faithful, complete
+             "2": "<think>I see 2 red circles and 2 blue squares.</think> \\boxed{yes}"}  # one wrong claim
+    s = ev.shapes_perception(items, preds)
+    assert s["perception_acc"] == pytest.approx(200 / 3)
+    assert s["perception_complete"] == pytest.approx(100 / 3)
+    assert s["claims_per_reply"] == pytest.approx(5 / 3)
 
 
 def test_hallucination_rate_with_facts_pairwise_and_pointwise():

@@ -23,10 +23,13 @@ def _metrics(path, rewards, ans, halluc):
 
 
 def test_report_table_and_plot(tmp_path):
-    res = {"start": {"acc": 60.0, "perception_acc": 20.0, "hallucination_rate": 70.0}}
+    res = {"start": {"acc": 60.0, "perception_acc": 20.0, "perception_complete": 10.0, "claims_per_reply": 4.0,
+                     "hallucination_rate": 70.0}}
     for seed, (g, p) in enumerate([(50.0, 30.0), (60.0, 40.0)]):
-        res[f"grpo-s{seed}"] = {"acc": 60.0, "perception_acc": 10.0, "hallucination_rate": g}
-        res[f"palmr-s{seed}"] = {"acc": 62.0, "perception_acc": 30.0, "hallucination_rate": p}
+        res[f"grpo-s{seed}"] = {"acc": 60.0, "perception_acc": 10.0, "perception_complete": 5.0, "claims_per_reply": 4.0,
+                                "hallucination_rate": g}
+        res[f"palmr-s{seed}"] = {"acc": 62.0, "perception_acc": 30.0, "perception_complete": 20.0 + seed,
+                                 "claims_per_reply": 3.0, "hallucination_rate": p}
         _metrics(tmp_path / f"grpo-s{seed}" / "metrics.jsonl", [0.5, 0.6, 0.7], [0.5, 0.6, 0.7], [0.25, 0.3, 0.35])
         _metrics(tmp_path / f"palmr-s{seed}" / "metrics.jsonl", [0.1, 0.2, 0.3], [0.5, 0.5, 0.5], [0.25, 0.2, 0.0])
     (tmp_path / "eval").mkdir()
@@ -34,10 +37,10 @@ def test_report_table_and_plot(tmp_path):
         {"checkpoints": {name: {"path": "x", "shapes": r} for name, r in res.items()}}))
     shapes_report.main(tmp_path)
     md = (tmp_path / "results.md").read_text()
-    assert "| **grpo** | 2 | 60.0 ± 0.0 | 10.0 ± 0.0 | 55.0 ± 7.1 |" in md  # mean ± sample sd over seeds
-    assert "| **palmr** | 2 | 62.0 ± 0.0 | 30.0 ± 0.0 | 35.0 ± 7.1 |" in md
-    assert "| start (warm-up) | - | 60.0 ± 0.0 | 20.0 ± 0.0 | 70.0 ± 0.0 |" in md
-    assert "| palmr seed 1 | 1 | 62.0 ± 0.0 | 30.0 ± 0.0 | 40.0 ± 0.0 |" in md
+    assert "| **grpo** | 2 | 60.0 ± 0.0 | 10.0 ± 0.0 | 5.0 ± 0.0 | 4.0 ± 0.0 | 55.0 ± 7.1 |" in md  # mean ± sample sd
+    assert "| **palmr** | 2 | 62.0 ± 0.0 | 30.0 ± 0.0 | 20.5 ± 0.7 | 3.0 ± 0.0 | 35.0 ± 7.1 |" in md
+    assert "| start (warm-up) | - | 60.0 ± 0.0 | 20.0 ± 0.0 | 10.0 ± 0.0 | 4.0 ± 0.0 | 70.0 ± 0.0 |" in md
+    assert "| palmr seed 1 | 1 | 62.0 ± 0.0 | 30.0 ± 0.0 | 21.0 ± 0.0 | 3.0 ± 0.0 | 40.0 ± 0.0 |" in md
     # curves: per-step mean over seeds, hallucination rate = hallucinated correct / correct, smoothed
     series = shapes_report.curves(tmp_path, [0, 1], smooth=1)
     assert series["palmr"]["hallucination rate (rollouts)"] == pytest.approx([0.5, 0.4, 0.0])
@@ -48,10 +51,12 @@ def test_report_table_and_plot(tmp_path):
     assert shapes_report.COLORS["grpo"] in colors and shapes_report.COLORS["palmr"] in colors  # both lines drawn
 
 
-def test_warm_start_is_built_once_with_every_core(tmp_path, tiny_ckpt, shapes_file):
+def test_warm_start_is_built_once(tmp_path, tiny_ckpt, shapes_file):
     import shutil
     base = tmp_path / "tiny"
     shutil.copytree(tiny_ckpt, base)
+    (tmp_path / "tiny-warm2-h0.5-s0-v2.tmp").mkdir()  # a killed build's leftovers do not get in the way
+    (tmp_path / "tiny-warm2-h0.5-s0-v2.tmp" / "stale.bin").write_bytes(b"x")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun leaves each rank
     try:
@@ -59,10 +64,26 @@ def test_warm_start_is_built_once_with_every_core(tmp_path, tiny_ckpt, shapes_fi
         assert torch.get_num_threads() == 1, "the thread count is restored after the build"
     finally:
         torch.set_num_threads(threads)
-    assert Path(path).parent == tmp_path and (Path(path) / "config.json").exists()
+    assert Path(path) == tmp_path / "tiny-warm2-h0.5-s0-v2" and (Path(path) / "config.json").exists()
+    assert not (Path(path) / "stale.bin").exists()
     stamp = (Path(path) / "model.safetensors").stat().st_mtime_ns
     assert grpo.ensure_warm_start(str(base), shapes_file, steps=2, hallucinated_share=0.5) == path
     assert (Path(path) / "model.safetensors").stat().st_mtime_ns == stamp, "the cached warm start is reused"
+
+
+@pytest.mark.slow
+def test_default_run_builds_the_warm_start_on_two_ranks(tmp_path):
+    # regression: rank 0 once built the warm-up with an FSDP-sharded model and hung (the other rank was
+    # waiting at a barrier, not in the all-gathers); rank 0 now builds it unsharded, alone
+    env = dict(os.environ, HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "grpo.py"),
+                        "--warmup-steps", "4", "--warmup-only"], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    warm = tmp_path / "home" / ".cache" / "palmr" / "tiny-qwen25vl-warm4-h0.3-s0-v2"
+    assert p.stdout.strip().splitlines()[-1] == str(warm)
+    from transformers import AutoModelForImageTextToText
+    AutoModelForImageTextToText.from_pretrained(warm)  # a complete checkpoint
 
 
 @pytest.mark.slow
