@@ -256,7 +256,8 @@ def hallucinated_trace(sample, rng):
     head, tail = think.split(". ", 1) if ". " in think else (think, "")
     g = rng.choice(list(re.finditer(r"(\d+) (red|green|blue|yellow) (circle|square|triangle)s?", head)))
     n, color, kind = int(g.group(1)), g.group(2), g.group(3)
-    objects = sample.meta["objects"]
+    objects = (sample.meta or {}).get("objects")
+    assert objects is not None, f"item {sample.id}: a misread trace needs a shapes item (its meta.objects)"
     misreads = ([(n, color, k) for k in KINDS if k != kind] + [(n, c, kind) for c in COLORS if c != color]
                 + [(n + 1, color, kind)] + ([(n - 1, color, kind)] if n > 1 else []))
     misreads = [m for m in misreads if count_of(objects, m[1], m[2]) != n] or [(n + 1, color, kind)]

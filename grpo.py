@@ -595,15 +595,15 @@ def ensure_warm_start(base, data_path, steps, hallucinated_share, seed=0):
     path = Path(base).with_name(f"{Path(base).name}-warm{steps}-h{hallucinated_share:g}-s{seed}-v2")
     if palmr.get_rank() == 0 and not (path / "config.json").exists():
         print0(f"building the warm start ({steps} SFT steps, {hallucinated_share:.0%} misread traces) -> {path}")
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a build that was killed
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")  # two builds at once never share a folder
         threads = torch.get_num_threads()
         torch.set_num_threads(os.cpu_count() or threads)
         try:
             warmup(base, data_path, tmp, steps=steps, seed=seed, hallucinated_share=hallucinated_share)
+            os.replace(tmp, path)
         finally:
             torch.set_num_threads(threads)
-        os.replace(tmp, path)
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing half-written
     palmr.barrier()  # every rank, always
     return str(path)
 

@@ -19,8 +19,9 @@ def mean_sd(values):
     values = [v for v in values if v is not None]  # (older results.json files lack the newer metrics)
     if not values:
         return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def table(results, seeds):

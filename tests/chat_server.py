@@ -30,7 +30,7 @@ def perfect_reply(messages):
     text = messages[-1]["content"]
     if "COVERED:" in text:
         facts = re.findall(r"^(\d+)\. (\d+) (\w+) (\w+)", text, re.MULTILINE)
-        said = set(judge.claims(_block(text, "Response") or ""))
+        said = {c[:3] for c in judge.claims(_block(text, "Response") or "")}  # (count, colour, kind)
         hit = [k for k, n, color, kind in facts if (int(n), color, kind) in said]
         return "<think>checking each fact</think>\nCOVERED: " + (", ".join(hit) or "none")
     facts = json.loads(text.split("Image facts (ground truth):\n", 1)[1].split("\n\nQuestion:", 1)[0])

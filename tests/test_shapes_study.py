@@ -39,8 +39,8 @@ def test_report_table_and_plot(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| **grpo** | 2 | 60.0 ± 0.0 | 10.0 ± 0.0 | 5.0 ± 0.0 | 4.0 ± 0.0 | 55.0 ± 7.1 |" in md  # mean ± sample sd
     assert "| **palmr** | 2 | 62.0 ± 0.0 | 30.0 ± 0.0 | 20.5 ± 0.7 | 3.0 ± 0.0 | 35.0 ± 7.1 |" in md
-    assert "| start (warm-up) | - | 60.0 ± 0.0 | 20.0 ± 0.0 | 10.0 ± 0.0 | 4.0 ± 0.0 | 70.0 ± 0.0 |" in md
-    assert "| palmr seed 1 | 1 | 62.0 ± 0.0 | 30.0 ± 0.0 | 21.0 ± 0.0 | 3.0 ± 0.0 | 40.0 ± 0.0 |" in md
+    assert "| start (warm-up) | - | 60.0 | 20.0 | 10.0 | 4.0 | 70.0 |" in md
+    assert "| palmr seed 1 | 1 | 62.0 | 30.0 | 21.0 | 3.0 | 40.0 |" in md
     # curves: per-step mean over seeds, hallucination rate = hallucinated correct / correct, smoothed
     series = shapes_report.curves(tmp_path, [0, 1], smooth=1)
     assert series["palmr"]["hallucination rate (rollouts)"] == pytest.approx([0.5, 0.4, 0.0])
@@ -55,8 +55,6 @@ def test_warm_start_is_built_once(tmp_path, tiny_ckpt, shapes_file):
     import shutil
     base = tmp_path / "tiny"
     shutil.copytree(tiny_ckpt, base)
-    (tmp_path / "tiny-warm2-h0.5-s0-v2.tmp").mkdir()  # a killed build's leftovers do not get in the way
-    (tmp_path / "tiny-warm2-h0.5-s0-v2.tmp" / "stale.bin").write_bytes(b"x")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun leaves each rank
     try:
@@ -65,7 +63,7 @@ def test_warm_start_is_built_once(tmp_path, tiny_ckpt, shapes_file):
     finally:
         torch.set_num_threads(threads)
     assert Path(path) == tmp_path / "tiny-warm2-h0.5-s0-v2" and (Path(path) / "config.json").exists()
-    assert not (Path(path) / "stale.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny", "tiny-warm2-h0.5-s0-v2"]  # no temp folder left
     stamp = (Path(path) / "model.safetensors").stat().st_mtime_ns
     assert grpo.ensure_warm_start(str(base), shapes_file, steps=2, hallucinated_share=0.5) == path
     assert (Path(path) / "model.safetensors").stat().st_mtime_ns == stamp, "the cached warm start is reused"
