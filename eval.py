@@ -25,6 +25,7 @@ import io
 import json
 import random
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 import palmr
-from judge import JudgeItem, contradictions, claims, make_judge
+from judge import JudgeItem, RuleJudge, claims, contradictions, make_judge
 from rewards import choice_letter, grade_answer, normalize
 
 csv.field_size_limit(2 ** 31 - 1)  # VLMEvalKit TSVs hold whole images in one field
@@ -284,17 +285,17 @@ def shapes_perception(items, predictions):
     scene claim and no wrong one; complete perception = no wrong claim and every group of the scene stated
     with its count (a reply that says less cannot score it); claims per reply; hallucination = among
     correct answers, the share with a wrong claim."""
-    from judge import RuleJudge
     ok_perception, complete, n_claims, halluc, n_correct = 0, 0, 0, 0, 0
-    for it in items:
+    coverage = RuleJudge().coverage([JudgeItem(it["question"], it["facts"], predictions[it["id"]], None) for it in items])
+    for it, cov in zip(items, coverage):
         text = predictions[it["id"]]
+        think, answer, _ = palmr.parse_response(text)
         wrong = contradictions(text, it["facts"])
-        said = claims(palmr.parse_response(text)[0] or text)
+        said = claims(think or text)
         ok_perception += bool(said) and not wrong
-        [coverage] = RuleJudge().coverage([JudgeItem(it["question"], it["facts"], text, None)])
-        complete += coverage == 1.0 and not wrong
+        complete += cov == 1.0 and not wrong
         n_claims += len(said)
-        if grade_answer(palmr.parse_response(text)[1], it["answer"], it["choices"]):
+        if grade_answer(answer, it["answer"], it["choices"]):
             n_correct += 1
             halluc += bool(wrong)
     n = max(1, len(items))
@@ -363,7 +364,11 @@ def main(argv=None):
     ap.add_argument("--judge", default="rule", choices=["rule", "openai", "hf"])
     ap.add_argument("--judge-base-url", default=None)
     ap.add_argument("--judge-model", default=None)
+    ap.add_argument("--study-report", default=None, metavar="OUT",
+                    help="only write runs/shapes_study.sh's OUT/results.md and OUT/curves.png from its runs")
     a = ap.parse_args(argv)
+    if a.study_report:
+        return study_report(a.study_report)
     out = Path(a.out)
     checkpoints = {}
     for c in a.checkpoints or [palmr.ensure_tiny_checkpoint()]:
@@ -446,6 +451,114 @@ def markdown_table(results):
     lines.append(f"\nDecoding: {s['decoding']}, max {s['max_new_tokens']} new tokens, pixels {s['max_pixels']}; "
                  f"answers: {s['answer_extraction']}. Hallucination rate: % of correct answers judged unfaithful.")
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The GRPO-vs-PaLMR study on shapes (runs/shapes_study.sh): table over seeds and training curves
+
+STUDY_METRICS = [("acc", "answer acc"), ("perception_acc", "perception acc"), ("perception_complete", "complete perception"),
+           ("claims_per_reply", "claims / reply"), ("hallucination_rate", "hallucination rate")]
+STUDY_COLORS = {"grpo": (214, 96, 40), "palmr": (40, 110, 200)}
+
+
+def mean_sd(values):
+    values = [v for v in values if v is not None]  # (older results.json files lack the newer metrics)
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def study_table(results, seeds):
+    """Markdown: start, then each reward's mean ± sd over seeds, then every seed's own row."""
+    shapes = {name: r["shapes"] for name, r in results.items()}
+    lines = ["| run | seeds | " + " | ".join(label for _, label in STUDY_METRICS) + " |",
+             "|---|---|" + "---|" * len(STUDY_METRICS)]
+    lines.append("| start (warm-up) | - | " + " | ".join(mean_sd([shapes["start"][k]]) for k, _ in STUDY_METRICS) + " |")
+    for reward in ("grpo", "palmr"):
+        runs = [shapes[f"{reward}-s{s}"] for s in seeds if f"{reward}-s{s}" in shapes]
+        lines.append(f"| **{reward}** | {len(runs)} | " + " | ".join(mean_sd([r[k] for r in runs]) for k, _ in STUDY_METRICS) + " |")
+    for s in seeds:
+        for reward in ("grpo", "palmr"):
+            r = shapes.get(f"{reward}-s{s}")
+            if r:
+                lines.append(f"| {reward} seed {s} | 1 | " + " | ".join(mean_sd([r[k]]) for k, _ in STUDY_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def study_curves(out, seeds, smooth=5):
+    """{reward: {series: [per-step mean over seeds, moving average over `smooth` steps]}} from metrics.jsonl."""
+    series = {}
+    for reward in ("grpo", "palmr"):
+        per_seed = []
+        for s in seeds:
+            path = out / f"{reward}-s{s}" / "metrics.jsonl"
+            if not path.exists():
+                continue
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            per_seed.append({"reward": [r["reward"] for r in rows],
+                             "answer acc (rollouts)": [r["reward/ans"] for r in rows],
+                             # share of correct rollouts whose reasoning misreads the scene (rule judge)
+                             "hallucination rate (rollouts)": [r["judge/hallucinated_correct"] / max(r["reward/ans"], 1e-9)
+                                                               for r in rows]})
+        if not per_seed:
+            continue
+        n = min(len(p["reward"]) for p in per_seed)
+        series[reward] = {}
+        for key in per_seed[0]:
+            mean = [statistics.mean(p[key][i] for p in per_seed) for i in range(n)]
+            series[reward][key] = [statistics.mean(mean[max(0, i - smooth + 1):i + 1]) for i in range(n)]
+    return series
+
+
+def study_plot(series, path, w=300, h=220, pad=40):
+    """One panel per series, both rewards on each, steps on x; a plain PIL line chart."""
+    from PIL import Image, ImageDraw
+    keys = list(next(iter(series.values())))
+    img = Image.new("RGB", (len(keys) * (w + pad) + pad, h + 2 * pad + 20), "white")
+    draw = ImageDraw.Draw(img)
+    for i, key in enumerate(keys):
+        x0, y0 = pad + i * (w + pad), pad
+        values = [v for s in series.values() for v in s[key]]
+        lo, hi = min(values + [0.0]), max(values + [1.0])
+        draw.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
+        draw.text((x0, y0 - 16), key, fill="black")
+        for frac in (0.0, 0.5, 1.0):
+            y = y0 + h - frac * h
+            draw.line([x0 - 4, y, x0, y], fill="black")
+            draw.text((x0 - 34, y - 6), f"{lo + frac * (hi - lo):.2f}", fill="black")
+        for reward, s in series.items():
+            ys = s[key]
+            pts = [(x0 + w * j / max(1, len(ys) - 1), y0 + h - h * (v - lo) / (hi - lo)) for j, v in enumerate(ys)]
+            draw.line(pts, fill=STUDY_COLORS[reward], width=2)
+        n = len(next(iter(series.values()))[key])
+        draw.text((x0, y0 + h + 4), "1", fill="black")
+        draw.text((x0 + w - 20, y0 + h + 4), f"{n} steps", fill="black")
+    for j, reward in enumerate(series):
+        x = pad + j * 120
+        draw.line([x, h + 2 * pad + 8, x + 20, h + 2 * pad + 8], fill=STUDY_COLORS[reward], width=3)
+        draw.text((x + 24, h + 2 * pad + 2), reward, fill="black")
+    img.save(path)
+
+
+def study_report(out):
+    """runs/shapes_study.sh: OUT/results.md (start, mean ± sd per reward over seeds, each seed) and
+    OUT/curves.png from OUT/eval/results.json (checkpoints `start`, `grpo-s<seed>`, `palmr-s<seed>`) and
+    OUT/<reward>-s<seed>/metrics.jsonl."""
+    out = Path(out)
+    results = json.loads((out / "eval" / "results.json").read_text())["checkpoints"]
+    seeds = sorted({int(name.split("-s")[1]) for name in results if "-s" in name})
+    md = ["# GRPO vs PaLMR on shapes (held-out split, greedy; mean ± sd over seeds)", "", study_table(results, seeds), "",
+          "Perception acc: % of replies with at least one scene claim and no wrong one. Complete perception: no "
+          "wrong claim and every group of the scene stated with its count (saying less cannot score it). "
+          "Hallucination rate: % of correct answers whose reasoning misreads the scene. All exact (rule judge).", ""]
+    series = study_curves(out, seeds)
+    if series:
+        study_plot(series, out / "curves.png")
+        md.append("![curves](curves.png)")
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
 
 
 if __name__ == "__main__":

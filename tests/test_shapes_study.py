@@ -1,4 +1,4 @@
-"""runs/shapes_study.sh and runs/shapes_report.py: the GRPO-vs-PaLMR study on shapes (issue 8)."""
+"""runs/shapes_study.sh and eval.py's study report: the GRPO-vs-PaLMR study on shapes (issue 8)."""
 import json
 import os
 import subprocess
@@ -9,11 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+import eval as ev
 import grpo
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "runs"))
-import shapes_report  # noqa: E402
 
 
 def _metrics(path, rewards, ans, halluc):
@@ -35,20 +34,20 @@ def test_report_table_and_plot(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.json").write_text(json.dumps(
         {"checkpoints": {name: {"path": "x", "shapes": r} for name, r in res.items()}}))
-    shapes_report.main(tmp_path)
+    ev.main(["--study-report", str(tmp_path)])
     md = (tmp_path / "results.md").read_text()
     assert "| **grpo** | 2 | 60.0 ± 0.0 | 10.0 ± 0.0 | 5.0 ± 0.0 | 4.0 ± 0.0 | 55.0 ± 7.1 |" in md  # mean ± sample sd
     assert "| **palmr** | 2 | 62.0 ± 0.0 | 30.0 ± 0.0 | 20.5 ± 0.7 | 3.0 ± 0.0 | 35.0 ± 7.1 |" in md
     assert "| start (warm-up) | - | 60.0 | 20.0 | 10.0 | 4.0 | 70.0 |" in md
     assert "| palmr seed 1 | 1 | 62.0 | 30.0 | 21.0 | 3.0 | 40.0 |" in md
     # curves: per-step mean over seeds, hallucination rate = hallucinated correct / correct, smoothed
-    series = shapes_report.curves(tmp_path, [0, 1], smooth=1)
+    series = ev.study_curves(tmp_path, [0, 1], smooth=1)
     assert series["palmr"]["hallucination rate (rollouts)"] == pytest.approx([0.5, 0.4, 0.0])
     assert series["grpo"]["reward"] == pytest.approx([0.5, 0.6, 0.7])
-    assert shapes_report.curves(tmp_path, [0, 1], smooth=2)["grpo"]["reward"] == pytest.approx([0.5, 0.55, 0.65])
+    assert ev.study_curves(tmp_path, [0, 1], smooth=2)["grpo"]["reward"] == pytest.approx([0.5, 0.55, 0.65])
     img = Image.open(tmp_path / "curves.png").convert("RGB")
     colors = {c for _, c in img.getcolors(1 << 20)}
-    assert shapes_report.COLORS["grpo"] in colors and shapes_report.COLORS["palmr"] in colors  # both lines drawn
+    assert ev.STUDY_COLORS["grpo"] in colors and ev.STUDY_COLORS["palmr"] in colors  # both lines drawn
 
 
 def test_warm_start_is_built_once(tmp_path, tiny_ckpt, shapes_file):
