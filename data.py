@@ -22,6 +22,7 @@ as the pseudo ground truth of real data: objects with name, count, attributes, l
 canonical, faithful `reference` trace in the policy's output format.
 """
 import argparse
+import ast
 import base64
 import concurrent.futures
 import csv
@@ -38,6 +39,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 import palmr
+
+csv.field_size_limit(2 ** 31 - 1)  # VLMEvalKit TSVs hold whole images in one field
 
 # -----------------------------------------------------------------------------
 # The data contract
@@ -121,14 +124,13 @@ def write_jsonl(path, samples):
     os.replace(tmp, path)
 
 
-def load_image(sample):
-    """The sample's image as RGB PIL; raises ValueError naming the item when it is missing or corrupt."""
-    from PIL import Image
+def load_image(sample, max_pixels=None):
+    """The sample's image as RGB PIL through palmr.load_image (the one loader); raises ValueError naming
+    the item and the cause when it is missing, corrupt or refused."""
     try:
-        with Image.open(sample.image) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"item {sample.id}: cannot read image {sample.image}: {e}") from e
+        return palmr.load_image(sample.image, max_pixels=max_pixels)
+    except ValueError as e:
+        raise ValueError(f"item {sample.id}: {sample.image}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -359,83 +361,317 @@ def pending(in_path, io_):
     return [s for s in samples if s.id not in io_.done]
 
 
-# --- ingest ------------------------------------------------------------------
+# --- ingest: the published layouts ---------------------------------------------
+#
+# Where each published layout keeps the id, question, answer, choices and images, as one table. A file's
+# layout is the first whose `needs` columns it has (and, for `formats`, whose extension it has); `generic`
+# reads any JSONL/CSV/JSON/parquet with common column names. eval.py reads benchmarks through the same
+# table. Sources: each dataset's card (`dataset_info.features`) or official loader; README "Data layouts".
 
-ALIASES = {"id": ("id", "question_id", "qid", "pid", "uid"),
-           "question": ("question", "query", "prompt", "problem"),
-           "answer": ("answer", "label", "gt_answer", "ground_truth", "solution"),
-           "image": ("image", "image_path", "img", "file_name", "filename", "decoded_image"),
-           "choices": ("choices", "options")}
+
+def _present(v):
+    return v is not None and not (isinstance(v, float) and v != v) and not (isinstance(v, (str, list, tuple, dict)) and len(v) == 0)
 
 
-def normalize_row(raw, source, index):
-    """A raw annotation dict -> Sample fields (image left as found: a path or bytes); unknown keys -> meta."""
-    def pick(field):
-        for k in ALIASES[field]:
-            if k in raw and raw[k] not in (None, ""):
-                return k, raw[k]
-        return None, None
-    used, out = set(), {}
-    for field in ALIASES:
-        key, value = pick(field)
-        used.add(key)
-        out[field] = value
-    if out["question"] is None:
-        raise ValueError("missing question")
-    if out["answer"] is None:
-        raise ValueError("missing answer")
-    if out["image"] is None:
-        raise ValueError("missing image")
-    answer = out["answer"][0] if isinstance(out["answer"], list) and out["answer"] else out["answer"]
-    choices = out["choices"]
-    if isinstance(choices, str):
+def _first(row, *cols):
+    """The first present value among `cols` (None, NaN, '' and [] are absent)."""
+    return next((row[c] for c in cols if _present(dict.get(row, c))), None)
+
+
+class _Reads(dict):
+    """A row that remembers which columns a layout read: the others go to meta, never dropped."""
+
+    def __init__(self, row):
+        super().__init__(row)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def _as_list(v):
+    """A list from a list, a numpy array, a JSON/Python list literal ("['a', 'b']"), or one value."""
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, str) and v.strip()[:1] == "[":
         try:
-            choices = json.loads(choices)
+            v = json.loads(v)
         except ValueError:
-            choices = [c.strip() for c in choices.split("\n") if c.strip()]
-    if isinstance(choices, dict):
-        choices = [choices[k] for k in sorted(choices)]
-    if hasattr(choices, "tolist"):
-        choices = choices.tolist()
-    return {"id": str(out["id"] if out["id"] is not None else f"{source}-{index}"),
-            "question": " ".join(str(out["question"]).split()), "answer": " ".join(str(answer).split()),
-            "choices": [" ".join(str(c).split()) for c in choices] if choices else None,
-            "image": out["image"], "source": str(raw.get("source") or source),
-            "meta": {k: v for k, v in raw.items() if k not in used and k != "source" and _jsonable(v)}}
+            try:
+                v = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                pass
+    return list(v) if isinstance(v, (list, tuple)) else [v] if _present(v) else []
+
+
+def _majority(answers):
+    """The most frequent of several human answers (VQA style: 10 strings or {answer, answer_confidence});
+    ties go to the first given. All of them stay in meta.answers."""
+    texts = [a.get("answer") if isinstance(a, dict) else a for a in _as_list(answers)]
+    texts = [str(t).strip() for t in texts if _present(t)]
+    if not texts:
+        return None
+    counts = {}
+    for t in texts:
+        counts[t.lower()] = counts.get(t.lower(), 0) + 1
+    return max(texts, key=lambda t: (counts[t.lower()], -texts.index(t)))
+
+
+def _letter(index):
+    """0-based answer index (int, '2', numpy int) -> its option letter."""
+    return palmr.CHOICE_LETTERS[int(index)] if _present(index) else None
+
+
+def _no_image_tags(text):
+    """'<image>' (EasyR1, verl, LLaVA) and '<image 1>' (MMMU) tags out of a question: the prompt places the image."""
+    return re.sub(r"<image(?:\s*\d+)?>", " ", str(text)) if _present(text) else text
+
+
+def _turn_text(content):
+    """A chat turn's text: a string, or the text parts of a list of {type, text} parts."""
+    if isinstance(content, str):
+        return content
+    return " ".join(p.get("text") or "" for p in _as_list(content) if isinstance(p, dict) and p.get("type") == "text")
+
+
+def _turn(messages, role, after=None):
+    """Text of the first `role` turn (after index `after`) of a message list, and its index."""
+    for i, m in enumerate(_as_list(messages)):
+        if m.get("role") == role and (after is None or i > after):
+            return _turn_text(m.get("content")), i
+    return None, None
+
+
+def _reply(text):
+    """A free-text training reply as a gold: 'Answer: B.' -> 'B' (the_cauldron / FineVision style)."""
+    if not _present(text):
+        return None
+    text = re.sub(r"^\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is)?\s*[:：]?\s*", "", str(text), flags=re.IGNORECASE)
+    return text.strip().rstrip(".").strip()
+
+
+def _mmstar_options(question):
+    """MMStar keeps its options inside the question: '...\\nOptions: A: x, B: y, C: z, D: w' -> [x, y, z, w]."""
+    tail = str(question).rsplit("Options:", 1)
+    if len(tail) < 2:
+        return None
+    parts = re.split(r"(?:^|,\s*)([A-J]):\s*", tail[1].strip())
+    return [p.strip() for p in parts[2::2]] or None
+
+
+def _hallusion_meta(row):
+    """HallusionBench keys: official JSON fields, or VLMEvalKit's TSV index (parts 3, 4, 5: set, figure,
+    question, as vlmeval/dataset/utils/yorn.py Hallusion_rating splits it) and its l2-category."""
+    if "set_id" in row:
+        return {k: str(row.get(k)) for k in ("category", "subcategory", "set_id", "figure_id", "question_id", "visual_input")}
+    parts = str(row.get("index")).split("_")
+    if len(parts) < 6:
+        raise ValueError(f"HallusionBench TSV index {row.get('index')!r} lacks set/figure/question parts")
+    return {"category": str(row.get("category")), "subcategory": str(row.get("l2-category")),
+            "set_id": parts[3], "figure_id": parts[4], "question_id": parts[5], "visual_input": "1"}
+
+
+def _tsv_images(value):
+    """VLMEvalKit TSV images: base64 text, or the string form of a list of base64 texts."""
+    values = _as_list(value) if str(value).lstrip()[:1] == "[" else [value] if _present(value) else []
+    return [base64.b64decode(v) for v in values]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    name: str
+    needs: tuple                     # columns a row of this layout always has
+    question: object                 # row -> question text
+    answer: object                   # row -> gold answer (letter, option text, number or words)
+    images: object                   # row -> list of image values (path, bytes or {bytes, path}); [] for none
+    id: object = lambda r: _first(r, "id", "question_id", "questionId", "qid", "pid", "uid", "index", "sample_index")
+    choices: object = lambda r: None  # row -> option texts or None
+    meta: object = lambda r: {}       # row -> extra meta fields (official keys a scorer needs)
+    formats: tuple = ()              # file extensions the layout occurs in (empty: any)
+
+
+L = Layout
+LAYOUTS = [
+    # benchmarks
+    L("hallusionbench", ("gt_answer", "visual_input", "set_id", "figure_id", "question_id"),
+      question=lambda r: r["question"], answer=lambda r: {"1": "yes", "0": "no"}.get(str(r["gt_answer"]).strip()),
+      images=lambda r: _as_list(r.get("filename")),  # null for the 178 questions asked without an image
+      id=lambda r: "_".join(str(r[k]) for k in ("category", "subcategory", "set_id", "figure_id", "question_id")),
+      meta=_hallusion_meta, formats=(".json",)),
+    L("vlmevalkit", ("index", "image", "question", "answer"), formats=(".tsv",),
+      question=lambda r: r["question"], answer=lambda r: r["answer"], images=lambda r: _tsv_images(r["image"]),
+      id=lambda r: str(r["index"]), choices=lambda r: [str(r[c]) for c in "ABCDEFGHIJ" if _present(r.get(c))] or None,
+      meta=lambda r: _hallusion_meta(r) if str(r.get("l2-category", "")).startswith(("VD_", "VS_")) else {}),
+    L("mmmu", ("options", "image_1", "question_type"),
+      question=lambda r: r["question"], answer=lambda r: (_as_list(r["answer"]) or [None])[0],
+      images=lambda r: [r[f"image_{k}"] for k in range(1, 8) if _present(r.get(f"image_{k}"))],
+      choices=lambda r: [str(c) for c in _as_list(r["options"])] or None,
+      meta=lambda r: {"answers": [str(a) for a in _as_list(r["answer"])]}),
+    L("mathvista", ("pid", "question_type", "answer_type"),
+      question=lambda r: r["question"], answer=lambda r: r["answer"],
+      images=lambda r: _as_list(_first(r, "decoded_image", "image")),
+      choices=lambda r: [str(c) for c in _as_list(r.get("choices"))] or None),
+    L("mathverse", ("sample_index", "problem_version"),
+      # Vision Only items have an empty question: it is in the image
+      question=lambda r: r["question"] or "Answer the question shown in the image.", answer=lambda r: r["answer"],
+      images=lambda r: _as_list(r.get("image"))),
+    L("mmstar", ("index", "question", "answer", "category", "l2_category"),
+      question=lambda r: r["question"], answer=lambda r: r["answer"], images=lambda r: _as_list(r.get("image")),
+      meta=lambda r: {"options": _mmstar_options(r["question"])}),  # options stay in the question text
+    # RL-ready layouts
+    L("verl", ("prompt", "reward_model"),
+      question=lambda r: _no_image_tags(_turn(r["prompt"], "user")[0] if not isinstance(r["prompt"], str) else r["prompt"]),
+      answer=lambda r: (r["reward_model"] or {}).get("ground_truth"), images=lambda r: _as_list(r.get("images")),
+      id=lambda r: _first(r.get("extra_info") or {}, "index", "id")),
+    L("messages", ("messages", "images"),
+      question=lambda r: _no_image_tags(_turn(r["messages"], "user")[0]),
+      answer=lambda r: _first(r, "answer", "solution") or _reply(_turn(r["messages"], "assistant", _turn(r["messages"], "user")[1])[0]),
+      images=lambda r: _as_list(r["images"])),
+    L("finevision", ("images", "texts"),  # also the_cauldron; the first turn of a multi-turn row
+      question=lambda r: _no_image_tags(_as_list(r["texts"])[0]["user"]),
+      answer=lambda r: _reply(_as_list(r["texts"])[0]["assistant"]), images=lambda r: _as_list(r["images"])),
+    L("easyr1", ("images", "problem", "answer"),
+      question=lambda r: _no_image_tags(r["problem"]), answer=lambda r: r["answer"],
+      images=lambda r: _as_list(r["images"]), choices=lambda r: [str(c) for c in _as_list(r.get("choices"))] or None),
+    # the paper's training sources (METHOD.md section 1), as published
+    L("scienceqa", ("question", "choices", "answer", "hint", "lecture"),
+      question=lambda r: (f"Context: {r['hint']}\n" if _present(r.get("hint")) else "") + r["question"],
+      answer=lambda r: _letter(r["answer"]), images=lambda r: _as_list(r.get("image")),
+      choices=lambda r: [str(c) for c in _as_list(r["choices"])]),
+    L("aokvqa", ("question", "choices", "correct_choice_idx"),
+      question=lambda r: r["question"], answer=lambda r: _letter(r["correct_choice_idx"]),
+      images=lambda r: _as_list(r.get("image")) or [f"{int(r['image_id']):012d}.jpg"],  # official JSON: COCO ids
+      choices=lambda r: [str(c) for c in _as_list(r["choices"])],
+      meta=lambda r: {"direct_answers": _as_list(r.get("direct_answers"))}),
+    L("vizwiz", ("question", "answers", "answerable"),
+      question=lambda r: r["question"], images=lambda r: _as_list(r.get("image")),
+      answer=lambda r: "unanswerable" if str(r["answerable"]) == "0" else _majority(r["answers"]),
+      id=lambda r: _first(r, "question_id", "image"),
+      meta=lambda r: {"answers": [a.get("answer") if isinstance(a, dict) else a for a in _as_list(r["answers"])]}),
+    L("vqa_answers", ("question", "answers"),  # TextVQA, DocVQA, InfographicVQA, lmms-lab VizWiz: several human answers
+      question=lambda r: r["question"], answer=lambda r: _majority(r["answers"]),
+      images=lambda r: _as_list(_first(r, "image", "image_path")) or ([f"{r['image_id']}.jpg"] if _present(r.get("image_id")) else []),
+      meta=lambda r: {"answers": [str(a) for a in _as_list(r["answers"])]}),
+    L("chartqa", ("query", "label"),
+      question=lambda r: r["query"], answer=lambda r: (_as_list(r["label"]) or [None])[0], images=lambda r: _as_list(r.get("image"))),
+    L("figureqa", ("question_string", "image_index", "color1_name"),
+      question=lambda r: r["question_string"], answer=lambda r: "yes" if int(r["answer"]) == 1 else "no",
+      images=lambda r: [f"png/{r['image_index']}.png"], id=lambda r: _first(r, "question_id", "qid")),
+    L("plotqa", ("question_string", "image_index"),
+      question=lambda r: r["question_string"], answer=lambda r: r["answer"],
+      images=lambda r: [f"png/{r['image_index']}.png"], id=lambda r: _first(r, "qid", "question_id")),
+    L("tabmwp", ("question", "answer", "table_for_pd", "ques_type"),
+      question=lambda r: r["question"], answer=lambda r: r["answer"], images=lambda r: [f"tables/{r['id']}.png"],
+      choices=lambda r: [str(c) for c in _as_list(r.get("choices"))] or None),
+    L("geometry3k", ("problem_text", "choices", "answer"),  # InterGPS: one folder per problem, data.json
+      question=lambda r: r["problem_text"], answer=lambda r: r["answer"], images=lambda r: ["img_diagram.png"],
+      choices=lambda r: [str(c) for c in _as_list(r["choices"])]),
+    L("iconqa", ("question", "ques_type", "choices", "answer"),  # lmms-lab/ICON-QA: choices as a list string
+      question=lambda r: r["question"], images=lambda r: _as_list(_first(r, "query_image", "image")),
+      answer=lambda r: r["answer"], choices=lambda r: [str(c) for c in _as_list(r["choices"])] or None),
+    L("clevr_math", ("template", "question", "label"),
+      question=lambda r: r["question"], answer=lambda r: r["label"], images=lambda r: _as_list(r.get("image"))),
+    L("clevr", ("question", "answer", "image_filename"),  # CLEVR and Super-CLEVR question files
+      question=lambda r: r["question"], answer=lambda r: r["answer"], images=lambda r: [r["image_filename"]],
+      id=lambda r: _first(r, "question_index", "id")),
+    L("generic", (),
+      question=lambda r: _first(r, "question", "query", "prompt", "problem"),
+      answer=lambda r: (_as_list(_first(r, "answer", "label", "gt_answer", "ground_truth", "solution")) or [None])[0],
+      images=lambda r: _as_list(_first(r, "image", "images", "image_path", "img", "file_name", "filename", "decoded_image")),
+      choices=lambda r: _generic_choices(_first(r, "choices", "options"))),
+]
+del L
+
+
+def _generic_choices(value):
+    if isinstance(value, dict):
+        return [str(value[k]) for k in sorted(value)]
+    if isinstance(value, str) and value.strip()[:1] != "[":
+        return [c.strip() for c in value.split("\n") if c.strip()] or None
+    return [str(c) for c in _as_list(value)] or None
+
+
+def detect_layout(columns, suffix=""):
+    """The first layout whose needed columns the row has (and whose formats include the file's suffix)."""
+    columns = set(columns)
+    return next(l for l in LAYOUTS if set(l.needs) <= columns and (not l.formats or suffix in l.formats))
+
+
+def read_row(raw, layout):
+    """A raw row -> {id, question, answer, choices, images (list of raw values), meta}; raises ValueError
+    naming the missing field. Native ids; unknown keys go to meta; the layout's name is meta.layout."""
+    raw = _Reads(raw)
+    try:
+        fields = {"id": layout.id(raw), "question": layout.question(raw), "answer": layout.answer(raw),
+                  "choices": layout.choices(raw), "images": layout.images(raw)}
+        read = set(raw.read)
+        extra = layout.meta(raw)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ValueError(f"unreadable {layout.name} row: {type(e).__name__}: {e}") from None
+    for field in ("question", "answer"):
+        if not _present(fields[field]) or not str(fields[field]).strip():
+            raise ValueError(f"missing {field}")
+    meta = {k: v for k, v in raw.items() if k not in read and k != "source" and _jsonable(v)}
+    meta.update(extra, layout=layout.name)
+    return {"id": None if fields["id"] is None else str(fields["id"]), "question": " ".join(str(fields["question"]).split()),
+            "answer": " ".join(str(fields["answer"]).split()), "meta": meta, "images": fields["images"],
+            "choices": [" ".join(c.split()) for c in fields["choices"]] if fields["choices"] else None}
 
 
 def _jsonable(v):
     try:
         json.dumps(v)
         return True
-    except TypeError:
+    except (TypeError, ValueError):
         return False
 
 
 def raw_rows(path):
-    """(source, index, raw dict, folder for relative image paths) from a JSONL file, a parquet file, or a
-    folder of images with annotations.json / annotations.jsonl / annotations.csv."""
+    """(source, index, raw dict, folder for relative image paths) of a dataset file or folder.
+
+    JSONL; JSON (a list of rows, a dict of rows keyed by id as TabMWP, or a dict holding the list under
+    data / questions / qa_pairs / annotations as DocVQA, TextVQA, CLEVR, FigureQA and PlotQA); CSV;
+    VLMEvalKit TSV (an image cell of <= 64 characters names the row whose image it shares); parquet;
+    a folder with annotations.{jsonl,json,csv}, or of one sub-folder per item with data.json (InterGPS)."""
     path = Path(path)
     if path.is_dir():
         ann = next((path / n for n in ("annotations.jsonl", "annotations.json", "annotations.csv") if (path / n).exists()), None)
-        if ann is None:
-            raise ValueError(f"{path}: a folder needs annotations.jsonl, annotations.json or annotations.csv")
-        yield from ((path.name, i, raw, path) for _, i, raw, _ in raw_rows(ann))  # the folder names the source
+        if ann is not None:
+            yield from ((path.name, i, raw, path) for _, i, raw, _ in raw_rows(ann))  # the folder names the source
+            return
+        items = sorted(p.parent for p in path.glob("*/data.json"))
+        if not items:
+            raise ValueError(f"{path}: a folder needs annotations.jsonl/.json/.csv or one sub-folder per item with data.json")
+        for i, folder in enumerate(items):
+            raw = json.loads((folder / "data.json").read_text())
+            yield path.name, i, {"id": folder.name, **raw} if isinstance(raw, dict) else {"_unreadable": "data.json is not an object"}, folder
         return
     source = path.stem
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
-        table = pq.read_table(path)
-        for i, raw in enumerate(table.to_pylist()):
+        for i, raw in enumerate(pq.read_table(path).to_pylist()):
             yield source, i, raw, path.parent
-    elif path.suffix == ".csv":
+    elif path.suffix in (".csv", ".tsv"):
         with open(path, newline="") as f:
-            for i, raw in enumerate(csv.DictReader(f)):
-                yield source, i, raw, path.parent
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        if path.suffix == ".tsv":  # VLMEvalKit: a short image cell is the index of the row holding the image
+            full = {r.get("index"): r.get("image") for r in rows if len(r.get("image") or "") > 64}
+            for r in rows:
+                if 0 < len(r.get("image") or "") <= 64:
+                    r["image"] = full.get(r["image"], r["image"])
+        for i, raw in enumerate(rows):
+            yield source, i, raw, path.parent
     elif path.suffix == ".json":
         data = json.loads(path.read_text())
-        rows = data if isinstance(data, list) else [{"id": k, **v} for k, v in data.items()]
-        for i, raw in enumerate(rows):
+        if isinstance(data, dict):
+            key = next((k for k in ("data", "questions", "qa_pairs", "annotations") if isinstance(data.get(k), list)), None)
+            data = data[key] if key else [{"id": k, **v} for k, v in data.items()]
+        for i, raw in enumerate(data):
             yield source, i, raw, path.parent
     else:
         for i, line in enumerate(path.read_text().splitlines()):
@@ -446,31 +682,65 @@ def raw_rows(path):
                     yield source, i, {"_unreadable": f"line {i + 1}: {e}"}, path.parent
 
 
-def open_image(value, base):
-    """PIL image from a path (relative to base), raw bytes, or a {bytes, path} struct (HF parquet)."""
-    from PIL import Image
+def resolve_image(value, base):
+    """A relative image path against the dataset's folder, or one or two sub-folders below it (published
+    archives keep images in images/, val/, train_images/, documents/ ...); bytes and structs pass through."""
+    if isinstance(value, dict) and value.get("bytes"):
+        return value
     if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        im = Image.open(io.BytesIO(value))
-    else:
-        p = Path(value) if os.path.isabs(str(value)) else Path(base) / str(value)
-        im = Image.open(p)
-    im.load()
-    return im.convert("RGB")
+        value = value.get("path")
+    if not isinstance(value, str) or os.path.isabs(value):
+        return value
+    for candidate in [Path(base) / value, *sorted(Path(base).glob(f"*/{value}")), *sorted(Path(base).glob(f"*/*/{value}"))]:
+        if candidate.is_file():
+            return str(candidate)
+    return str(Path(base) / value)  # missing: load_image names it
+
+
+def load_images(values, base, max_pixels=None):
+    """One RGB image from a row's image values; several are tiled left to right into one (the policy
+    prompt holds one image), with 8 px of white between them. Raises ValueError naming the bad one."""
+    from PIL import Image
+    images = []
+    for k, v in enumerate(values):
+        try:
+            images.append(palmr.load_image(resolve_image(v, base)))
+        except ValueError as e:
+            raise ValueError(f"image {k + 1} of {len(values)}: {e}" if len(values) > 1 else str(e)) from None
+    if len(images) == 1:
+        return palmr.fit_pixels(images[0], max_pixels)
+    gap = 8
+    canvas = Image.new("RGB", (sum(im.width for im in images) + gap * (len(images) - 1), max(im.height for im in images)),
+                       (255, 255, 255))
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width + gap
+    return palmr.fit_pixels(canvas, max_pixels)
 
 
 def ingest(inputs, out_path, max_pixels=1003520):
-    """Read local datasets into Samples; images resized to the pixel budget (never cropped) and saved."""
+    """Read local datasets (any layout of LAYOUTS) into Samples; images resized to the pixel budget (never
+    cropped) and saved as PNG. Ids are namespaced by source (`chartqa/1042`), so two datasets' integer
+    ids never collide. Rows with several images are tiled into one (logged as `images: n`); rows with
+    no image (text-only) are dropped with that reason."""
     io_ = StepIO(out_path, "ingest")
     image_dir = Path(out_path).parent / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     decided, seen = set(io_.done), set()  # decided: by an earlier run; seen: ids met in this run
     for path in inputs:
-        for source, index, raw, base in tqdm(list(raw_rows(path)), desc=f"ingest {Path(path).name}", mininterval=2):
-            item = str(next((raw[k] for k in ALIASES["id"] if raw.get(k) not in (None, "")), f"{source}-{index}"))
+        rows = list(raw_rows(path))
+        first = next((raw for _, _, raw, _ in rows if "_unreadable" not in raw), {})
+        layout = detect_layout(first, Path(path).suffix)  # one layout per file, from its first readable row
+        print(f"ingest: {path}: layout {layout.name}", file=sys.stderr)
+        for source, index, raw, base in tqdm(rows, desc=f"ingest {Path(path).name}", mininterval=2):
+            try:
+                native = layout.id(raw) if "_unreadable" not in raw else None
+            except (KeyError, IndexError, TypeError, ValueError):
+                native = None
+            item = f"{source}/{native if _present(native) else index}"
             if item in seen:  # reported under its own key, so the first occurrence stays the item
-                dup = f"{item}#duplicate-{source}-{index}"
+                dup = f"{item}#duplicate-{index}"
                 if dup not in decided:
                     print(f"ingest: item {item} ({path}, row {index + 1}): duplicate id", file=sys.stderr)
                     io_.drop(dup, "duplicate id")
@@ -481,20 +751,26 @@ def ingest(inputs, out_path, max_pixels=1003520):
             try:
                 if "_unreadable" in raw:
                     raise ValueError(f"unreadable row: {raw['_unreadable']}")
-                fields = normalize_row(raw, source, index)
-                fields["id"] = item
+                fields = read_row(raw, layout)
+                images = fields.pop("images")
+                if not images:
+                    raise ValueError("no image (a text-only row)")
                 try:
-                    image = palmr.fit_pixels(open_image(fields["image"], base), max_pixels)
-                except (OSError, ValueError) as e:
-                    raise ValueError(f"missing or corrupt image: {type(e).__name__}: {e}") from e
+                    image = load_images(images, base, max_pixels)
+                except ValueError as e:
+                    raise ValueError(f"missing or corrupt image: {e}") from None
                 target = image_dir / f"{safe_name(item)}.png"
                 image.save(target)
-                fields["image"] = str(target.resolve())
-                io_.keep(Sample(**fields), source=source)
+                fields.update(id=item, image=str(target.resolve()), source=str(raw.get("source") or source))
+                fields["meta"]["native_id"] = fields["meta"].get("native_id", native)
+                io_.keep(Sample(**fields), source=source, layout=layout.name, images=len(images))
             except ValueError as e:
                 print(f"ingest: item {item} ({path}): {e}", file=sys.stderr)
                 io_.drop(item, str(e))
     summary = io_.summary()
+    kept = [r for r in StepIO._recover(io_.log) if r["status"] == "kept"]
+    summary["layouts"] = {n: sum(r.get("layout") == n for r in kept) for n in sorted({r.get("layout") for r in kept})}
+    summary["several_images_tiled"] = sum(r.get("images", 1) > 1 for r in kept)
     io_.close()
     return summary
 
@@ -508,9 +784,21 @@ def safe_name(item_id):
 
 # --- filter (learnability) ---------------------------------------------------
 
-def _rollouts(engine, processor, samples, n, max_new_tokens, temperature, seed, max_pixels):
-    prompts = [palmr.Prompt(palmr.render_prompt(processor, s.question, s.choices), load_image(s)) for s in samples]
-    return engine.generate(prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+def _rollouts(engine, processor, samples, n, max_new_tokens, temperature, seed, max_pixels, io_):
+    """n rollouts of each sample whose image loads (the others are dropped, with their reason, in io_)
+    -> (samples kept, groups of assistant turns: the template's prefilled tail + each completion)."""
+    prompts, kept = [], []
+    for s in samples:
+        try:
+            prompts.append(palmr.Prompt(palmr.render_prompt(processor, s.question, s.choices), load_image(s, max_pixels)))
+            kept.append(s)
+        except ValueError as e:
+            print(f"{io_.step}: {e}", file=sys.stderr)
+            io_.drop(s.id, f"missing or corrupt image: {e}")
+    if not kept:
+        return [], []
+    groups = engine.generate(prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    return kept, [[palmr.assistant_turn(p.text, c.text) for c in g] for p, g in zip(prompts, groups)]
 
 
 def filter_step(in_path, out_path, engine, processor, k=8, min_pass=0.0, max_pass=1.0, batch=8,
@@ -521,18 +809,10 @@ def filter_step(in_path, out_path, engine, processor, k=8, min_pass=0.0, max_pas
     io_ = StepIO(out_path, "filter")
     todo = pending(in_path, io_)
     for start in tqdm(range(0, len(todo), batch), desc="filter", mininterval=2):
-        chunk = []
-        for s in todo[start:start + batch]:
-            try:
-                load_image(s)
-                chunk.append(s)
-            except ValueError as e:
-                io_.drop(s.id, str(e))
-        if not chunk:
-            continue
-        groups = _rollouts(engine, processor, chunk, k, max_new_tokens, temperature, seed + start, max_pixels)
+        chunk, groups = _rollouts(engine, processor, todo[start:start + batch], k, max_new_tokens, temperature,
+                                  seed + start, max_pixels, io_)
         for s, group in zip(chunk, groups):
-            rate = sum(grade_answer(palmr.parse_response(c.text)[1], s.answer, s.choices) for c in group) / k
+            rate = sum(grade_answer(palmr.parse_response(text)[1], s.answer, s.choices) for text in group) / k
             lo_ok = rate > min_pass if exclusive else rate >= min_pass
             hi_ok = rate < max_pass if exclusive else rate <= max_pass
             if lo_ok and hi_ok:
@@ -702,7 +982,7 @@ def facts_step(in_path, out_path, provider, concurrency=16, retries=4, backoff=1
         with open(sample.image, "rb") as f:
             png = f.read()
         buf = io.BytesIO()
-        open_image(png, ".").save(buf, format="PNG")  # decode check + one format for every provider
+        palmr.load_image(png).save(buf, format="PNG")  # decode check + one format for every provider
         reason, tokens_in, tokens_out = "", 0, 0
         for attempt in range(retries + 1):
             try:
@@ -758,15 +1038,15 @@ def reference_step(in_path, out_path, engine, processor, judge, n=8, batch=8, ma
     io_ = StepIO(out_path, "reference")
     todo = pending(in_path, io_)
     for start in tqdm(range(0, len(todo), batch), desc="reference", mininterval=2):
-        chunk = todo[start:start + batch]
-        groups = _rollouts(engine, processor, chunk, n, max_new_tokens, temperature, seed + start, max_pixels)
+        chunk, groups = _rollouts(engine, processor, todo[start:start + batch], n, max_new_tokens, temperature,
+                                  seed + start, max_pixels, io_)
         pools = []
         for s, group in zip(chunk, groups):
             good = []
-            for c in group:
-                _, answer, well_formed = palmr.parse_response(c.text)
-                if well_formed and grade_answer(answer, s.answer, s.choices) and c.text not in good:
-                    good.append(c.text)
+            for text in group:
+                _, answer, well_formed = palmr.parse_response(text)
+                if well_formed and grade_answer(answer, s.answer, s.choices) and text not in good:
+                    good.append(text)
             pools.append(good)
         best = [p[0] if p else None for p in pools]
         for rnd in range(1, n):  # each round: the current best of every item against its next challenger

@@ -199,8 +199,11 @@ def rollout(engine, processor, samples, args, step, rank):
     return [(s, c) for s, completions in zip(samples, groups) for c in completions], encoded
 
 
-def compute_rewards(judge, rows, scheme):
+def compute_rewards(judge, rows, scheme, prefill=""):
     """-> rewards (N,), parts {name: (N,)}, judge metrics; the judge is asked once for the whole batch.
+
+    Format, answer and judge read the assistant turn as a whole: `prefill` (what the chat template
+    already wrote of it, e.g. '<think>\n', see palmr.generation_prefill) + the completion.
 
     A judge that fails (server down, bad replies) never stops the run: its items count as failures
     with S_vis = 1 ("no preference") and the error is printed once per batch.
@@ -208,7 +211,7 @@ def compute_rewards(judge, rows, scheme):
     n = len(rows)
     s_vis, r_cov, failed, stats, stats_ties = [1.0] * n, [0.0] * n, 0, {}, 0
     if judge is not None:
-        items = [JudgeItem(s.question, s.facts, c.text, s.reference) for s, c in rows]
+        items = [JudgeItem(s.question, s.facts, prefill + c.text, s.reference) for s, c in rows]
         judge.stats = {}
         try:
             verdicts = judge.judge(items)
@@ -223,7 +226,7 @@ def compute_rewards(judge, rows, scheme):
         stats = dict(judge.stats)
     totals, parts = [], {}
     for (s, c), vis, cov in zip(rows, s_vis, r_cov):
-        total, p = score_completion(scheme, c.text, s.answer, s.choices, s_vis=vis, r_cov=cov)
+        total, p = score_completion(scheme, prefill + c.text, s.answer, s.choices, s_vis=vis, r_cov=cov)
         totals.append(total)
         for k, v in p.items():
             parts.setdefault(k, []).append(v)
@@ -733,6 +736,7 @@ def main(argv=None):
         max_retries=args.judge_retries, max_tokens=args.judge_max_tokens, reasoning=not args.judge_no_reasoning,
         seed=args.seed)
     samples = load_dataset(args, processor)
+    prefill = palmr.generation_prefill(palmr.render_prompt(processor, ""))  # '' for Qwen2.5-VL's own template
     if rank == 0:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
     print0(f"V-GRPO | world {world} on {device.type} | engine {type(engine).__name__} | reward {args.reward} judge {args.judge} | "
@@ -748,7 +752,7 @@ def main(argv=None):
         engine.sleep()
         t1 = time.time()
         # reward and advantage (advantages over the gathered global batch; a group never spans ranks)
-        rewards, parts, judge_stats = compute_rewards(judge, rows, args.reward)
+        rewards, parts, judge_stats = compute_rewards(judge, rows, args.reward, prefill)
         gathered = [torch.zeros_like(rewards) for _ in range(world)]
         dist.all_gather(gathered, rewards) if dist.is_initialized() else gathered.__setitem__(0, rewards)
         all_adv = group_advantages(torch.cat(gathered), args.group_size, args.adv_scale)

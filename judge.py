@@ -204,25 +204,48 @@ def coverage_prompt(question, facts, response):
             "followed by the numbers, comma-separated, or `COVERED: none`.")
 
 
-_THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
-_VERDICT = re.compile(r"verdict\s*[:=\-]?\s*[*_`\[(\s]*(a|b|tie|faithful|unfaithful)\b", re.IGNORECASE)
+def final_answer(text):
+    """The part of a judge reply after its reasoning: the text after the last '</think>', whether or not
+    the reply opened one (a template that prefills '<think>' leaves only the closing tag); None when a
+    '<think>' is still open (cut off while thinking); the whole reply when it has no tags at all."""
+    if text is None:
+        return None
+    closed = list(re.finditer(r"</think>", text, re.IGNORECASE))
+    if closed:
+        return text[closed[-1].end():]
+    return None if re.search(r"<think>", text, re.IGNORECASE) else text
+
+
+# A verdict is a 'VERDICT: X' that ends its line: markdown emphasis, brackets and 'Response A' are read;
+# a verdict followed by more words on its line ('VERDICT: A would fit... wait') is thinking, not an answer.
+_VERDICT = re.compile(r"verdict\s*[*_`]*\s*(?:is)?\s*[:=\-–]?\s*[*_`\[(\s]*(?:response\s+)?(a|b|tie|faithful|unfaithful)\b"
+                      r"[\])*_`.!\s]*(?:\([^()\n]*\)[.\s]*)?$", re.IGNORECASE | re.MULTILINE)
 
 
 def parse_verdict(text):
-    """'A' | 'B' | 'TIE' | 'FAITHFUL' | 'UNFAITHFUL' from the last VERDICT line after any <think> block; else None."""
-    if not text:
-        return None
-    found = _VERDICT.findall(_THINK_BLOCK.sub(" ", text))
+    """'A' | 'B' | 'TIE' | 'FAITHFUL' | 'UNFAITHFUL': the last verdict line of the reply's final answer
+    (see final_answer); None when it has none. Forms read: 'VERDICT: A', '**VERDICT: B**', 'Verdict:
+    **Response A**', 'Final verdict: [[TIE]]'. A reply cut off on the token limit is the caller's to
+    reject (Reply.truncated): its text may end on a line that reads like a verdict."""
+    found = _VERDICT.findall(final_answer(text) or "")
     return found[-1].upper() if found else None
 
 
 def parse_covered(text, n):
-    """Fraction of n numbered facts listed on the last `COVERED:` line; None when there is no such line."""
-    lines = re.findall(r"covered\s*:\s*([^\n]*)", _THINK_BLOCK.sub(" ", text or ""), re.IGNORECASE)
+    """Fraction of n numbered facts listed on the last `COVERED:` line of the final answer; None when
+    there is no such line."""
+    lines = re.findall(r"covered\s*[*_`]*\s*:\s*([^\n]*)", final_answer(text) or "", re.IGNORECASE)
     if not lines or n == 0:
         return None
     picked = {int(k) for k in re.findall(r"\d+", lines[-1]) if 1 <= int(k) <= n}
     return len(picked) / n
+
+
+def _why_no_verdict(reply):
+    """A judge failure's reason: the request's error, reasoning never closed, or no verdict line."""
+    if reply.error:
+        return reply.error
+    return "reasoning but no final answer" if final_answer(reply.text) is None else "unparseable verdict"
 
 
 # -----------------------------------------------------------------------------
@@ -233,6 +256,7 @@ def parse_covered(text, n):
 class Reply:
     text: str = None     # None when the request failed
     error: str = ""      # why it failed (status, timeout, ...), never containing secrets
+    truncated: bool = False  # stopped on the token limit: its text is unfinished, never a verdict
     latency: float = 0.0
     tokens: int = 0
     cached: bool = False
@@ -296,11 +320,17 @@ class OpenAIClient:
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     data = json.loads(resp.read())
-                text = data["choices"][0]["message"]["content"]
+                choice = data["choices"][0]
+                text, usage = choice["message"].get("content"), data.get("usage") or {}
+                tokens = int(usage.get("total_tokens", 0))
+                if choice.get("finish_reason") == "length":  # a rerun at temperature 0 stops there again
+                    return Reply(text, error=f"stopped on the token limit (max_tokens {self.params['max_tokens']})",
+                                 truncated=True, latency=time.time() - start, tokens=tokens)
+                if text is None and choice["message"].get("reasoning_content") is not None:
+                    return Reply(error="reasoning but no final answer", latency=time.time() - start, tokens=tokens)
                 if not isinstance(text, str):
                     raise ValueError("reply has no text content")
-                usage = data.get("usage") or {}
-                return Reply(text, latency=time.time() - start, tokens=int(usage.get("total_tokens", 0)))
+                return Reply(text, latency=time.time() - start, tokens=tokens)
             except urllib.error.HTTPError as e:
                 error = f"HTTP {e.code}"
                 if e.code not in RETRY_STATUS:
@@ -343,8 +373,12 @@ class HFClient:
                                           pad_token_id=self.tokenizer.pad_token_id)
             new = out[:, enc["input_ids"].shape[1]:]
             latency = (time.time() - start) / len(chunk)
-            replies += [Reply(self.tokenizer.decode(row, skip_special_tokens=True), latency=latency,
-                              tokens=int(enc["attention_mask"][i].sum()) + len(row)) for i, row in enumerate(new)]
+            stops = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None}
+            for i, row in enumerate(new):
+                cut = not stops & set(row.tolist())  # no stop token: generation hit max_tokens
+                replies.append(Reply(self.tokenizer.decode(row, skip_special_tokens=True), latency=latency,
+                                     tokens=int(enc["attention_mask"][i].sum()) + len(row), truncated=cut,
+                                     error=f"stopped on the token limit (max_tokens {self.max_tokens})" if cut else ""))
         return replies
 
 
@@ -397,14 +431,14 @@ class LLMJudge:
             votes, reasons = [], []
             for k in range(per_item):
                 reply, rf = replies[i * per_item + k], orders[i * per_item + k]
-                v = parse_verdict(reply.text)
+                v = None if reply.truncated else parse_verdict(reply.text)
                 if v in ("A", "B"):
                     votes.append("reference" if (v == "A") == rf else "candidate")
                 elif v == "TIE":  # no preference: a real answer (two faithful traces), logged as judge/ties
                     votes.append("tie")
                 else:  # no usable verdict: no preference, counted as a failure
                     votes.append(None)
-                    reasons.append(reply.error or "unparseable verdict")
+                    reasons.append(_why_no_verdict(reply))
             if all(v == votes[0] for v in votes) and votes[0] is not None:
                 preference = votes[0]
             else:  # no verdict, or the two orders disagree (position bias): no preference
@@ -418,11 +452,11 @@ class LLMJudge:
         replies = self._ask([pointwise_prompt(it.question, it.facts, it.candidate) for it in items])
         verdicts = []
         for reply in replies:
-            v = parse_verdict(reply.text)
+            v = None if reply.truncated else parse_verdict(reply.text)
             if v in ("FAITHFUL", "UNFAITHFUL"):
                 verdicts.append(Verdict(0.0 if v == "UNFAITHFUL" else 1.0, preference=v.lower()))
             else:
-                verdicts.append(Verdict(1.0, failed=True, reason=reply.error or "unparseable verdict"))
+                verdicts.append(Verdict(1.0, failed=True, reason=_why_no_verdict(reply)))
         return verdicts
 
     def _judge_mixed(self, items):
@@ -439,7 +473,7 @@ class LLMJudge:
     def coverage(self, items):
         """Point-wise coverage: the fraction of the facts' statements the response states (0 on failure)."""
         replies = self._ask([coverage_prompt(it.question, it.facts, it.candidate) for it in items])
-        scores = [parse_covered(r.text, len(fact_list(it.facts))) for r, it in zip(replies, items)]
+        scores = [None if r.truncated else parse_covered(r.text, len(fact_list(it.facts))) for r, it in zip(replies, items)]
         self.stats["coverage_failed"] = self.stats.get("coverage_failed", 0) + sum(s is None for s in scores)
         return [s or 0.0 for s in scores]
 

@@ -211,25 +211,112 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
 
 
-def fit_pixels(image, max_pixels):
-    """Resize (never crop) an image so that width * height <= max_pixels, keeping its aspect ratio."""
-    image = image.convert("RGB")
+# -----------------------------------------------------------------------------
+# Images: one loader for every path (ingest, rollout, training batches, eval, filter, facts)
+
+MIN_SIDE = 28              # Qwen2.5-VL: 14 px patches merged 2 x 2; a shorter side is upscaled to this
+MAX_ASPECT = 200           # transformers' qwen2_vl smart_resize raises beyond this long/short ratio
+MAX_IMAGE_PIXELS = 89_478_485  # decompression-bomb guard (PIL's warning threshold), checked before decoding
+
+
+def load_image(source, base=None, max_pixels=None):
+    """Any image the datasets hold -> an RGB PIL image the Qwen2.5-VL processor accepts.
+
+    source: a path (relative to `base`), raw bytes, or a Hugging Face {bytes, path} struct. Rules, in order:
+    refuse more than MAX_IMAGE_PIXELS before decoding; apply the EXIF orientation; composite transparency
+    (RGBA, LA, palette with a transparent index) on white; 16-bit and float greyscale scaled to 8 bits;
+    CMYK, palette, greyscale and the rest converted to RGB; then `fit_pixels` (aspect ratio, minimum side,
+    pixel budget). Raises ValueError with the cause (the caller adds the item's id)."""
+    from PIL import Image, ImageOps
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if source is None or (isinstance(source, str) and not source.strip()):
+        raise ValueError("no image")
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            import io
+            im = Image.open(io.BytesIO(bytes(source)))
+        else:
+            path = Path(source) if base is None or os.path.isabs(str(source)) else Path(base) / str(source)
+            im = Image.open(path)
+        w, h = im.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{w} x {h} px is over the {MAX_IMAGE_PIXELS:,}-pixel decompression-bomb guard")
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # unreadable, truncated, not an image
+        raise ValueError(f"cannot read image: {type(e).__name__}: {e}") from None
+    return fit_pixels(to_rgb(im), max_pixels)
+
+
+def to_rgb(im):
+    """8-bit RGB: transparency composited on white, 16-bit / float greyscale rescaled, not clipped."""
+    from PIL import Image
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        import numpy as np
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and a.max() > 255) else 255.0
+        if im.mode == "F" and a.max() <= 1.0:
+            top = 1.0
+        im = Image.fromarray((np.clip(a / top, 0, 1) * 255 + 0.5).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (im.mode in ("RGB", "L") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return im.convert("RGB")
+
+
+def fit_pixels(image, max_pixels=None):
+    """The geometry the processor accepts: long/short ratio padded (white, centred) down to MAX_ASPECT,
+    the short side upscaled to MIN_SIDE, then resized (never cropped) to width * height <= max_pixels,
+    keeping the aspect ratio. Idempotent; every image goes through it before the processor."""
+    from PIL import Image
+    image = image if image.mode == "RGB" else to_rgb(image)
     w, h = image.size
-    if w * h > max_pixels:
+    if max(w, h) / min(w, h) > MAX_ASPECT:  # pad rather than drop: the content stays, only margins are added
+        W, H = (w, math.ceil(w / MAX_ASPECT)) if w > h else (math.ceil(h / MAX_ASPECT), h)
+        canvas = Image.new("RGB", (W, H), (255, 255, 255))
+        canvas.paste(image, ((W - w) // 2, (H - h) // 2))
+        image, (w, h) = canvas, (W, H)
+    if min(w, h) < MIN_SIDE:
+        s = MIN_SIDE / min(w, h)
+        w, h = max(MIN_SIDE, round(w * s)), max(MIN_SIDE, round(h * s))
+        image = image.resize((w, h), Image.BICUBIC)
+    if max_pixels and w * h > max_pixels:
         s = math.sqrt(max_pixels / (w * h))
-        image = image.resize((max(28, int(w * s)), max(28, int(h * s))))
+        image = image.resize((max(MIN_SIDE, int(w * s)), max(MIN_SIDE, int(h * s))), Image.BICUBIC)
     return image
 
 
-def render_prompt(processor, question, choices=None):
-    """Chat-template text of one user turn (image first, then the question) ready for generation."""
-    messages = [{"role": "user", "content": [{"type": "image"},
-                                             {"type": "text", "text": format_question(question, choices)}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def render_prompt(processor, question, choices=None, image=True):
+    """Chat-template text of one user turn (image first, then the question) ready for generation;
+    image=False renders a text-only question (HallusionBench asks some without an image)."""
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": format_question(question, choices)}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+
+
+def generation_prefill(prompt_text):
+    """What the chat template already wrote of the assistant turn: the text after the last
+    '<|im_start|>assistant' line of a rendered prompt (e.g. '<think>\n' for templates that open the
+    reasoning themselves, as Qwen3-Thinking's does); '' for Qwen2.5-VL's own template."""
+    head, sep, tail = prompt_text.rpartition("<|im_start|>assistant")
+    return tail.split("\n", 1)[1] if sep and "\n" in tail else ""
+
+
+def assistant_turn(prompt_text, completion_text):
+    """The assistant turn as a whole: the template's prefilled tail + the sampled completion. S_fmt, the
+    answer and the judge read this, so a prefilled '<think>' counts as written."""
+    return generation_prefill(prompt_text) + completion_text
 
 
 def encode_prompt(processor, text, image, max_pixels):
-    """-> {input_ids: list[int], pixel_values: (P, C*T*ps*ps), image_grid_thw: (1, 3)} for one prompt."""
+    """-> {input_ids: list[int], pixel_values: (P, C*T*ps*ps), image_grid_thw: (1, 3)} for one prompt;
+    only input_ids for a text-only prompt (image None, no placeholder in the text)."""
+    if image is None:
+        assert "<|image_pad|>" not in text, "a text-only prompt holds no image placeholder"
+        return {"input_ids": processor.tokenizer(text, add_special_tokens=False)["input_ids"]}
     vision = processor.image_processor(images=[fit_pixels(image, max_pixels)], return_tensors="pt")
     n_tokens = int(vision["image_grid_thw"].prod()) // processor.image_processor.merge_size ** 2
     assert text.count("<|image_pad|>") == 1, "a prompt holds exactly one image placeholder"
@@ -404,7 +491,10 @@ class VLLMEngine:
         requests, params = [], []
         for i, p in enumerate(prompts):  # one image placeholder in the ids: vLLM expands it itself
             ids = self.processor.tokenizer(p.text, add_special_tokens=False)["input_ids"]
-            requests.append({"prompt_token_ids": ids, "multi_modal_data": {"image": fit_pixels(p.image, self.max_pixels)}})
+            request = {"prompt_token_ids": ids}
+            if p.image is not None:  # text-only prompts (image None) carry no multimodal data
+                request["multi_modal_data"] = {"image": fit_pixels(p.image, self.max_pixels)}
+            requests.append(request)
             params.append(SamplingParams(**vllm_sampling_kwargs(n, max_new_tokens, temperature, top_p, seed + i,
                                                                 self.stop_ids, self.suppress)))
         outputs = self.llm.generate(requests, params, use_tqdm=False)
@@ -443,9 +533,12 @@ def collate_prompts(rows, pad_id, device="cpu"):
     for i, r in enumerate(rows):
         ids[i, width - len(r["input_ids"]):] = torch.tensor(r["input_ids"])
         mask[i, width - len(r["input_ids"]):] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "pixel_values": torch.cat([r["pixel_values"] for r in rows]).to(device),
-            "image_grid_thw": torch.cat([r["image_grid_thw"] for r in rows]).to(device)}
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    vision = [r for r in rows if "pixel_values" in r]  # text-only prompts carry no image
+    if vision:
+        batch["pixel_values"] = torch.cat([r["pixel_values"] for r in vision]).to(device)
+        batch["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in vision]).to(device)
+    return batch
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ LaTeX normalisation, and never does substring matching.
 """
 import re
 import threading
+import unicodedata
 from fractions import Fraction
 
 from palmr import CHOICE_LETTERS, parse_response
@@ -30,22 +31,37 @@ def format_reward(text):
 # S_ans: rule-based answer grading
 
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$")
+_WRAPPERS = r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox)\s*\{([^{}]*)\}"
+_SPACING = r"\\[,;:! ]|\\q?quad\b|~"
+
+
+def unwrap_latex(s):
+    """Plain text of an answer: Unicode forms folded (NFKC: full-width digits, non-breaking and thin
+    spaces; U+2212 and dashes as '-'), $...$ / \\( \\) dropped, \\text{...}-style wrappers unwrapped,
+    LaTeX spacing (\\, \\; \\! \\quad ~) removed, '{,}' as ','. Case is kept."""
+    s = unicodedata.normalize("NFKC", str(s)).replace("\u2212", "-").replace("\u2013", "-").replace("\u2012", "-")
+    s = s.strip().strip("$").replace("\\(", "").replace("\\)", "").strip()
+    for _ in range(3):  # nested wrappers: \textbf{\text{B}}
+        s = re.sub(_WRAPPERS, r"\1", s)
+    s = re.sub(_SPACING, "", s).replace("{,}", ",")
+    return s.strip()
 
 
 def normalize(s):
-    """Lower-case, unwrap $...$ and \\text{...}, drop a trailing period and thousands separators."""
-    s = s.strip().strip("$").strip()
-    s = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", s)
-    s = s.replace("\\%", "%").rstrip(".").strip().lower()
+    """Lower-case plain text (unwrap_latex), '\\%' as '%', no trailing period, single spaces."""
+    s = unwrap_latex(s).replace("\\%", "%").rstrip(".").strip().lower()
     return re.sub(r"\s+", " ", s)
 
 
 def as_number(s):
-    """A float for '3', '-2.50', '1,000', '3/4', '\\frac{3}{4}', '50%' (as 50); None otherwise."""
+    """A float for '3', '-2.50', '1,000', '3/4', '\\frac{3}{4}', '50%' (as 50), '−3' (U+2212), '3\\times10^{-7}'; else None."""
     s = normalize(s).replace(",", "").rstrip("%").strip()
-    m = re.fullmatch(r"\\d?frac\{([^{}]+)\}\{([^{}]+)\}", s)
+    m = re.fullmatch(r"(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}", s)
     if m:
-        s = f"{m.group(1)}/{m.group(2)}"
+        s = f"{m.group(1)}{m.group(2)}/{m.group(3)}"
+    m = re.fullmatch(r"([-+]?[\d.]+)\s*(?:\\times|\\cdot|x|\*)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", s)
+    if m:  # 3\times10^{-7}
+        s = f"{m.group(1)}e{m.group(2)}"
     try:
         if _NUMBER.match(s):
             return float(s)
@@ -54,6 +70,21 @@ def as_number(s):
     except (ValueError, ZeroDivisionError):
         return None
     return None
+
+
+_UNIT = re.compile(r"^(.*?\d\.?)\s*(?:\^\s*\{?\\circ\}?|°|\\degree|degrees?|(?:[a-zµ]{1,10}\.?(?:\s*(?:\^\s*\{?\d\}?|\d|/\s*[a-z]{1,5}))?){1,3})$")
+
+
+def strip_unit(s):
+    """'145^\\circ', '145°', '12 cm', '3.5 m^2', '5 km/h', '40 degrees' -> the number's text; None when
+    the text is not a number followed by a unit (or degree sign)."""
+    m = _UNIT.match(normalize(s))
+    return m.group(1).strip() if m else None
+
+
+def numbers_close(a, b, rel=1e-6):
+    """Relative tolerance only (no absolute floor: 3e-7 and 5e-7 differ); a zero gold needs an exact zero."""
+    return abs(a - b) <= rel * abs(b)
 
 
 def choice_letter(text, choices):
@@ -76,7 +107,13 @@ def _math_equal(pred, gold):
     try:
         g = parse(f"\\boxed{{{gold}}}", parsing_timeout=timeout)
         p = parse(f"\\boxed{{{pred}}}", parsing_timeout=timeout)
-        return bool(g) and bool(p) and verify(g, p, timeout_seconds=timeout)
+        if not (g and p and verify(g, p, timeout_seconds=timeout)):
+            return False
+        try:  # math-verify rounds floats to 6 places (3e-7 == 5e-7): numbers get the relative rule instead
+            gv, pv = float(g[0]), float(p[0])
+        except (TypeError, ValueError):
+            return True  # not plain numbers (expressions, sets, intervals): math-verify's verdict stands
+        return numbers_close(pv, gv)
     except Exception:  # math-verify raises on pathological input; an ungradable answer is wrong
         return False
 
@@ -93,13 +130,15 @@ def grade_answer(pred, gold, choices=None):
     if g in ("yes", "no"):
         return p == g
     gn, pn = as_number(g), as_number(p)
+    if gn is not None and pn is None and strip_unit(p) is not None:
+        pn = as_number(strip_unit(p))  # '145°' or '12 cm' against a plain numeric gold: the unit is not graded
     if gn is not None and pn is not None:
-        return abs(gn - pn) <= 1e-6 * max(1.0, abs(gn))
+        return numbers_close(pn, gn)
     if p == g:
         return True
     if gn is not None and pn is None and not re.search(r"[\\^{}a-z]", p):
         return False  # a numeric gold against plain non-numeric text: nothing for math-verify to find
-    return _math_equal(pred, str(gold))
+    return _math_equal(unwrap_latex(pred), unwrap_latex(str(gold)))
 
 
 # -----------------------------------------------------------------------------

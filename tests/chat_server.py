@@ -5,7 +5,8 @@ with the exact `shapes` rule (judge.contradictions). Faults are injected per mar
 user message contains the marker gets the next fault in that marker's queue:
   "429" (with Retry-After: 0), "500", "slow" (answers after `slow_seconds`), "drop" (closes the
   connection without a reply), "malformed" (200 with a body that is not JSON), "nocontent" (200, JSON
-  without choices), "noverdict" (200, a reply with no verdict line), "401".
+  without choices), "noverdict" (200, a reply with no verdict line), "truncated" (finish_reason
+  "length", cut off mid-thought), "reasoning" (content null, reasoning_content only), "401".
 """
 import json
 import re
@@ -85,9 +86,13 @@ class ChatServer:
                     return self._send(200, b'{"id": "x", "object": "chat.completion"}')
                 time.sleep(server.slow_seconds if fault == "slow" else server.latency)
                 text = "I am not sure." if fault == "noverdict" else server.reply(payload["messages"])
+                message, finish = {"role": "assistant", "content": text}, "stop"
+                if fault == "truncated":  # a thinking model cut off mid-thought, its template had opened <think>
+                    message["content"], finish = "A says 3 circles, the facts say 2, so VERDICT: A would fit... wait, B also", "length"
+                if fault == "reasoning":  # vLLM's reasoning parser: all of it was reasoning, no final answer
+                    message = {"role": "assistant", "content": None, "reasoning_content": "Let me compare A and B"}
                 body = {"id": "cmpl", "object": "chat.completion", "model": payload["model"],
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": "stop"}],
+                        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                         "usage": {"prompt_tokens": len(content) // 4, "completion_tokens": len(text) // 4,
                                   "total_tokens": (len(content) + len(text)) // 4}}
                 try:

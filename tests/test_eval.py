@@ -102,7 +102,8 @@ def _item(answer, choices=None, **meta):
     ("\\boxed{C}", _item("5", ["3", "5", "7"], question_type="multi_choice"), False),
     ("\\boxed{3}", _item("3", answer_type="integer", question_type="free_form"), True),
     ("\\boxed{3.0}", _item("3", answer_type="integer", question_type="free_form"), True),
-    ("\\boxed{3.5}", _item("3", answer_type="integer", question_type="free_form"), False),   # integers: no rounding
+    ("\\boxed{3.5}", _item("3", answer_type="integer", question_type="free_form"), True),    # official: int(float(x)) truncates
+    ("\\boxed{2.5}", _item("3", answer_type="integer", question_type="free_form"), False),
     ("\\boxed{1.26}", _item("1.3", answer_type="float", precision=1.0, question_type="free_form"), True),
     ("\\boxed{0.333}", _item("0.33", answer_type="float", precision=2.0, question_type="free_form"), True),
     ("\\boxed{0.34}", _item("0.33", answer_type="float", precision=2.0, question_type="free_form"), False),
@@ -125,8 +126,8 @@ def test_mathverse_per_version_and_vision_only():
     assert scores["acc"] == pytest.approx(200 / 3)
 
 
-@pytest.mark.parametrize("pred,expected", [("\\boxed{B}", True), ("B. blue", True), ("(b)", True), ("\\boxed{C}", False),
-                                           ("", False)])
+@pytest.mark.parametrize("pred,expected", [("\\boxed{B}", True), ("B. blue", True), ("(b)", False),  # VLMEvalKit: lower case is no letter
+                                           ("\\boxed{C}", False), ("", False)])
 def test_mmstar_letter_match(pred, expected):
     assert ev.score_item("mmstar", _item("B"), pred) == expected
 

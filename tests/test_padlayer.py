@@ -70,23 +70,24 @@ def test_ingest_three_formats_and_bad_rows(tmp_path, raw_inputs):
     out = tmp_path / "work" / "ingested.jsonl"
     summary = data.ingest(raw_inputs, out, max_pixels=112 * 112)
     samples = {s.id: s for s in read_jsonl(out)}
-    assert sorted(samples) == ["c1", "j1", "j2", "p1"]
-    assert samples["j1"].question == "What colour?" and samples["j1"].answer == "Red"    # normalised
-    assert samples["j1"].meta == {"difficulty": 3}                                        # unknown keys kept
-    assert samples["j2"].choices == ["red", "blue"] and samples["j2"].answer == "B"       # options dict -> list
-    assert samples["p1"].answer == "3" and samples["p1"].meta["extra_field"] == "kept"     # first of a list answer
-    assert samples["c1"].meta == {"note": "hi"} and samples["c1"].source == "folder"  # the folder names the source
-    w, h = Image.open(samples["j1"].image).size
+    assert sorted(samples) == ["folder/c1", "hf/p1", "set/j1", "set/j2"], "ids are namespaced by their source"
+    j1, j2, p1, c1 = samples["set/j1"], samples["set/j2"], samples["hf/p1"], samples["folder/c1"]
+    assert j1.question == "What colour?" and j1.answer == "Red"                           # normalised
+    assert j1.meta == {"difficulty": 3, "layout": "generic", "native_id": "j1"}           # unknown keys kept
+    assert j2.choices == ["red", "blue"] and j2.answer == "B"                             # options dict -> list
+    assert p1.answer == "3" and p1.meta["extra_field"] == "kept"                          # first of a list answer
+    assert c1.meta["note"] == "hi" and c1.source == "folder"                              # the folder names the source
+    w, h = Image.open(j1.image).size
     assert w * h <= 112 * 112 and abs(w / h - 4 / 3) < 0.05, "resized to the budget, aspect kept, not cropped"
     reasons = {r["id"]: r.get("reason", "") for r in _log(out) if r["status"] == "dropped"}
-    assert "missing or corrupt image" in reasons["j3"] and "missing or corrupt image" in reasons["j4"]
-    assert reasons["j5"] == "missing answer" and reasons["p2"].startswith("missing or corrupt image")
-    assert any(k.startswith("j1#duplicate") for k in reasons), "the duplicate is reported under its own key"
+    assert "missing or corrupt image" in reasons["set/j3"] and "missing or corrupt image" in reasons["set/j4"]
+    assert reasons["set/j5"] == "missing answer" and reasons["hf/p2"].startswith("missing or corrupt image")
+    assert any(k.startswith("set/j1#duplicate") for k in reasons), "the duplicate is reported under its own key"
     assert any("unreadable row" in r for r in reasons.values())
-    assert summary["kept"] == 4
+    assert summary["kept"] == 4 and summary["layouts"] == {"generic": 4}
     # a second run decides nothing again and writes nothing twice
     again = data.ingest(raw_inputs, out, max_pixels=112 * 112)
-    assert [s.id for s in read_jsonl(out)].count("j1") == 1 and again["kept"] == 4
+    assert [s.id for s in read_jsonl(out)].count("set/j1") == 1 and again["kept"] == 4
     assert len(_log(out)) == len(reasons) + 4
 
 
