@@ -379,31 +379,58 @@ def shapes_perception(items, predictions):
 # -----------------------------------------------------------------------------
 # Generation with a cache per item
 
-def generate(engine, processor, bench, items, cache_path, args):
-    """Greedy (or sampled) predictions for every item, appended per batch to cache_path; -> {id: text}."""
-    cache = {}
-    if cache_path.exists():
-        for line in cache_path.read_text().splitlines():
+def read_predictions(path):
+    """{id: prediction} of a predictions JSONL ({"id", "prediction"} per line); a torn last line is skipped."""
+    out = {}
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
             try:
                 row = json.loads(line)
-                cache[row["id"]] = row["prediction"]
-            except (ValueError, KeyError):
+                out[str(row["id"])] = row["prediction"]
+            except (ValueError, KeyError, TypeError):
                 continue  # a torn last line from a killed run: regenerate that item
-    todo = [it for it in items if it["id"] not in cache and it["image"] is not None]
+    return out
+
+
+def generate(engine, processor, bench, items, cache_path, args):
+    """Greedy (or sampled) predictions, appended per batch to cache_path -> ({id: text}, problems).
+
+    A prediction is the assistant turn as a whole (the template's prefilled tail + the completion).
+    Items with an image and text-only questions are batched apart; items whose image did not load
+    are not generated. A batch that fails is retried item by item, so one bad item is reported with
+    its id and cause and the others still get their predictions."""
+    cache, problems = read_predictions(cache_path), []
+    todo = [it for it in items if it["id"] not in cache and (it["image"] is not None or it["meta"].get("text_only"))]
     cache_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def run(chunk, seed):
+        prompts = [palmr.Prompt(palmr.render_prompt(processor, it["question"], it["choices"], image=it["image"] is not None),
+                                it["image"]) for it in chunk]
+        outs = engine.generate(prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_p=args.top_p, seed=seed)
+        return [palmr.assistant_turn(p.text, c.text) for p, (c,) in zip(prompts, outs)]
+
     with open(cache_path, "a") as f:
-        for s in tqdm(range(0, len(todo), args.batch), desc=f"{bench}", mininterval=2):
-            chunk = todo[s:s + args.batch]
-            prompts = [palmr.Prompt(palmr.render_prompt(processor, it["question"], it["choices"]), it["image"]) for it in chunk]
-            outs = engine.generate(prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_p=args.top_p, seed=args.seed + s)
-            for it, (c,) in zip(chunk, outs):
-                cache[it["id"]] = c.text
-                f.write(json.dumps({"id": it["id"], "prediction": c.text}) + "\n")
-            f.flush()
-    for it in items:
-        cache.setdefault(it["id"], "")  # no image: no generation, scored as a wrong (empty) answer
-    return cache
+        for kind in (True, False):  # with an image, then text-only
+            part = [it for it in todo if (it["image"] is not None) == kind]
+            for s in tqdm(range(0, len(part), args.batch), desc=f"{bench}", mininterval=2, disable=not part):
+                chunk = part[s:s + args.batch]
+                try:
+                    texts = run(chunk, args.seed + s)
+                except (ValueError, RuntimeError, AssertionError) as e:  # find the item(s) at fault
+                    texts = []
+                    for k, it in enumerate(chunk):
+                        try:
+                            texts += run([it], args.seed + s + k)
+                        except (ValueError, RuntimeError, AssertionError) as e1:
+                            problems.append(f"{bench} item {it['id']}: generation failed: {type(e1).__name__}: {str(e1)[:200]}")
+                            texts.append(None)
+                for it, text in zip(chunk, texts):
+                    if text is not None:
+                        cache[it["id"]] = text
+                        f.write(json.dumps({"id": it["id"], "prediction": text}) + "\n")
+                f.flush()
+    return cache, problems
 
 
 def shapes_items(limit):
@@ -421,7 +448,10 @@ def main(argv=None):
     ap.add_argument("--bench", nargs="+", default=["shapes"],
                     help="NAME=PATH for hallusion, mmmu, mathvista, mathverse, mmstar; plain `shapes` needs no path")
     ap.add_argument("--checkpoints", nargs="+", default=None,
-                    help="LABEL=PATH or PATH (default: the tiny checkpoint)")
+                    help="LABEL=PATH or PATH (default: the tiny checkpoint, unless --predictions is given)")
+    ap.add_argument("--predictions", nargs="+", default=[], metavar="LABEL=DIR",
+                    help="score predictions made elsewhere, no model loaded: DIR/<bench>.predictions.jsonl of "
+                         "{id, prediction} (the layout of OUT/<checkpoint>/); LABEL is the column")
     ap.add_argument("--out", default="out/eval", help="results.json, results.md and the prediction caches")
     ap.add_argument("--limit", type=int, default=None, help="first N items of each benchmark (quick runs)")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
@@ -442,9 +472,14 @@ def main(argv=None):
         return study_report(a.study_report)
     out = Path(a.out)
     checkpoints = {}
-    for c in a.checkpoints or [palmr.ensure_tiny_checkpoint()]:
+    for c in a.checkpoints or ([] if a.predictions else [palmr.ensure_tiny_checkpoint()]):
         label, _, path = c.rpartition("=") if "=" in c else (Path(c).name, "", c)
         checkpoints[label] = path
+    made_elsewhere = {}
+    for c in a.predictions:
+        label, _, path = c.partition("=")
+        assert path and Path(path).is_dir(), f"--predictions {c}: expected LABEL=DIR with <bench>.predictions.jsonl files"
+        made_elsewhere[label] = Path(path)
     benches = {}
     for b in a.bench:
         name, _, path = b.partition("=")
@@ -466,6 +501,30 @@ def main(argv=None):
         for p in loaded[name][1]:
             print(p, file=sys.stderr)
     results = {"settings": settings, "checkpoints": {}}
+
+    def score(label, name, items, preds, problems):
+        """Scores of one benchmark: a missing prediction (image unreadable, generation failed, or absent
+        from a predictions file) is scored as a wrong empty answer and counted."""
+        n_missing = sum(it["id"] not in preds for it in items)
+        preds = {**{it["id"]: "" for it in items}, **preds}
+        scores, right = aggregate(name, items, preds)
+        scores.update(n=len(items), missing_images=sum(it["image"] is None and not it["meta"].get("text_only") for it in items),
+                      text_only=sum(bool(it["meta"].get("text_only")) for it in items), missing_predictions=n_missing)
+        if name == "shapes":
+            scores.update(shapes_perception(items, preds))
+        elif judge is not None:
+            stem = Path(benches[name]).stem  # facts written by data.py carry ids namespaced by the file
+            scores.update(hallucination(judge, items, preds, right,
+                                        {it["id"]: facts.get(it["id"]) or facts.get(f"{stem}/{it['id']}") for it in items}))
+        for p in problems:
+            print(p, file=sys.stderr)
+        results["checkpoints"][label][name] = scores
+
+    for label, folder in made_elsewhere.items():
+        results["checkpoints"][label] = {"path": str(folder), "predictions": "made elsewhere"}
+        for name, (items, _) in loaded.items():
+            preds = read_predictions(folder / f"{name}.predictions.jsonl")
+            score(label, name, items, preds, [f"{label}: no predictions file for {name} in {folder}"] if not preds else [])
     for label, path in checkpoints.items():
         processor = palmr.load_processor(path)
         engine_name = palmr.select_engine(a.engine, torch.cuda.is_available(), _has_vllm())
@@ -473,16 +532,10 @@ def main(argv=None):
         engine = palmr.HFEngine(palmr.load_model(path, device="cuda" if torch.cuda.is_available() else "cpu"),
                                 processor, a.max_pixels) if engine_name == "hf" else \
             palmr.VLLMEngine(path, processor, a.max_pixels, seed=a.seed)  # loaded once per checkpoint
-        for name, (items, problems) in loaded.items():
+        for name, (items, _) in loaded.items():
             engine.max_pixels = settings["max_pixels"][name]
-            preds = generate(engine, processor, name, items, out / label / f"{name}.predictions.jsonl", a)
-            scores, right = aggregate(name, items, preds)
-            scores.update(n=len(items), missing_images=sum(it["image"] is None for it in items))
-            if name == "shapes":
-                scores.update(shapes_perception(items, preds))
-            elif judge is not None:
-                scores.update(hallucination(judge, items, preds, right, facts))
-            results["checkpoints"][label][name] = scores
+            preds, problems = generate(engine, processor, name, items, out / label / f"{name}.predictions.jsonl", a)
+            score(label, name, items, preds, problems)
     (out).mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown_table(results)
@@ -505,7 +558,7 @@ def markdown_table(results):
     cols = []
     for label, res in results["checkpoints"].items():
         for bench, scores in res.items():
-            if bench == "path":
+            if bench in ("path", "predictions"):
                 continue
             for m in HEADLINE.get(bench, ["acc"]) + (["hallucination_rate"] if "judge" in scores and bench != "shapes" else []):
                 if (bench, m) not in cols:

@@ -214,7 +214,7 @@ def load_model(path, dtype=torch.float32, device="cpu"):
 # -----------------------------------------------------------------------------
 # Images: one loader for every path (ingest, rollout, training batches, eval, filter, facts)
 
-MIN_SIDE = 28              # Qwen2.5-VL: 14 px patches merged 2 x 2; a shorter side is upscaled to this
+MIN_SIDE = 28              # Qwen2.5-VL: 14 px patches merged 2 x 2; a shorter side is brought up to this
 MAX_ASPECT = 200           # transformers' qwen2_vl smart_resize raises beyond this long/short ratio
 MAX_IMAGE_PIXELS = 89_478_485  # decompression-bomb guard (PIL's warning threshold), checked before decoding
 
@@ -270,8 +270,9 @@ def to_rgb(im):
 
 def fit_pixels(image, max_pixels=None):
     """The geometry the processor accepts: long/short ratio padded (white, centred) down to MAX_ASPECT,
-    the short side upscaled to MIN_SIDE, then resized (never cropped) to width * height <= max_pixels,
-    keeping the aspect ratio. Idempotent; every image goes through it before the processor."""
+    a tiny image upscaled and a thin one padded to MIN_SIDE px on its short side, then resized (never cropped) to width * height <= max_pixels,
+    keeping the aspect ratio (never below MIN_SIDE: a strip may exceed the budget). Idempotent; every image
+    goes through it before the processor."""
     from PIL import Image
     image = image if image.mode == "RGB" else to_rgb(image)
     w, h = image.size
@@ -280,10 +281,14 @@ def fit_pixels(image, max_pixels=None):
         canvas = Image.new("RGB", (W, H), (255, 255, 255))
         canvas.paste(image, ((W - w) // 2, (H - h) // 2))
         image, (w, h) = canvas, (W, H)
-    if min(w, h) < MIN_SIDE:
+    if max(w, h) < MIN_SIDE:  # a tiny image (an icon): upscaled
         s = MIN_SIDE / min(w, h)
         w, h = max(MIN_SIDE, round(w * s)), max(MIN_SIDE, round(h * s))
         image = image.resize((w, h), Image.BICUBIC)
+    elif min(w, h) < MIN_SIDE:  # a thin strip: its short side padded, the content keeps its scale
+        canvas = Image.new("RGB", (max(w, MIN_SIDE), max(h, MIN_SIDE)), (255, 255, 255))
+        canvas.paste(image, ((canvas.width - w) // 2, (canvas.height - h) // 2))
+        image, (w, h) = canvas, canvas.size
     if max_pixels and w * h > max_pixels:
         s = math.sqrt(max_pixels / (w * h))
         image = image.resize((max(MIN_SIDE, int(w * s)), max(MIN_SIDE, int(h * s))), Image.BICUBIC)
