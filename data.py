@@ -11,6 +11,9 @@ PaDLayer (METHOD.md section 1), one resumable step at a time or all in order:
     python data.py reference --in work/facts.jsonl    --out work/train.jsonl --model MODEL --n 8
     python data.py build --inputs raw/... --work work --model MODEL --provider gemini   # all four
 
+`ingest` reads the published layouts of the paper's sources, the RL-ready ones (EasyR1, verl, TRL
+messages, FineVision) and the benchmarks from one table, `LAYOUTS` (README: "layout -> fields read").
+
 Every step appends one line per finished item (flushed and fsynced), keeps a log of every decision
 beside its output (OUT.log.jsonl), and on restart skips the ids it has already decided: a kill loses
 at most the items in flight and no id is written twice. Bad items (missing or corrupt image, missing
@@ -477,9 +480,16 @@ def _hallusion_meta(row):
 
 
 def _tsv_images(value):
-    """VLMEvalKit TSV images: base64 text, or the string form of a list of base64 texts."""
+    """VLMEvalKit TSV images: base64 text, or the string form of a list of base64 texts. Text that is not
+    base64 passes on as bytes, so the loader reports it as this item's unreadable image."""
     values = _as_list(value) if str(value).lstrip()[:1] == "[" else [value] if _present(value) else []
-    return [base64.b64decode(v) for v in values]
+    out = []
+    for v in values:
+        try:
+            out.append(base64.b64decode(v))
+        except ValueError:  # binascii.Error
+            out.append(str(v).encode())
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -500,9 +510,9 @@ LAYOUTS = [
     # benchmarks
     L("hallusionbench", ("gt_answer", "visual_input", "set_id", "figure_id", "question_id"),
       question=lambda r: r["question"], answer=lambda r: {"1": "yes", "0": "no"}.get(str(r["gt_answer"]).strip()),
-      images=lambda r: _as_list(r.get("filename")),  # null for the 178 questions asked without an image
+      images=lambda r: _as_list(_first(r, "image", "filename")),  # none for the 178 asked without an image
       id=lambda r: "_".join(str(r[k]) for k in ("category", "subcategory", "set_id", "figure_id", "question_id")),
-      meta=_hallusion_meta, formats=(".json",)),
+      meta=_hallusion_meta),
     L("vlmevalkit", ("index", "image", "question", "answer"), formats=(".tsv",),
       question=lambda r: r["question"], answer=lambda r: r["answer"], images=lambda r: _tsv_images(r["image"]),
       id=lambda r: str(r["index"]), choices=lambda r: [str(r[c]) for c in "ABCDEFGHIJ" if _present(r.get(c))] or None,
@@ -631,6 +641,19 @@ def _jsonable(v):
         return False
 
 
+_SPLIT_FILE = re.compile(r"^(?:train|test|val|valid|validation|dev|testmini|data)(?:[-_]\d+(?:-of-\d+)?)?$")
+
+
+def source_name(path):
+    """The name ids are namespaced by: the file's stem, or, for files named like a split or a shard
+    (train-00000-of-00001.parquet, test.jsonl), the dataset folder above it (data/ and split folders skipped)."""
+    path = Path(path).resolve()
+    if not _SPLIT_FILE.match(path.stem):
+        return path.stem
+    folder = next((p.name for p in path.parents if p.name and not _SPLIT_FILE.match(p.name)), "dataset")
+    return f"{folder}-{path.stem}"
+
+
 def raw_rows(path):
     """(source, index, raw dict, folder for relative image paths) of a dataset file or folder.
 
@@ -651,7 +674,7 @@ def raw_rows(path):
             raw = json.loads((folder / "data.json").read_text())
             yield path.name, i, {"id": folder.name, **raw} if isinstance(raw, dict) else {"_unreadable": "data.json is not an object"}, folder
         return
-    source = path.stem
+    source = source_name(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         for i, raw in enumerate(pq.read_table(path).to_pylist()):
@@ -682,19 +705,33 @@ def raw_rows(path):
                     yield source, i, {"_unreadable": f"line {i + 1}: {e}"}, path.parent
 
 
+_BELOW = {}  # base folder -> {relative path suffix: file} of the files one or two folders below it
+
+
 def resolve_image(value, base):
-    """A relative image path against the dataset's folder, or one or two sub-folders below it (published
-    archives keep images in images/, val/, train_images/, documents/ ...); bytes and structs pass through."""
+    """A relative image path against the dataset's folder, else one or two sub-folders below it (published
+    archives keep images in images/, val/, png/, documents/ ...; the folders are indexed once per base);
+    bytes and structs pass through."""
     if isinstance(value, dict) and value.get("bytes"):
         return value
     if isinstance(value, dict):
         value = value.get("path")
     if not isinstance(value, str) or os.path.isabs(value):
         return value
-    for candidate in [Path(base) / value, *sorted(Path(base).glob(f"*/{value}")), *sorted(Path(base).glob(f"*/*/{value}"))]:
-        if candidate.is_file():
-            return str(candidate)
-    return str(Path(base) / value)  # missing: load_image names it
+    direct = Path(base) / value
+    if direct.is_file():
+        return str(direct)
+    key = str(Path(base).resolve())
+    if key not in _BELOW:
+        index = {}
+        for pattern in ("*/*", "*/*/*", "*/*/*/*"):
+            for f in sorted(Path(base).glob(pattern)):
+                rel = f.relative_to(base).parts
+                for k in (1, 2):  # the path as written below one or two folder levels
+                    if len(rel) > k and f.is_file():
+                        index.setdefault("/".join(rel[k:]), str(f))
+        _BELOW[key] = index
+    return _BELOW[key].get(Path(value).as_posix().lstrip("./"), str(direct))  # missing: load_image names it
 
 
 def load_images(values, base, max_pixels=None):
@@ -728,6 +765,10 @@ def ingest(inputs, out_path, max_pixels=1003520):
     image_dir = Path(out_path).parent / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     decided, seen = set(io_.done), set()  # decided: by an earlier run; seen: ids met in this run
+    sources = [path.name if Path(path).is_dir() else source_name(path) for path in inputs]
+    clash = sorted({n for n in sources if sources.count(n) > 1})
+    if clash:  # their ids would collide and the later input's rows would all be dropped as duplicates
+        raise SystemExit(f"ingest: inputs share the source name(s) {clash}: rename the files or folders apart")
     for path in inputs:
         rows = list(raw_rows(path))
         first = next((raw for _, _, raw, _ in rows if "_unreadable" not in raw), {})

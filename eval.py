@@ -7,9 +7,13 @@ process-hallucination rate.
                 mathvista=bench/mathvista_testmini.parquet mathverse=bench/mathverse_testmini.parquet \
                 mmstar=bench/MMStar.tsv --out out/eval
 
-Formats (by extension): official JSON + image folder (`.json`, image paths relative to the file),
-Hugging Face parquet (`.parquet`, images as {bytes, path} structs), VLMEvalKit TSV (`.tsv`, base64
-images). A missing or corrupt image is reported per item and counted (`missing_images`), not fatal.
+    python eval.py --bench mmstar=bench/MMStar.tsv --predictions other=preds/ --out out/eval   # no model
+
+Benchmarks are read as published, through data.py's layout table (official JSON + image folder,
+Hugging Face parquet with {bytes, path} images, VLMEvalKit TSV with base64 images); each is scored by
+its official rule (README, "Benchmark scoring", names the source of each). A question without an image
+is asked text-only; a corrupt image is reported per item and counted (`missing_images`), not fatal.
+`--predictions LABEL=DIR` scores `<bench>.predictions.jsonl` files made elsewhere, loading no model.
 Generation goes through the sampling engine (greedy by default); the prompt, decoding settings, pixel
 limit and max tokens are recorded with every result, because published numbers move with them.
 Predictions are cached per item (OUT/<checkpoint>/<bench>.predictions.jsonl): a rerun only generates
@@ -83,8 +87,9 @@ def load_bench(bench, path, limit=None):
             except ValueError as e:
                 problems.append(f"{bench} item {item['id']}: cannot read image: {str(e)[:300]}")
                 item["meta"]["image_error"] = str(e)[:300]
-        if bench == "hallusion":  # official JSON: gt_answer "1"/"0" (read as yes/no); TSV: Yes/No
-            item["answer"], item["choices"] = item["answer"].strip().lower(), None
+        if bench == "hallusion":  # official JSON: gt_answer "1"/"0" (the layout reads yes/no); TSV: Yes/No
+            gold = item["answer"].strip().lower()
+            item["answer"], item["choices"] = {"1": "yes", "0": "no"}.get(gold, gold), None
         if bench in ("mathverse", "mmstar") and layout.name != "vlmevalkit":
             item["choices"] = None  # the options are written inside the question; the gold is a letter
         items.append(item)
@@ -100,11 +105,11 @@ _VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", 
 def process_punctuation(text):
     """VLMEvalKit's (VQA eval's) punctuation rule (vlmeval/smp/misc.py): each listed mark is deleted where it
     touches a space (or the text has a digit,digit) and becomes a space elsewhere; then the first 32 periods
-    not next to a digit are deleted. ':', '*', "'" and '#' stay."""
+    not followed by a digit are deleted. ':', '*', "'" and '#' stay."""
     out = text
     for p in _VQA_PUNCT:
         out = out.replace(p, "" if (p + " " in text or " " + p in text or re.search(r"\d,\d", text)) else " ")
-    return re.sub(r"(?<!\d)\.(?!\d)", "", out, count=32)
+    return re.sub(r"\.(?!\d)", "", out, count=32)  # upstream's '(?!<=\d)' is a lookahead typo: this is what it does
 
 
 def yes_no(text):
@@ -188,7 +193,7 @@ def mmmu_open(response, gold):
     after an indicator ('could be ', 'so ', 'is ', 'thus ', 'therefore ', 'final ', 'answer ', 'result ',
     and '=' in the last piece); those plus every number in them, normalised; correct when a text
     candidate contains a normalised gold string or a number equals a normalised gold number. A gold
-    written as a list ("['24/7', '3.429']") accepts any member."""
+    written as a list ("['24/7', '3.429']", or a list) accepts any member."""
     subs = re.split(r"\.\s(?=[A-Z])|\n", response.strip().strip(".").lower())
     indicators = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
     keys = []
@@ -200,7 +205,12 @@ def mmmu_open(response, gold):
             keys.append(shortest)
     keys = keys or [response.strip().strip(".").lower()]
     preds = {p for k in keys + [n for k in keys for n in _mmmu_numbers(k)] for p in _mmmu_normalize(k)}
-    golds = ast.literal_eval(gold) if gold.strip().startswith("[") else [gold]
+    golds = gold if isinstance(gold, list) else [gold]
+    if isinstance(gold, str) and gold.strip().startswith("["):
+        try:
+            golds = list(ast.literal_eval(gold))
+        except (ValueError, SyntaxError, TypeError):  # an interval such as '[1, 2)': one string gold
+            golds = [gold]
     norm = [g for x in golds for g in _mmmu_normalize(x)]
     return any((isinstance(p, str) and any(isinstance(g, str) and g in p for g in norm))
                or (not isinstance(p, str) and p in norm) for p in preds)
@@ -283,7 +293,8 @@ def mcq_letter(answer, options):
 
 def _options(item, n=4):
     """{letter: text} of an item: its choices, MMStar's options parsed from the question, or bare letters."""
-    texts = item["choices"] or item["meta"].get("options") or [""] * n
+    from data import _mmstar_options
+    texts = item["choices"] or item["meta"].get("options") or _mmstar_options(item.get("question", "")) or [""] * n
     return {chr(65 + i): t for i, t in enumerate(texts)}
 
 
@@ -298,7 +309,7 @@ def score_item(bench, item, prediction):
     if bench == "mmmu":
         if choices and str(meta.get("question_type", "multiple-choice")) == "multiple-choice":
             return mmmu_choice(answer, choices, item["id"]) == gold.strip()
-        return mmmu_open(answer, gold)
+        return mmmu_open(answer, meta.get("answers") or gold)  # a list gold accepts any member
     if bench == "mathvista":
         kind = str(meta.get("answer_type"))
         if boxed is None and kind in ("integer", "float"):

@@ -37,6 +37,7 @@ import threading
 import time
 import typing
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from palmr import parse_response
@@ -206,35 +207,46 @@ def coverage_prompt(question, facts, response):
 
 def final_answer(text):
     """The part of a judge reply after its reasoning: the text after the last '</think>', whether or not
-    the reply opened one (a template that prefills '<think>' leaves only the closing tag); None when a
-    '<think>' is still open (cut off while thinking); the whole reply when it has no tags at all."""
+    the reply opened one (a template that prefills '<think>' leaves only the closing tag); None for a
+    reply that opens '<think>' and never closes it (cut off while thinking); else the whole reply (a
+    '<think>' merely quoted from a response does not make it reasoning)."""
     if text is None:
         return None
     closed = list(re.finditer(r"</think>", text, re.IGNORECASE))
     if closed:
         return text[closed[-1].end():]
-    return None if re.search(r"<think>", text, re.IGNORECASE) else text
+    return None if re.match(r"\s*<think>", text, re.IGNORECASE) else text
 
 
-# A verdict is a 'VERDICT: X' that ends its line: markdown emphasis, brackets and 'Response A' are read;
-# a verdict followed by more words on its line ('VERDICT: A would fit... wait') is thinking, not an answer.
-_VERDICT = re.compile(r"verdict\s*[*_`]*\s*(?:is)?\s*[:=\-–]?\s*[*_`\[(\s]*(?:response\s+)?(a|b|tie|faithful|unfaithful)\b"
-                      r"[\])*_`.!\s]*(?:\([^()\n]*\)[.\s]*)?$", re.IGNORECASE | re.MULTILINE)
+_VERDICT_LINE = re.compile(r"\bverdict(?: is)? ?[:=\-\u2013]? ?(?:response )?(a|b|tie|faithful|unfaithful)[.!]?$")
+
+
+def _line_verdict(line):
+    """The verdict a line ends with, read after markdown is flattened: '**Verdict:** [[Response A]].' ->
+    'a'; a trailing '(explanation)' is allowed; None when words follow the verdict ('VERDICT: A would
+    fit... wait'). Linear time: the line is normalised first, so nothing backtracks over runs of spaces."""
+    line = re.sub(r"\([^()]*\)[\s.]*$", "", line)
+    line = " ".join(re.sub(r"[*_`\[\]()#>|]", " ", line).lower().split())
+    m = _VERDICT_LINE.search(line)
+    return m.group(1) if m else None
 
 
 def parse_verdict(text):
-    """'A' | 'B' | 'TIE' | 'FAITHFUL' | 'UNFAITHFUL': the last verdict line of the reply's final answer
-    (see final_answer); None when it has none. Forms read: 'VERDICT: A', '**VERDICT: B**', 'Verdict:
-    **Response A**', 'Final verdict: [[TIE]]'. A reply cut off on the token limit is the caller's to
-    reject (Reply.truncated): its text may end on a line that reads like a verdict."""
-    found = _VERDICT.findall(final_answer(text) or "")
-    return found[-1].upper() if found else None
+    """'A' | 'B' | 'TIE' | 'FAITHFUL' | 'UNFAITHFUL': the last line of the reply's final answer (see
+    final_answer) that a verdict ends; None when there is none. Forms read: 'VERDICT: A', '**VERDICT:
+    B**', 'Verdict: **Response A**', 'Final verdict: [[TIE]]'. A reply cut off on the token limit is the
+    caller's to reject (Reply.truncated): its text may end on a line that reads like a verdict."""
+    for line in reversed((final_answer(text) or "").splitlines()):
+        verdict = _line_verdict(line)
+        if verdict:
+            return verdict.upper()
+    return None
 
 
 def parse_covered(text, n):
     """Fraction of n numbered facts listed on the last `COVERED:` line of the final answer; None when
     there is no such line."""
-    lines = re.findall(r"covered\s*[*_`]*\s*:\s*([^\n]*)", final_answer(text) or "", re.IGNORECASE)
+    lines = re.findall(r"covered[\s*_`]*:([^\n]*)", final_answer(text) or "", re.IGNORECASE)
     if not lines or n == 0:
         return None
     picked = {int(k) for k in re.findall(r"\d+", lines[-1]) if 1 <= int(k) <= n}
@@ -274,6 +286,8 @@ class OpenAIClient:
                  max_retries=4, backoff=1.0, max_tokens=4096, temperature=0.0, reasoning=True, extra=None,
                  cache=True):
         self.url = base_url.rstrip("/") + "/chat/completions"
+        parts = urllib.parse.urlsplit(self.url)  # errors name the server, never credentials in the URL
+        self.where = f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"
         self.model, self.api_key_env = model, api_key_env
         self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
         self.params = {"max_tokens": max_tokens, "temperature": temperature,
@@ -334,7 +348,7 @@ class OpenAIClient:
             except urllib.error.HTTPError as e:
                 error = f"HTTP {e.code}"
                 if e.code not in RETRY_STATUS:
-                    return Reply(error=f"{error} from {self.url} (not retried)")
+                    return Reply(error=f"{error} from {self.where} (not retried)")
                 retry_after = e.headers.get("Retry-After") if e.headers else None
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException) as e:
                 error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
@@ -344,7 +358,7 @@ class OpenAIClient:
                 delay = self.backoff * 2 ** attempt
                 delay = min(60.0, float(retry_after) if retry_after and retry_after.isdigit() else delay)
                 time.sleep(delay + random.uniform(0, self.backoff))  # jitter keeps ranks from retrying in step
-        return Reply(error=f"{error} from {self.url} after {self.max_retries + 1} attempts")
+        return Reply(error=f"{error} from {self.where} after {self.max_retries + 1} attempts")
 
 
 class HFClient:

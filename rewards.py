@@ -72,12 +72,20 @@ def as_number(s):
     return None
 
 
-_UNIT = re.compile(r"^(.*?\d\.?)\s*(?:\^\s*\{?\\circ\}?|°|\\degree|degrees?|(?:[a-zµ]{1,10}\.?(?:\s*(?:\^\s*\{?\d\}?|\d|/\s*[a-z]{1,5}))?){1,3})$")
+# Units a numeric answer may carry against a plain numeric gold: a closed list, so that '5x', '2 or 3'
+# and '3 to 5' stay wrong. One-letter units (m g s h l v w j) need a space before them: '5 m', not '2i'.
+_UNIT_WORDS = ("mm|cm|dm|km|in|inch|inches|ft|feet|foot|yd|yards?|miles?|mi|mg|kg|lbs?|oz|tons?|ml|liters?|litres?|"
+               "sec|secs|seconds?|mins?|minutes?|hrs?|hours?|days?|weeks?|months?|years?|mph|kph|kmh|dollars?|cents?|"
+               "euros?|yuan|pounds?|units?|square units|cubic units|sq units|degrees?|deg|radians?|rad|kj|kw|kwh|mw|hz|"
+               "khz|pa|kpa|mol|ohms?|people|persons?|students?|items?|points?|pieces?|times|meters?|metres?|grams?|"
+               "centimeters?|centimetres?|kilometers?|kilometres?|millimeters?|millimetres?|kilograms?")
+_UNIT = re.compile(rf"^([-+]?[\d.,]*\d\.?)\s*(?:\^\s*\{{?\\circ\}}?|°\s*[cf]?|%|\\%|"
+                   rf"(?:(?:\s[mgshlvwj]|(?:{_UNIT_WORDS}))(?:\s*\^\s*\{{?[23]\}}?|[23²³])?(?:\s*/\s*(?:[a-z]|{_UNIT_WORDS}))?))$")
 
 
 def strip_unit(s):
     """'145^\\circ', '145°', '12 cm', '3.5 m^2', '5 km/h', '40 degrees' -> the number's text; None when
-    the text is not a number followed by a unit (or degree sign)."""
+    the text is not a number followed by one known unit (or a degree or percent sign)."""
     m = _UNIT.match(normalize(s))
     return m.group(1).strip() if m else None
 

@@ -160,8 +160,8 @@ def case_vizwiz(root):  # official VizWiz val.json: 10 {answer, answer_confidenc
            {"image": "VizWiz_val_00000002.jpg", "question": "What colour?", "answer_type": "unanswerable", "answerable": 0,
             "answers": [{"answer": "unsuitable", "answer_confidence": "yes"}] * 10}]
     (root / "vizwiz" / "val.json").write_text(json.dumps(ann))
-    return [root / "vizwiz" / "val.json"], {"val/VizWiz_val_00000001.jpg": dict(answer="soup"),
-                                            "val/VizWiz_val_00000002.jpg": dict(answer="unanswerable")}
+    return [root / "vizwiz" / "val.json"], {"vizwiz-val/VizWiz_val_00000001.jpg": dict(answer="soup"),  # split-named file:
+                                            "vizwiz-val/VizWiz_val_00000002.jpg": dict(answer="unanswerable")}  # its folder names it
 
 
 def case_textvqa(root):  # TextVQA: 10 human answers -> the most frequent (all kept in meta.answers)
@@ -322,3 +322,25 @@ def test_mmmu_options_string_is_a_list_not_one_choice(tmp_path):
 def _ingest(inputs, tmp_path):
     data.ingest(inputs, tmp_path / "out.jsonl")
     return tmp_path / "out.jsonl"
+
+
+def test_shards_named_alike_get_their_dataset_folder_as_source(tmp_path):
+    # HF downloads are all train-00000-of-00001.parquet: two datasets must not collide
+    a = parquet(tmp_path / "chartqa" / "data" / "train-00000-of-00001.parquet", [{"image": struct(), "query": "q", "label": ["1"]}])
+    b = parquet(tmp_path / "geo3k" / "data" / "train-00000-of-00001.parquet", [{"images": [struct()], "problem": "p", "answer": "2"}])
+    summary = data.ingest([a, b], tmp_path / "out.jsonl")
+    assert summary["kept"] == 2
+    assert sorted(s.id for s in read_jsonl(tmp_path / "out.jsonl")) == ["chartqa-train-00000-of-00001/0", "geo3k-train-00000-of-00001/0"]
+    c = parquet(tmp_path / "other" / "chartqa.parquet", [{"image": struct(), "query": "q", "label": ["1"]}])
+    d = parquet(tmp_path / "more" / "chartqa.parquet", [{"image": struct(), "query": "q", "label": ["1"]}])
+    with pytest.raises(SystemExit, match="share the source name"):
+        data.ingest([c, d], tmp_path / "out2.jsonl")
+
+
+def test_hallusionbench_as_parquet_is_still_hallusionbench(tmp_path):
+    rows = [{"category": "VD", "subcategory": "math", "visual_input": "1", "set_id": "0", "figure_id": "0", "sample_note": "",
+             "question_id": "0", "question": "Is it?", "gt_answer_details": "", "gt_answer": "0", "filename": None,
+             "image": struct()}]
+    inputs = [parquet(tmp_path / "hallusion_bench.parquet", rows)]
+    s = read_jsonl(_ingest(inputs, tmp_path))[0]
+    assert s.meta["layout"] == "hallusionbench" and s.id == "hallusion_bench/VD_math_0_0_0" and s.answer == "no"

@@ -224,3 +224,29 @@ def test_predictions_made_elsewhere_are_scored_without_a_model(tmp_path, monkeyp
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["checkpoints"]["other"]["mmstar"]["acc"] == 50.0
     assert "| other |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_mmmu_list_gold_and_odd_golds():
+    item = {"id": "validation_Math_15", "answer": "24/7", "choices": None,
+            "meta": {"question_type": "open", "answers": ["24/7", "3.429"]}}
+    assert ev.score_item("mmmu", item, "x = 3.4289")          # any member of the list gold
+    assert ev.mmmu_open("it is [1, 2)", "[1, 2)")             # not a Python literal: one string gold, no crash
+
+
+def test_corrupt_base64_in_a_tsv_is_a_counted_image_error(tmp_path):
+    import base64
+    import io
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 30), "red").save(buf, format="PNG")
+    good = base64.b64encode(buf.getvalue()).decode()
+    lines = ["index\timage\tquestion\tanswer\tA\tB", f"0\t{good}\tq?\tA\tx\ty", f"1\t{'%%%not base64%%%' * 10}\tq?\tB\tx\ty"]
+    (tmp_path / "MMStar.tsv").write_text("\n".join(lines) + "\n")
+    items, problems = ev.load_bench("mmstar", tmp_path / "MMStar.tsv")
+    assert [it["id"] for it in items] == ["0", "1"] and items[1]["image"] is None and "item 1" in problems[0]
+
+
+def test_judge_verdict_lines_with_long_padding_parse_quickly():
+    # a padded markdown table made the old pattern backtrack for minutes (n^5 in the run of spaces)
+    import judge
+    assert judge.parse_verdict("| Criterion | Verdict" + " " * 5000 + "|\nVERDICT: A") == "A"
+    assert judge.parse_verdict("VERDICT" + " " * 5000 + "x") is None

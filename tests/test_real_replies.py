@@ -127,6 +127,10 @@ def test_trainer_rewards_read_the_whole_assistant_turn(thinking_ckpt):
     ("12 cm", "12", True), ("3.5 m^2", "3.5", True), ("5 km/h", "5", True), ("12 cm", "13", False),
     ("\\text{B}", "B", True), ("\\textbf{\\text{yes}}", "yes", True), ("-\\frac{1}{2}", "-0.5", True),
     ("\\dfrac{3}{4}", "0.75", True), ("x^2+1", "1+x^{2}", True), ("", "0", False),
+    # a number followed by something that is no unit stays wrong (hedges, expressions)
+    ("5x", "5", False), ("5 x", "5", False), ("2i", "2", False), ("2pi", "2", False), ("3sqrt2", "3", False),
+    ("2 or 3", "2", False), ("4 and 5", "4", False), ("3 to 5", "3", False), ("10 not 2", "10", False),
+    ("3 m 4", "3", False),
 ])
 def test_grade_answer_forms(pred, gold, expected):
     assert grade_answer(pred, gold) == expected
