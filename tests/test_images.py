@@ -151,18 +151,23 @@ def mixed_items(tmp_path, shapes_file):
     return path
 
 
-def test_training_data_check_drops_the_bad_item_and_keeps_the_strip(mixed_items, tiny_ckpt, capsys):
-    args = grpo.get_args(["--data", str(mixed_items), "--model", tiny_ckpt])
-    kept = grpo.load_dataset(args, palmr.load_processor(tiny_ckpt))
+def test_training_data_check_drops_the_bad_item_and_rolls_out_the_strip(mixed_items, tiny_ckpt, capsys):
+    args = grpo.get_args(["--data", str(mixed_items), "--model", tiny_ckpt, "--max-pixels", "1003520",
+                          "--group-size", "2", "--max-new-tokens", "2"])
+    processor = palmr.load_processor(tiny_ckpt)
+    kept = grpo.load_dataset(args, processor)
     assert [s.id for s in kept][-1] == "tall-strip" and "bad-corrupt" not in {s.id for s in kept} and len(kept) == 4
     assert "bad-corrupt" in capsys.readouterr().out
+    engine = palmr.HFEngine(palmr.load_model(tiny_ckpt), processor, args.max_pixels)
+    rows, encoded = grpo.rollout(engine, processor, kept[-2:], args, step=0, rank=0)  # the strip raised here before
+    assert len(rows) == 4 and encoded["tall-strip"]["image_grid_thw"].tolist()[0][0] == 1
 
 
 def test_filter_step_logs_the_bad_item_and_goes_on(mixed_items, tiny_ckpt, tmp_path):
     processor = palmr.load_processor(tiny_ckpt)
-    engine = palmr.HFEngine(palmr.load_model(tiny_ckpt), processor, 112 * 112)
+    engine = palmr.HFEngine(palmr.load_model(tiny_ckpt), processor, 1003520)   # the default budget
     summary, _ = data.filter_step(mixed_items, tmp_path / "filtered.jsonl", engine, processor, k=2, batch=5,
-                                  max_new_tokens=4, min_pass=-1.0, max_pass=2.0, max_pixels=112 * 112)
+                                  max_new_tokens=4, min_pass=-1.0, max_pass=2.0)
     log = [json.loads(l) for l in (tmp_path / "filtered.log.jsonl").read_text().splitlines()]
     dropped = {r["id"]: r["reason"] for r in log if r["status"] == "dropped"}
     assert list(dropped) == ["bad-corrupt"] and "item bad-corrupt" in dropped["bad-corrupt"]

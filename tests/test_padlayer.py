@@ -229,7 +229,7 @@ def test_build_on_shapes_gives_a_file_grpo_trains_on(tmp_path, shapes_file, warm
     assert kept, f"nothing survived: {out}"
     by_id = {s.id: s for s in read_jsonl(shapes_file)}
     for s in kept:
-        assert s.facts == by_id[s.id].facts, "facts come from the provider, for this item's image"
+        assert s.facts == by_id[s.meta["native_id"]].facts, "facts come from the provider, for this item's image"
         assert 0 < s.meta["pass_rate"] < 1 and s.reference and palmr.parse_response(s.reference)[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "grpo.py"),
