@@ -270,9 +270,9 @@ def to_rgb(im):
 
 def fit_pixels(image, max_pixels=None):
     """The geometry the processor accepts: long/short ratio padded (white, centred) down to MAX_ASPECT,
-    a tiny image upscaled and a thin one padded to MIN_SIDE px on its short side, then resized (never cropped) to width * height <= max_pixels,
-    keeping the aspect ratio (never below MIN_SIDE: a strip may exceed the budget). Idempotent; every image
-    goes through it before the processor."""
+    a tiny image upscaled and a thin one padded to MIN_SIDE px on its short side, then resized (never
+    cropped) to width * height <= max_pixels, keeping the aspect ratio and never below MIN_SIDE (so a
+    strip may exceed the budget). Idempotent; every image goes through it before the processor."""
     from PIL import Image
     image = image if image.mode == "RGB" else to_rgb(image)
     w, h = image.size
