@@ -305,7 +305,9 @@ def score_item(bench, item, prediction):
     answer = boxed if boxed is not None else (prediction or "")
     meta, choices, gold = item["meta"], item["choices"], item["answer"]
     if bench == "hallusion":
-        return yes_no(answer) == gold
+        pred = yes_no(answer)
+        no_image = meta.get("category") == "VS" and str(meta.get("figure_id")) == "0" and str(meta.get("visual_input")) == "0"
+        return pred == gold or (pred == "unknown" and no_image)  # the official rule, as in hallusion_scores
     if bench == "mmmu":
         if choices and str(meta.get("question_type", "multiple-choice")) == "multiple-choice":
             return mmmu_choice(answer, choices, item["id"]) == gold.strip()

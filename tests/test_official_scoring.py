@@ -39,6 +39,9 @@ def test_unknown_counts_only_for_the_vs_question_without_an_image():
     assert ev.hallusion_scores([dict(rec, figure_id="0", visual_input="0")])["aAcc"] == 100.0
     assert ev.hallusion_scores([dict(rec, figure_id="1", visual_input="1")])["aAcc"] == 0.0
     assert ev.hallusion_scores([dict(rec, category="VD", figure_id="0", visual_input="1")])["aAcc"] == 0.0
+    meta = {"category": "VS", "figure_id": "0", "visual_input": "0"}   # the per-item rule agrees (hallucination rate)
+    assert ev.score_item("hallusion", {"id": "x", "answer": "no", "choices": None, "meta": meta}, "I cannot tell")
+    assert not ev.score_item("hallusion", {"id": "x", "answer": "no", "choices": None, "meta": {**meta, "figure_id": "1"}}, "I cannot tell")
 
 
 def _hallusion_json(tmp_path):
