@@ -70,6 +70,8 @@ def get_args(argv=None):
     ap.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"], help="sampler: vllm on GPUs when installed, else HF generate")
     ap.add_argument("--vllm-tp", type=int, default=1, help="vLLM tensor parallel size (consecutive ranks share an engine)")
     ap.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="vLLM gpu_memory_utilization (KV cache + weights)")
+    ap.add_argument("--vllm-max-model-len", type=int, default=None,
+                    help="vLLM max_model_len (default: prompt + new tokens, clamped to the checkpoint's limit)")
     ap.add_argument("--is-cap", type=float, default=0.0, help="sequence-level IS correction for sampler/trainer mismatch: "
                     "mask sequences whose ratio exceeds this cap (0: off)")
     ap.add_argument("--debug-logprobs", action="store_true", help="log sampler vs trainer log-prob gaps on the first batch after each sync")
@@ -162,9 +164,13 @@ def make_engine(args, policy, processor, model_path, rank, world, device):
     if name == "hf":
         return palmr.HFEngine(policy, processor, args.max_pixels)
     assert world % args.vllm_tp == 0, f"--vllm-tp {args.vllm_tp} must divide the world size {world}"
+    max_model_len, args.max_prompt_tokens, warning = palmr.engine_lengths(
+        args.max_prompt_tokens, args.max_new_tokens, palmr.checkpoint_max_len(model_path), args.vllm_max_model_len)
+    if warning:
+        print0(f"vllm: {warning}")
     engine = palmr.VLLMEngine(model_path, processor, args.max_pixels, seed=args.seed + rank // args.vllm_tp,
                               tensor_parallel_size=args.vllm_tp, gpu_memory_utilization=args.vllm_gpu_memory,
-                              max_model_len=args.max_prompt_tokens + args.max_new_tokens)
+                              max_model_len=max_model_len)
     engine.tp_group = dist.new_subgroups(group_size=args.vllm_tp)[0] if args.vllm_tp > 1 else None
     return engine
 

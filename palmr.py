@@ -271,6 +271,13 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
+def checkpoint_max_len(path):
+    """The longest sequence a checkpoint supports (config.json: text_config.max_position_embeddings, or the
+    top-level one); None when the config does not say."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return (config.get("text_config") or {}).get("max_position_embeddings") or config.get("max_position_embeddings")
+
+
 def fit_pixels(image, max_pixels=None):
     """The geometry the processor accepts: long/short ratio padded (white, centred) down to MAX_ASPECT,
     a tiny image upscaled and a thin one padded to MIN_SIDE px on its short side, then resized (never
@@ -465,6 +472,25 @@ def select_engine(requested, cuda_available, vllm_available):
     return requested
 
 
+def engine_lengths(max_prompt_tokens, max_new_tokens, checkpoint_limit, override=None):
+    """-> (max_model_len, max_prompt_tokens, warning or ''): the sampler's context never above what the
+    checkpoint supports (vLLM refuses to start otherwise: the tiny checkpoint's 4096 < 4096 + 64); the
+    prompt budget shrinks to fit it, so longer prompts are filtered at load, never truncated.
+    `override` (--vllm-max-model-len) is used as given."""
+    want = override or max_prompt_tokens + max_new_tokens
+    if override is None and checkpoint_limit and want > checkpoint_limit:
+        length = checkpoint_limit
+        warning = (f"max_model_len {want} (prompt {max_prompt_tokens} + new {max_new_tokens}) is above the checkpoint's "
+                   f"max_position_embeddings {checkpoint_limit}: using {length}")
+    else:
+        length, warning = want, ""
+    assert length > max_new_tokens, f"max_model_len {length} leaves no room for a prompt before {max_new_tokens} new tokens"
+    prompt = min(max_prompt_tokens, length - max_new_tokens)
+    if prompt < max_prompt_tokens:
+        warning += ("; " if warning else "") + f"prompts over {prompt} tokens are dropped at load"
+    return length, prompt, warning
+
+
 class VLLMEngine:
     """Sampling with one colocated `vllm.LLM` per rank, written against vLLM 0.26.0's API.
 
@@ -481,12 +507,14 @@ class VLLMEngine:
     """
 
     def __init__(self, model_path, processor, max_pixels, seed, tensor_parallel_size=1,
-                 gpu_memory_utilization=0.3, max_model_len=8192, dtype="bfloat16"):
+                 gpu_memory_utilization=0.3, max_model_len=None, dtype="bfloat16"):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
         from vllm import LLM
         self.processor, self.max_pixels = processor, max_pixels
         self.stop_ids = stop_token_ids(processor.tokenizer)
         self.suppress = suppressed_token_ids(processor.tokenizer)
+        limit = checkpoint_max_len(model_path)
+        max_model_len = max_model_len or min(8192, limit or 8192)  # never above what the checkpoint supports
         self.llm = LLM(model=str(model_path), distributed_executor_backend="external_launcher",
                        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                        max_model_len=max_model_len, dtype=dtype, seed=seed, enable_sleep_mode=True,

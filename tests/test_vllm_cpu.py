@@ -137,3 +137,19 @@ def test_trainer_logs_is_and_debug_logprob_metrics(tmp_path, tiny_ckpt, shapes_f
             assert k in step, k
         # the HF engine samples from the trained module itself: only the vision-token renormalisation differs
         assert step["debug/logprob_gap_max"] < 0.02 and step["is/masked_frac"] == 0.0
+
+
+# -----------------------------------------------------------------------------
+# the vLLM start bug: max_model_len above the checkpoint's limit (issue 13)
+
+def test_engine_context_is_clamped_to_the_checkpoint(tiny_ckpt):
+    limit = palmr.checkpoint_max_len(tiny_ckpt)
+    assert limit == 4096
+    # the defaults asked vLLM for 4096 + 64 = 4160 tokens on the tiny checkpoint, and vLLM refused to start
+    length, prompt, warning = palmr.engine_lengths(4096, 64, limit)
+    assert (length, prompt) == (4096, 4032) and "4160" in warning and "4096" in warning and "4032" in warning
+    assert palmr.engine_lengths(1024, 64, limit) == (1088, 1024, "")        # fits: unchanged
+    assert palmr.engine_lengths(4096, 64, limit, override=2048)[:2] == (2048, 1984)  # the user knows better
+    assert palmr.engine_lengths(4096, 64, None)[:2] == (4160, 4096)          # a config without the field
+    with pytest.raises(AssertionError, match="no room"):
+        palmr.engine_lengths(4096, 4096, limit)
