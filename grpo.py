@@ -385,12 +385,14 @@ def completion_logprobs(model, batch, temperature):
     entropy = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     # only completion positions reach the LM head; inside this (FSDP-registered) forward the head's
     # weight is the unsharded full tensor, and its gradient is reduce-scattered after backward
+    # the LM head's padding rows beyond the tokenizer are never sampled (palmr.suppressed_token_ids), so
+    # they are not scored either: the softmax runs over the tokenizer's rows only (scored_vocab)
+    weight = model.lm_head.weight[:getattr(model, "scored_vocab", None)]
     if model.logprob_impl == "fused":
-        logp[mask], entropy[mask] = fused_logprobs(hidden[mask], model.lm_head.weight,
-                                                   batch["completion_ids"][mask], temperature, model.logprob_chunk)
+        logp[mask], entropy[mask] = fused_logprobs(hidden[mask], weight, batch["completion_ids"][mask], temperature,
+                                                   model.logprob_chunk)
     else:
-        logp[mask], entropy[mask] = naive_logprobs(hidden[mask], model.lm_head.weight,
-                                                   batch["completion_ids"][mask], temperature)
+        logp[mask], entropy[mask] = naive_logprobs(hidden[mask], weight, batch["completion_ids"][mask], temperature)
     return logp, entropy
 
 
@@ -731,6 +733,9 @@ def main(argv=None):
                            logprob_chunk=args.logprob_chunk)
     reference = prepare_model(args.model, device, train=False, logprobs=args.logprobs,
                               logprob_chunk=args.logprob_chunk) if args.beta > 0 else None
+    for model in (policy, reference):  # rows beyond the tokenizer: never sampled, never scored
+        if model is not None:
+            model.scored_vocab = len(processor.tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = load_trainer_state(resume_from, policy, optimizer, args) if resume_from else 0
     engine = make_engine(args, policy, processor, resume_from or args.model, rank, world, device)

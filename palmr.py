@@ -349,8 +349,19 @@ def stop_token_ids(tokenizer):
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
-def suppressed_token_ids(tokenizer):
-    return sorted(tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS)
+def suppressed_token_ids(tokenizer, vocab_size=None):
+    """Ids never sampled: the vision placeholders, and the LM head's padding rows beyond the tokenizer
+    (`len(tokenizer)` .. `vocab_size`: Qwen2.5-VL-7B has 152,064 rows for 151,665 tokens), which decode to
+    nothing and which the trainer does not score either (`scored_vocab`)."""
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    return sorted(ids | set(range(len(tokenizer), vocab_size or 0)))
+
+
+def config_vocab_size(config):
+    """Rows of the LM head from a config (object or config.json dict): text_config.vocab_size, else vocab_size."""
+    get = (lambda c, k: c.get(k)) if isinstance(config, dict) else (lambda c, k: getattr(c, k, None))
+    text = get(config, "text_config")
+    return (get(text, "vocab_size") if text is not None else None) or get(config, "vocab_size")
 
 
 # -----------------------------------------------------------------------------
@@ -382,7 +393,7 @@ class HFEngine:
         self.model, self.processor, self.max_pixels = model, processor, max_pixels
         self.stop_ids = stop_token_ids(processor.tokenizer)
         self.pad_id = processor.tokenizer.pad_token_id
-        self.suppress = suppressed_token_ids(processor.tokenizer)
+        self.suppress = suppressed_token_ids(processor.tokenizer, config_vocab_size(model.config))
 
     def load_weights(self, named_tensors):
         """No-op: the engine samples from the module the trainer updates."""
@@ -512,7 +523,8 @@ class VLLMEngine:
         from vllm import LLM
         self.processor, self.max_pixels = processor, max_pixels
         self.stop_ids = stop_token_ids(processor.tokenizer)
-        self.suppress = suppressed_token_ids(processor.tokenizer)
+        config = json.loads((Path(model_path) / "config.json").read_text())
+        self.suppress = suppressed_token_ids(processor.tokenizer, config_vocab_size(config))
         limit = checkpoint_max_len(model_path)
         max_model_len = max_model_len or min(8192, limit or 8192)  # never above what the checkpoint supports
         self.llm = LLM(model=str(model_path), distributed_executor_backend="external_launcher",

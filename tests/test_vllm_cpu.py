@@ -153,3 +153,40 @@ def test_engine_context_is_clamped_to_the_checkpoint(tiny_ckpt):
     assert palmr.engine_lengths(4096, 64, None)[:2] == (4160, 4096)          # a config without the field
     with pytest.raises(AssertionError, match="no room"):
         palmr.engine_lengths(4096, 4096, limit)
+
+
+# -----------------------------------------------------------------------------
+# padded vocabulary rows: never sampled, never scored (issue 13)
+
+def test_padded_vocab_rows_are_never_sampled_nor_scored(tiny_ckpt, shapes_file):
+    from data import read_jsonl
+    processor = palmr.load_processor(tiny_ckpt)
+    n_tokens = len(processor.tokenizer)
+    model = grpo.prepare_model(tiny_ckpt, torch.device("cpu"), train=False)
+    V = model.lm_head.weight.shape[0]
+    assert n_tokens < V, "the tiny checkpoint's head is padded, as Qwen2.5-VL-7B's (152,064 rows, 151,665 tokens)"
+    with torch.no_grad():  # make the padding rows the most likely tokens by far
+        model.lm_head.weight[n_tokens:] = model.lm_head.weight[:n_tokens].mean(0) * 0 + 5.0
+    engine = palmr.HFEngine(model, processor, 112 * 112)
+    assert set(range(n_tokens, V)) <= set(engine.suppress)
+    args = grpo.get_args(["--group-size", "4", "--max-new-tokens", "8"])
+    samples = read_jsonl(shapes_file)[:2]
+    rows, encoded = grpo.rollout(engine, processor, samples, args, step=0, rank=0)
+    sampled = [t for _, c in rows for t in c.token_ids]
+    assert sampled and max(sampled) < n_tokens, "a padding row was sampled"
+    batch = grpo.training_batch(rows, encoded, processor.tokenizer.pad_token_id, torch.device("cpu"))
+    model.scored_vocab = n_tokens
+    with torch.no_grad():
+        scored, _ = model.completion_logprobs(batch, 1.0)
+        model.lm_head.weight[n_tokens:] = -5.0  # what the padding rows hold cannot matter any more
+        again, _ = model.completion_logprobs(batch, 1.0)
+        del model.scored_vocab
+        unscored, _ = model.completion_logprobs(batch, 1.0)
+    assert torch.equal(scored, again) and not torch.allclose(scored, unscored)
+    # the sampler's own log-probs now agree with the trainer's up to the 5 vision placeholders it also
+    # suppresses (log(1 - their mass), ~0.01 nats here); scoring the padding rows put them nats apart
+    sampler = torch.zeros_like(scored)
+    for i, (_, c) in enumerate(rows):
+        sampler[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
+    mask = batch["mask"].bool()
+    assert (sampler - scored)[mask].abs().max() < 0.05 and (sampler - unscored)[mask].abs().mean() > 1.0
