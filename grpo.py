@@ -459,6 +459,9 @@ def prepare_model(path, device, train, activation_checkpointing=False, logprobs=
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.completion_logprobs = types.MethodType(completion_logprobs, model)
     model.logprob_impl, model.logprob_chunk = logprobs, logprob_chunk
+    # the head's padding rows beyond the tokenizer are never sampled, so never scored (palmr.suppressed_token_ids)
+    from transformers import AutoTokenizer
+    model.scored_vocab = len(AutoTokenizer.from_pretrained(path))
     if shard and dist.is_initialized():
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if device.type == "cuda" else MixedPrecisionPolicy()
@@ -502,11 +505,14 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
     # micro-batches wait on the CPU and go to the device one at a time (pixel values are per row)
     batches = [[training_batch([rows[i] for i in mb], encoded, pad_id, "cpu") for mb in update] for update in spans]
     on = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
+    clock = PhaseClock(device)
     with torch.no_grad():  # reference and (for several updates) old log-probs, before any update
         ref_logps = [[reference.completion_logprobs(on(b), args.temperature)[0] for b in update]
                      for update in batches] if args.beta > 0 else None
+        clock.lap("t_ref_logprobs" if args.beta > 0 else None)
         old_logps = [[policy.completion_logprobs(on(b), args.temperature)[0] for b in update]
                      for update in batches] if n_updates > 1 else None
+        clock.lap("t_old_logprobs" if n_updates > 1 else None)
     totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0, "tokens": 0.0}
     if args.is_cap > 0:
         totals.update({"is/ratio_mean": 0.0, "is/masked_frac": 0.0, "is/token_logp_gap": 0.0})
@@ -538,17 +544,36 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
             totals["kl"] += float(m["kl"]) * weight
             totals["clip_frac"] += float(m["clip_frac"]) * weight
             totals["entropy"] += float((entropy * b["mask"]).sum()) / max(global_tokens, 1.0)
+        clock.lap("t_policy")  # forward + backward of the update's micro-batches
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        clock.lap("t_optimizer")
         totals["grad_norm"] += float(grad_norm) / n_updates
         totals["tokens"] += global_tokens
     for k in ("loss", "kl", "clip_frac", "entropy"):  # each rank holds its share of the token-weighted sum
         totals[k] = float(all_reduce(torch.tensor(totals[k]))) / n_updates
     for k in [k for k in totals if k.startswith(("is/", "debug/"))]:  # per-rank means -> mean over ranks
         totals[k] = float(all_reduce(torch.tensor(totals[k]))) / world
-    return totals
+    return {**totals, **clock.times}
+
+
+class PhaseClock:
+    """Wall time per phase, summed over laps (seconds); on CUDA each lap waits for the device first, so a
+    phase is charged for its own kernels (one sync per phase, not per kernel)."""
+
+    def __init__(self, device):
+        self.cuda, self.times, self.last = device.type == "cuda", {}, None
+        self.lap(None)
+
+    def lap(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.time()
+        if name is not None:
+            self.times[name] = self.times.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 # -----------------------------------------------------------------------------
@@ -567,6 +592,7 @@ def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pix
     torch.manual_seed(seed)
     processor = palmr.load_processor(model_path)
     model = prepare_model(model_path, torch.device("cpu"), train=True, shard=False)
+    model.scored_vocab = None  # SFT over the full head, as the cached warm starts (-v2) behind README's numbers were built
     samples = [s for s in read_jsonl(data_path) if s.reference]
     assert samples, f"no traces to warm up on in {data_path}"
     tok, pick = processor.tokenizer, random.Random(f"warmup-{seed}")
@@ -733,9 +759,6 @@ def main(argv=None):
                            logprob_chunk=args.logprob_chunk)
     reference = prepare_model(args.model, device, train=False, logprobs=args.logprobs,
                               logprob_chunk=args.logprob_chunk) if args.beta > 0 else None
-    for model in (policy, reference):  # rows beyond the tokenizer: never sampled, never scored
-        if model is not None:
-            model.scored_vocab = len(processor.tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = load_trainer_state(resume_from, policy, optimizer, args) if resume_from else 0
     engine = make_engine(args, policy, processor, resume_from or args.model, rank, world, device)
@@ -771,14 +794,18 @@ def main(argv=None):
         t2 = time.time()
         # optimisation
         stats = train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device)
+        t_sync = time.time()
         engine.load_weights(full_parameters(policy))  # vLLM: stream the new weights; HF: shares the module
         t3 = time.time()
+        stats["t_weight_sync"] = t3 - t_sync
 
         # metrics: mean over the global batch
         lengths = torch.tensor([float(len(c.token_ids)) for _, c in rows])
         groups = torch.cat(gathered).view(-1, args.group_size)
         local = {"reward": rewards.sum(), **{f"reward/{k}": v.sum() for k, v in parts.items()},
-                 "completion_len": lengths.sum(), "finished": torch.tensor(float(sum(c.finished for _, c in rows))),
+                 "completion_len": lengths.sum(),
+                 "prompt_len": torch.tensor(float(sum(len(encoded[s.id]["input_ids"]) for s, _ in rows))),
+                 "image_patches": torch.tensor(float(sum(encoded[s.id]["pixel_values"].shape[0] for s, _ in rows))), "finished": torch.tensor(float(sum(c.finished for _, c in rows))),
                  "judge/failed": torch.tensor(float(judge_stats["failed"])),
                  "judge/ties": torch.tensor(float(judge_stats["ties"])),
                  "judge/gated_zero": (parts["vis"] == 0).float().sum(),
