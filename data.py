@@ -458,7 +458,7 @@ def _reply(text):
     return text.strip().rstrip(".").strip()
 
 
-def _mmstar_options(question):
+def mmstar_options(question):
     """MMStar keeps its options inside the question: '...\\nOptions: A: x, B: y, C: z, D: w' -> [x, y, z, w]."""
     tail = str(question).rsplit("Options:", 1)
     if len(tail) < 2:
@@ -532,7 +532,7 @@ LAYOUTS = [
       images=lambda r: _as_list(r.get("image"))),
     L("mmstar", ("index", "question", "answer", "category", "l2_category"),
       question=lambda r: r["question"], answer=lambda r: r["answer"], images=lambda r: _as_list(r.get("image")),
-      meta=lambda r: {"options": _mmstar_options(r["question"])}),  # options stay in the question text
+      meta=lambda r: {"options": mmstar_options(r["question"])}),  # options stay in the question text
     # RL-ready layouts
     L("verl", ("prompt", "reward_model"),
       question=lambda r: _no_image_tags(_turn(r["prompt"], "user")[0] if not isinstance(r["prompt"], str) else r["prompt"]),

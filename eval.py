@@ -293,8 +293,8 @@ def mcq_letter(answer, options):
 
 def _options(item, n=4):
     """{letter: text} of an item: its choices, MMStar's options parsed from the question, or bare letters."""
-    from data import _mmstar_options
-    texts = item["choices"] or item["meta"].get("options") or _mmstar_options(item.get("question", "")) or [""] * n
+    from data import mmstar_options
+    texts = item["choices"] or item["meta"].get("options") or mmstar_options(item.get("question", "")) or [""] * n
     return {chr(65 + i): t for i, t in enumerate(texts)}
 
 

@@ -199,8 +199,8 @@ def test_boxed_text_letter_is_read_on_every_benchmark(bench, item):
 
 def test_mmstar_options_parsed_from_the_question():
     q = "Which animal?\nOptions: A: a cat, B: a dog, C: a bird, D: a fish"
-    from data import _mmstar_options
-    assert _mmstar_options(q) == ["a cat", "a dog", "a bird", "a fish"]
+    from data import mmstar_options
+    assert mmstar_options(q) == ["a cat", "a dog", "a bird", "a fish"]
 
 
 # -----------------------------------------------------------------------------
