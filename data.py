@@ -645,8 +645,9 @@ _SPLIT_FILE = re.compile(r"^(?:train|test|val|valid|validation|dev|testmini|data
 
 
 def source_name(path):
-    """The name ids are namespaced by: the file's stem, or, for files named like a split or a shard
-    (train-00000-of-00001.parquet, test.jsonl), the dataset folder above it (data/ and split folders skipped)."""
+    """The name ids are namespaced by: the file's stem (a folder's name), or, for one named like a split or
+    a shard (train-00000-of-00001.parquet, test.jsonl, InterGPS's train/), the dataset folder above it
+    joined to it (data/ and split folders skipped)."""
     path = Path(path).resolve()
     if not _SPLIT_FILE.match(path.stem):
         return path.stem
@@ -665,14 +666,14 @@ def raw_rows(path):
     if path.is_dir():
         ann = next((path / n for n in ("annotations.jsonl", "annotations.json", "annotations.csv") if (path / n).exists()), None)
         if ann is not None:
-            yield from ((path.name, i, raw, path) for _, i, raw, _ in raw_rows(ann))  # the folder names the source
+            yield from ((source_name(path), i, raw, path) for _, i, raw, _ in raw_rows(ann))  # the folder names the source
             return
         items = sorted(p.parent for p in path.glob("*/data.json"))
         if not items:
             raise ValueError(f"{path}: a folder needs annotations.jsonl/.json/.csv or one sub-folder per item with data.json")
         for i, folder in enumerate(items):
             raw = json.loads((folder / "data.json").read_text())
-            yield path.name, i, {"id": folder.name, **raw} if isinstance(raw, dict) else {"_unreadable": "data.json is not an object"}, folder
+            yield source_name(path), i, {"id": folder.name, **raw} if isinstance(raw, dict) else {"_unreadable": "data.json is not an object"}, folder
         return
     source = source_name(path)
     if path.suffix == ".parquet":
@@ -765,7 +766,7 @@ def ingest(inputs, out_path, max_pixels=1003520):
     image_dir = Path(out_path).parent / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     decided, seen = set(io_.done), set()  # decided: by an earlier run; seen: ids met in this run
-    sources = [path.name if Path(path).is_dir() else source_name(path) for path in inputs]
+    sources = [source_name(path) for path in inputs]
     clash = sorted({n for n in sources if sources.count(n) > 1})
     if clash:  # their ids would collide and the later input's rows would all be dropped as duplicates
         raise SystemExit(f"ingest: inputs share the source name(s) {clash}: rename the files or folders apart")

@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 import palmr
 from judge import JudgeItem, RuleJudge, claims, contradictions, make_judge
-from rewards import grade_answer, unwrap_latex
+from data import detect_layout, load_images, mmstar_options, raw_rows, read_row
+from rewards import grade_answer, strip_unit, unwrap_latex
 
 
 # -----------------------------------------------------------------------------
@@ -62,7 +63,6 @@ def load_bench(bench, path, limit=None):
     A row without image values is asked as a text-only question (HallusionBench's 178), except in
     VLMEvalKit TSVs, which drop such rows (its skip_noimg) and so does this. A row whose image does not
     load keeps image None with meta.image_error: it is not generated, and scores as wrong."""
-    from data import detect_layout, raw_rows, read_row, load_images
     rows = list(raw_rows(path))
     layout = detect_layout(next((r for _, _, r, _ in rows if "_unreadable" not in r), {}), Path(path).suffix)
     items, problems = [], []
@@ -254,13 +254,12 @@ def mathvista_prediction(extraction, item):
 
 
 def strip_units(text, unit=None):
-    """'145^\\circ' -> '145', '5 cm' (unit 'cm') -> '5', '$1.45' -> '1.45': what an answer extractor
-    drops before a numeric comparison."""
+    """'145^\\circ' -> '145', '5 cm' (unit 'cm') -> '5', '$1.45' -> '1.45': what MathVista's extractor
+    drops before a numeric comparison: the item's own `unit`, then what rewards.strip_unit knows."""
     text = unwrap_latex(str(text)).replace("$", "").strip()
-    text = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", "", text)
     if unit:
         text = re.sub(rf"\s*{re.escape(str(unit).strip())}\s*$", "", text)
-    return text.strip().rstrip(".").strip()
+    return (strip_unit(text) or text).strip().rstrip(".").strip()
 
 
 MCQ_REJECT = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
@@ -293,7 +292,6 @@ def mcq_letter(answer, options):
 
 def _options(item, n=4):
     """{letter: text} of an item: its choices, MMStar's options parsed from the question, or bare letters."""
-    from data import mmstar_options
     texts = item["choices"] or item["meta"].get("options") or mmstar_options(item.get("question", "")) or [""] * n
     return {chr(65 + i): t for i, t in enumerate(texts)}
 

@@ -125,11 +125,12 @@ def case_tabmwp(root):  # PromptPG problems_train.json: a dict keyed by pid; tab
 
 
 def case_geometry3k_intergps(root):  # InterGPS: <split>/<id>/data.json + img_diagram.png
-    save(root / "train" / "2101" / "img_diagram.png")
-    (root / "train" / "2101" / "data.json").write_text(json.dumps({
+    save(root / "geometry3k" / "train" / "2101" / "img_diagram.png")
+    (root / "geometry3k" / "train" / "2101" / "data.json").write_text(json.dumps({
         "id": 2101, "problem_text": "Find x.", "annotat_text": "Find x in the figure.", "choices": ["3", "4", "5", "6"],
         "answer": "C", "problem_type_graph": ["Triangle"], "problem_type_goal": ["Length"]}))
-    return [root / "train"], {"train/2101": dict(question="Find x.", answer="C", choices=["3", "4", "5", "6"])}
+    return [root / "geometry3k" / "train"], {"geometry3k-train/2101":  # a split folder: its dataset names it
+         dict(question="Find x.", answer="C", choices=["3", "4", "5", "6"])}
 
 
 def case_scienceqa(root):  # derek-thomas/ScienceQA: answer is an int index; image null on text-only rows
