@@ -548,6 +548,7 @@ def main(argv=None):
             preds, problems = generate(engine, processor, name, items, out / label / f"{name}.predictions.jsonl", a)
             score(label, name, items, preds, problems)
     (out).mkdir(parents=True, exist_ok=True)
+    results["versions"] = palmr.versions()  # what the numbers were measured with (constraints.txt)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown_table(results)
     (out / "results.md").write_text(table + "\n")
@@ -593,7 +594,8 @@ def markdown_table(results):
 
 STUDY_METRICS = [("acc", "answer acc"), ("perception_acc", "perception acc"), ("perception_complete", "complete perception"),
            ("claims_per_reply", "claims / reply"), ("hallucination_rate", "hallucination rate")]
-STUDY_COLORS = {"grpo": (214, 96, 40), "palmr": (40, 110, 200)}
+STUDY_COLORS = {"grpo": (214, 96, 40), "palmr": (40, 110, 200), "palmr+omissions": (40, 160, 80),
+                "palmr+token": (150, 70, 180), "palmr+both": (120, 120, 120)}
 
 
 def mean_sd(values):
@@ -605,30 +607,42 @@ def mean_sd(values):
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def study_table(results, seeds):
-    """Markdown: start, then each reward's mean ± sd over seeds, then every seed's own row."""
+def study_runs(results):
+    """{variant: {seed: label}} from checkpoint labels `<variant>-s<seed>` (a variant may read `palmr@80`),
+    variants in order of appearance; `start` is not a run."""
+    runs = {}
+    for label in results:
+        variant, sep, seed = label.rpartition("-s")
+        if sep and seed.isdigit():
+            runs.setdefault(variant, {})[int(seed)] = label
+    return runs
+
+
+def study_table(results, seeds=None):
+    """Markdown: start, then each variant's mean ± sd over seeds, then every seed's own row."""
     shapes = {name: r["shapes"] for name, r in results.items()}
+    runs = study_runs(results)
     lines = ["| run | seeds | " + " | ".join(label for _, label in STUDY_METRICS) + " |",
              "|---|---|" + "---|" * len(STUDY_METRICS)]
     lines.append("| start (warm-up) | - | " + " | ".join(mean_sd([shapes["start"][k]]) for k, _ in STUDY_METRICS) + " |")
-    for reward in ("grpo", "palmr"):
-        runs = [shapes[f"{reward}-s{s}"] for s in seeds if f"{reward}-s{s}" in shapes]
-        lines.append(f"| **{reward}** | {len(runs)} | " + " | ".join(mean_sd([r[k] for r in runs]) for k, _ in STUDY_METRICS) + " |")
-    for s in seeds:
-        for reward in ("grpo", "palmr"):
-            r = shapes.get(f"{reward}-s{s}")
-            if r:
-                lines.append(f"| {reward} seed {s} | 1 | " + " | ".join(mean_sd([r[k]]) for k, _ in STUDY_METRICS) + " |")
+    for variant, by_seed in runs.items():
+        rs = [shapes[label] for s, label in sorted(by_seed.items()) if seeds is None or s in seeds]
+        lines.append(f"| **{variant}** | {len(rs)} | " + " | ".join(mean_sd([r[k] for r in rs]) for k, _ in STUDY_METRICS) + " |")
+    for variant, by_seed in runs.items():
+        for s, label in sorted(by_seed.items()):
+            if seeds is None or s in seeds:
+                lines.append(f"| {variant} seed {s} | 1 | " + " | ".join(mean_sd([shapes[label][k]]) for k, _ in STUDY_METRICS) + " |")
     return "\n".join(lines)
 
 
-def study_curves(out, seeds, smooth=5):
-    """{reward: {series: [per-step mean over seeds, moving average over `smooth` steps]}} from metrics.jsonl."""
+def study_curves(out, seeds, smooth=5, variants=("grpo", "palmr")):
+    """{variant: {series: [per-step mean over seeds, moving average over `smooth` steps]}} from
+    OUT/<variant>-s<seed>/metrics.jsonl (`palmr@80` reads palmr's runs); over the shortest run's steps."""
     series = {}
-    for reward in ("grpo", "palmr"):
+    for variant in variants:
         per_seed = []
         for s in seeds:
-            path = out / f"{reward}-s{s}" / "metrics.jsonl"
+            path = out / f"{variant.split('@')[0]}-s{s}" / "metrics.jsonl"
             if not path.exists():
                 continue
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -640,11 +654,15 @@ def study_curves(out, seeds, smooth=5):
         if not per_seed:
             continue
         n = min(len(p["reward"]) for p in per_seed)
-        series[reward] = {}
+        series[variant] = {}
         for key in per_seed[0]:
             mean = [statistics.mean(p[key][i] for p in per_seed) for i in range(n)]
-            series[reward][key] = [statistics.mean(mean[max(0, i - smooth + 1):i + 1]) for i in range(n)]
+            series[variant][key] = [statistics.mean(mean[max(0, i - smooth + 1):i + 1]) for i in range(n)]
     return series
+
+
+def _study_color(variant):
+    return STUDY_COLORS.get(variant.split("@")[0], (0, 0, 0))
 
 
 def study_plot(series, path, w=300, h=220, pad=40):
@@ -666,32 +684,39 @@ def study_plot(series, path, w=300, h=220, pad=40):
         for reward, s in series.items():
             ys = s[key]
             pts = [(x0 + w * j / max(1, len(ys) - 1), y0 + h - h * (v - lo) / (hi - lo)) for j, v in enumerate(ys)]
-            draw.line(pts, fill=STUDY_COLORS[reward], width=2)
+            draw.line(pts, fill=_study_color(reward), width=2)
         n = len(next(iter(series.values()))[key])
         draw.text((x0, y0 + h + 4), "1", fill="black")
         draw.text((x0 + w - 20, y0 + h + 4), f"{n} steps", fill="black")
     for j, reward in enumerate(series):
-        x = pad + j * 120
-        draw.line([x, h + 2 * pad + 8, x + 20, h + 2 * pad + 8], fill=STUDY_COLORS[reward], width=3)
+        x = pad + j * 150
+        draw.line([x, h + 2 * pad + 8, x + 20, h + 2 * pad + 8], fill=_study_color(reward), width=3)
         draw.text((x + 24, h + 2 * pad + 2), reward, fill="black")
     img.save(path)
 
 
 def study_report(out):
-    """runs/shapes_study.sh: OUT/results.md (start, mean ± sd per reward over seeds, each seed) and
-    OUT/curves.png from OUT/eval/results.json (checkpoints `start`, `grpo-s<seed>`, `palmr-s<seed>`) and
-    OUT/<reward>-s<seed>/metrics.jsonl."""
+    """runs/shapes_study.sh: OUT/results.md (start, mean ± sd per variant over seeds, each seed, the versions)
+    and OUT/curves.png (OUT/curves_long.png for the `<variant>@<steps>` runs) from OUT/eval/results.json
+    (checkpoints `start` and `<variant>-s<seed>`) and OUT/<variant>-s<seed>/metrics.jsonl."""
     out = Path(out)
-    results = json.loads((out / "eval" / "results.json").read_text())["checkpoints"]
-    seeds = sorted({int(name.split("-s")[1]) for name in results if "-s" in name})
-    md = ["# GRPO vs PaLMR on shapes (held-out split, greedy; mean ± sd over seeds)", "", study_table(results, seeds), "",
+    report = json.loads((out / "eval" / "results.json").read_text())
+    results = report["checkpoints"]
+    runs = study_runs(results)
+    md = ["# GRPO vs PaLMR on shapes (held-out split, greedy; mean ± sd over seeds)", "", study_table(results), "",
           "Perception acc: % of replies with at least one scene claim and no wrong one. Complete perception: no "
           "wrong claim and every group of the scene stated with its count (saying less cannot score it). "
-          "Hallucination rate: % of correct answers whose reasoning misreads the scene. All exact (rule judge).", ""]
-    series = study_curves(out, seeds)
-    if series:
-        study_plot(series, out / "curves.png")
-        md.append("![curves](curves.png)")
+          "Hallucination rate: % of correct answers whose reasoning misreads the scene. All exact (rule judge). "
+          "`<variant>@<N>`: the same runs continued to N steps.", ""]
+    if report.get("versions"):
+        md += ["Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    for name, variants in (("curves.png", [v for v in runs if "@" not in v]), ("curves_long.png", [v for v in runs if "@" in v])):
+        series = {}
+        for v in variants:  # a variant's curve averages the seeds it ran with, over the steps all of them reached
+            series.update(study_curves(out, sorted(runs[v]), variants=[v]))
+        if series:
+            study_plot(series, out / name)
+            md.append(f"![curves]({name})")
     (out / "results.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

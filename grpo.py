@@ -88,6 +88,12 @@ def get_args(argv=None):
     ap.add_argument("--judge-retries", type=int, default=4, help="openai: retries on 429/5xx/timeouts, exponential backoff")
     ap.add_argument("--judge-max-tokens", type=int, default=4096, help="judge reply budget (reasoning included)")
     ap.add_argument("--judge-no-reasoning", action="store_true", help="turn the judge's thinking off (paper: on)")
+    ap.add_argument("--judge-omissions", action=argparse.BooleanOptionalAction, default=False,
+                    help="stating fewer of the facts than the reference is also less faithful (gated; README)")
+    ap.add_argument("--credit", default="sequence", choices=["sequence", "token"],
+                    help="token: the judge's located wrong claims get a negative per-token advantage (README)")
+    ap.add_argument("--credit-c", type=float, default=0.5,
+                    help="token credit: a wrong claim's tokens get advantage -max(|A|, c) (ours)")
     # optimisation
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (tiny default; paper: 1e-6 for 7B)")
     ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
@@ -98,8 +104,12 @@ def get_args(argv=None):
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     ap.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward per rank")
     ap.add_argument("--logprobs", default="fused", choices=["fused", "naive"], help="LM-head log-prob path: chunked fused, or full logits")
+    ap.add_argument("--fold-loss-grad", action=argparse.BooleanOptionalAction, default=True,
+                    help="fused: compute the LM head's policy-loss gradient in the forward pass (no recompute; README)")
     ap.add_argument("--logprob-chunk", type=int, default=None,
-                    help="rows per block of the fused log-prob path (default: 128 on CPU, 4096 on CUDA; README)")
+                    help="rows per block of the fused log-prob path (default: 128 on CPU; on GPUs from --logprob-memory)")
+    ap.add_argument("--logprob-memory", type=int, default=LOGPROB_MEMORY_MIB,
+                    help="GPU: MiB for the fused LM head's (chunk, V) buffers, which sets the chunk (grpo.logprob_chunk)")
     ap.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
     ap.add_argument("--warmup-steps", type=int, default=600, help="with the default tiny model: SFT steps of a cached "
                     "warm start built before RL (0: start from the random tiny model)")
@@ -207,7 +217,10 @@ def rollout(engine, processor, samples, args, step, rank):
 
 
 def compute_rewards(judge, rows, scheme, prefill=""):
-    """-> rewards (N,), parts {name: (N,)}, judge metrics; the judge is asked once for the whole batch.
+    """-> rewards (N,), parts {name: (N,)}, judge metrics, located errors; the judge is asked once for the batch.
+
+    Located errors: per row, the (start, end) character spans of the wrong claims the judge found, in
+    the completion's own text (c.text; spans inside the prefill are dropped).
 
     Format, answer and judge read the assistant turn as a whole: `prefill` (what the chat template
     already wrote of it, e.g. '<think>\n', see palmr.generation_prefill) + the completion.
@@ -216,7 +229,7 @@ def compute_rewards(judge, rows, scheme, prefill=""):
     with S_vis = 1 ("no preference") and the error is printed once per batch.
     """
     n = len(rows)
-    s_vis, r_cov, failed, stats, stats_ties = [1.0] * n, [0.0] * n, 0, {}, 0
+    s_vis, r_cov, failed, stats, stats_ties, spans = [1.0] * n, [0.0] * n, 0, {}, 0, [[] for _ in rows]
     if judge is not None:
         items = [JudgeItem(s.question, s.facts, prefill + c.text, s.reference) for s, c in rows]
         judge.stats = {}
@@ -224,6 +237,9 @@ def compute_rewards(judge, rows, scheme, prefill=""):
             verdicts = judge.judge(items)
             s_vis, failed = [v.s_vis for v in verdicts], sum(v.failed for v in verdicts)
             stats_ties = sum(v.preference == "tie" for v in verdicts)
+            stats["unmatched"] = sum(v.unmatched for v in verdicts)
+            k = len(prefill)
+            spans = [[(max(a - k, 0), b - k) for a, b in v.spans if b > k] for v in verdicts]
             if scheme in NEEDS_COV:
                 r_cov = judge.coverage(items)
         except Exception as e:  # noqa: BLE001 -- a judge outage must not kill a multi-day run
@@ -238,7 +254,55 @@ def compute_rewards(judge, rows, scheme, prefill=""):
         for k, v in p.items():
             parts.setdefault(k, []).append(v)
     stats["failed"], stats["ties"] = failed, stats_ties
-    return torch.tensor(totals), {k: torch.tensor(v) for k, v in parts.items()}, stats
+    return torch.tensor(totals), {k: torch.tensor(v) for k, v in parts.items()}, stats, spans
+
+
+def span_tokens(tokenizer, token_ids, spans):
+    """Indices of the tokens whose decoded characters overlap any (start, end) character span. -> sorted list
+
+    Characters are those of decode(token_ids) with special tokens skipped, as the engines decode c.text.
+    Token i covers [lo(i), hi(i + 1)), with hi(k) = len(decode(ids[:k])) and lo(k) the same without a
+    trailing U+FFFD: a byte-level token that ends inside a multi-byte character belongs to that
+    character, as do the tokens that complete it. A span cut mid-token marks the whole token. Found by
+    bisection over prefix decodes, O(log T) decodes per span.
+    """
+    n, cache = len(token_ids), {0: (0, 0)}
+
+    def lengths(k):  # (lo, hi) characters decoded from the first k tokens
+        if k not in cache:
+            text = tokenizer.decode(token_ids[:k], skip_special_tokens=True)
+            cache[k] = (len(text.rstrip("\ufffd")), len(text))
+        return cache[k]
+
+    def first(pred, lo, hi):  # smallest k in [lo, hi) with pred(k), or hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if pred(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    marked = set()
+    for s, e in spans:
+        if e <= s or n == 0:
+            continue
+        i0 = first(lambda k: lengths(k + 1)[1] > s, 0, n)   # first token ending after s
+        i1 = first(lambda k: lengths(k)[0] >= e, 0, n) - 1  # last token starting before e
+        marked.update(range(i0, i1 + 1))
+    return sorted(marked)
+
+
+def token_advantages(advantages, wrong, c):
+    """Per-token advantages with located-error credit. advantages (B,), wrong (B, T) in {0, 1} -> (B, T)
+
+    A_t = A outside the judge's located wrong claims and -max(|A|, c) inside them: never positive,
+    whatever the sequence's advantage, and -c when A = 0, so a group whose rollouts all scored the
+    same (for PaLMR, typically all gated) still teaches which tokens were wrong. (Ours: the Differential
+    Feedback idea of process supervision from the positions an error occupies.)
+    """
+    a = advantages[:, None].expand(wrong.shape)
+    return torch.where(wrong.bool(), -torch.clamp(a.abs(), min=c), a)
 
 
 # -----------------------------------------------------------------------------
@@ -264,11 +328,11 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-6):
 # Log-probs of completion tokens only
 
 
-def training_batch(rows, encoded, pad_id, device):
+def training_batch(rows, encoded, pad_id, device, wrong=None):
     """Prompt left-padded + completion right-padded, every per-token tensor built from the same ids.
 
     -> dict(input_ids, attention_mask (B, P+T), pixel_values, image_grid_thw, completion_ids, mask,
-    sampler_logp (B, T))
+    sampler_logp (B, T)), and wrong (B, T) when `wrong` (per row: token indices of located wrong claims)
     """
     batch = palmr.collate_prompts([encoded[s.id] for s, _ in rows], pad_id)
     width = max(1, max(len(c.token_ids) for _, c in rows))
@@ -282,6 +346,10 @@ def training_batch(rows, encoded, pad_id, device):
     batch["input_ids"] = torch.cat([batch["input_ids"], completion], 1)
     batch["attention_mask"] = torch.cat([batch["attention_mask"], mask], 1)
     batch["completion_ids"], batch["mask"], batch["sampler_logp"] = completion, mask, sampler_logp
+    if wrong is not None:
+        batch["wrong"] = torch.zeros((len(rows), width), dtype=torch.float32)
+        for i, idx in enumerate(wrong):
+            batch["wrong"][i, idx] = 1.0
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -291,7 +359,8 @@ class FusedLogprobs(torch.autograd.Function):
     Memory: one or two (chunk, V) buffers, allocated once per call and reused by every block (fresh
     large allocations cost page faults on CPU); the (N, V) logits never exist. Precision: the matmul
     runs in the input dtype (as the sampler's does), its block is cast to fp32 (fp64 stays fp64) before
-    temperature, log-sum-exp and softmax; gradients are accumulated in fp32. Backward recomputes each
+    temperature, log-sum-exp and softmax; gradients come out in the inputs' dtypes, each block's matmul
+    summing in fp32. Backward recomputes each
     block: d logp / d logits = (onehot - p) / T, so with s = g / T per row,
     grad_hidden = s * (W[target] - p W) and grad_weight = sum_rows (onehot - p)^T (s * h).
     The row scale s is applied to the (chunk, H) operands, never to the (chunk, V) block.
@@ -333,8 +402,9 @@ class FusedLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse = ctx.saved_tensors
         acc, n, c = lse.dtype, hidden.shape[0], ctx.chunk_size
-        grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        # gradients in the inputs' dtypes, as in FusedPolicyLoss: fp32 sums inside each block's matmul
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
         block = torch.empty(c, weight.shape[0], dtype=acc, device=hidden.device)
         scale = grad_logp.to(acc)[:, None] / ctx.temperature  # (N, 1)
         for s in range(0, n, c):
@@ -342,15 +412,12 @@ class FusedLogprobs(torch.autograd.Function):
             p = FusedLogprobs._logits(hidden[s:e], weight, block[:e - s], ctx.temperature)
             p.sub_(lse[s:e, None]).exp_()  # softmax, in place
             p[torch.arange(e - s, device=p.device), targets[s:e]] -= 1.0  # p - onehot = -(d logp / d logits) * T
-            h = hidden[s:e].to(acc) * -scale[s:e]  # (c, H): s * h, with the sign of (onehot - p)
-            if hidden.dtype == acc:
-                torch.mm(p, weight, out=grad_hidden[s:e])
-                grad_weight.addmm_(p.T, h)
-            else:  # bf16 / fp16 weights: matmuls in the input dtype, sums in fp32
-                grad_hidden[s:e] = (p.to(hidden.dtype) @ weight).to(acc)
-                grad_weight += (p.T.to(hidden.dtype) @ h.to(hidden.dtype)).to(acc)
-            grad_hidden[s:e].mul_(-scale[s:e])
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None
+            d = p if hidden.dtype == acc else p.to(hidden.dtype)  # matmuls in the input dtype
+            h = (hidden[s:e].to(acc) * -scale[s:e]).to(hidden.dtype)  # (c, H): s * h, with the sign of (onehot - p)
+            torch.mm(d, weight, out=grad_hidden[s:e])
+            grad_weight.addmm_(d.T, h)  # in place: no (V, H) temporary per block
+            grad_hidden[s:e].mul_(-scale[s:e].to(hidden.dtype))
+        return grad_hidden, grad_weight, None, None, None
 
 
 def fused_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=128):
@@ -374,21 +441,117 @@ def naive_logprobs(hidden, weight, targets, temperature=1.0):
     return log_p.gather(1, targets[:, None]).squeeze(1), -(log_p.exp() * log_p).sum(-1).detach()
 
 
-def completion_logprobs(model, batch, temperature):
-    """(B, T) log-probs and entropies of the completion tokens; masked positions are 0. An FSDP forward."""
+class FusedPolicyLoss(torch.autograd.Function):
+    """A token loss of the log-probs, with its LM-head gradients computed in the forward pass: no recompute.
+
+    Each block of rows is visited once: its logits, log-sum-exp, log-prob and entropy (as FusedLogprobs),
+    then g = d loss / d logp for those rows from `token_loss` (by autograd on the (c,) log-probs) (an elementwise function of the rows'
+    log-probs, e.g. PPO-clip + k3 KL: `token_policy_loss`), then, in the logits buffer itself,
+    d loss / d logits = g / T * (onehot - softmax), and grad_hidden / grad_weight from it. Backward only
+    scales the stored gradients by the scalar upstream gradient. Three (N, H) x (H, V) matmuls per call,
+    as the naive path; FusedLogprobs needs four (backward recomputes the logits). The same idea as
+    Liger-Kernel's fused linear cross-entropy (which is Triton); here plain PyTorch.
+
+    Memory: two (chunk, V) fp32 buffers (and a bf16 copy for bf16 inputs), and the (N, H) and (V, H)
+    gradients in the inputs' dtypes (the naive path's backward makes those two as well); the (N, V)
+    logits never exist. The stored gradients are scaled in place in backward, so a graph through this
+    function supports one backward (a second raises RuntimeError).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, token_loss):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        n, c = hidden.shape[0], min(chunk_size, hidden.shape[0])
+        logp, entropy = (torch.empty(n, dtype=acc, device=hidden.device) for _ in range(2))
+        # gradients in the inputs' dtypes: each block's matmul sums in fp32, the sum over blocks is rounded
+        # to the weight's dtype (bf16 under FSDP mixed precision, whose parameter gradients are bf16 anyway)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        block = torch.empty(c, weight.shape[0], dtype=acc, device=hidden.device)  # (c, V)
+        probs = torch.empty_like(block)
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
+        for s in range(0, n, c):
+            e, rows = min(s + c, n), torch.arange(min(s + c, n) - s, device=hidden.device)
+            x = FusedLogprobs._logits(hidden[s:e], weight, block[:e - s], temperature)
+            x.sub_(x.amax(-1, keepdim=True))  # shifted logits
+            p = torch.exp(x, out=probs[:e - s])  # unnormalised probabilities
+            z = p.sum(-1)
+            log_z = z.log()
+            logp[s:e] = x[rows, targets[s:e]] - log_z
+            entropy[s:e] = log_z - p.mul_(x).sum(-1) / z  # -sum q log q with q = p / z (p is scratch now)
+            with torch.enable_grad():
+                lp = logp[s:e].detach().requires_grad_(True)
+                part = token_loss(lp, s, e).sum()
+                (g,) = torch.autograd.grad(part, lp)
+            loss += part.detach().to(acc)
+            scale = g.to(acc) / temperature  # (c,): d loss / d logits = scale * (onehot - q)
+            x.sub_(log_z[:, None]).exp_().mul_(-scale[:, None])  # in the logits buffer: q, then -scale * q
+            x[rows, targets[s:e]] += scale  # now d loss / d logits
+            d = x if hidden.dtype == acc else x.to(hidden.dtype)  # bf16 / fp16: matmuls in the input dtype
+            torch.mm(d, weight, out=grad_hidden[s:e])
+            grad_weight.addmm_(d.T, hidden[s:e])  # in place: no (V, H) temporary per block
+        ctx.grads = grad_hidden, grad_weight  # intermediates, not inputs or outputs: kept on ctx
+        ctx.mark_non_differentiable(logp, entropy)
+        return loss, logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logp, grad_entropy):
+        if ctx.grads is None:
+            raise RuntimeError("fused_policy_loss: one backward per forward (its stored gradients are scaled in "
+                               "place, with no (V, H) temporary); run the forward again")
+        (grad_hidden, grad_weight), ctx.grads = ctx.grads, None
+        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None, None
+
+
+def fused_policy_loss(hidden, weight, targets, token_loss, temperature=1.0, chunk_size=128):
+    """sum_i token_loss(logp_i) over rows, differentiable w.r.t. hidden and weight, gradients folded in forward.
+
+    hidden (N, H), weight (V, H), targets (N,); token_loss(logp_rows (c,), start, end) -> (c,) per-row losses
+    of rows start:end, differentiable in logp_rows and elementwise (row i's loss depends on logp_i only).
+    -> loss (), logp (N,) and entropy (N,), the last two detached. Same values as
+    token_loss(fused_logprobs(...)[0]).sum(), one matmul fewer (FusedPolicyLoss).
+    """
+    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], "hidden (N, H), weight (V, H)"
+    assert targets.shape == hidden.shape[:1], "one target per row"
+    if hidden.shape[0] == 0:  # keep the head in the graph (FSDP expects its grad)
+        zero = ((hidden.sum() + weight.sum()) * 0.0).float()
+        return zero, torch.zeros(0, device=hidden.device), torch.zeros(0, device=hidden.device)
+    return FusedPolicyLoss.apply(hidden, weight, targets, float(temperature), int(chunk_size), token_loss)
+
+
+def _completion_hidden(model, batch):
+    """(B, T, H) last hidden states at the positions that predict the completion tokens, and the LM head's
+    scored rows (V', H): an FSDP forward, so inside it the head's weight is the unsharded full tensor."""
     out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=False)
     T = batch["completion_ids"].shape[1]
     P = batch["input_ids"].shape[1] - T
-    hidden = out.last_hidden_state[:, P - 1:P - 1 + T]  # (B, T, H): positions that predict completion tokens
+    # the LM head's padding rows beyond the tokenizer are never sampled (palmr.suppressed_token_ids), so
+    # they are not scored either: the softmax runs over the tokenizer's rows only (scored_vocab)
+    return out.last_hidden_state[:, P - 1:P - 1 + T], model.lm_head.weight[:getattr(model, "scored_vocab", None)]
+
+
+def completion_loss(model, batch, temperature, token_loss):
+    """The policy loss of a micro-batch with the LM-head gradient folded into the forward (fused_policy_loss).
+
+    token_loss(logp_rows, start, end) -> per-token losses of the completion tokens start:end, counted in
+    row-major order over the (B, T) mask. -> loss (), logp (B, T) and entropy (B, T) detached (0 where masked).
+    """
+    hidden, weight = _completion_hidden(model, batch)
     mask = batch["mask"].bool()
     logp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     entropy = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    # only completion positions reach the LM head; inside this (FSDP-registered) forward the head's
-    # weight is the unsharded full tensor, and its gradient is reduce-scattered after backward
-    # the LM head's padding rows beyond the tokenizer are never sampled (palmr.suppressed_token_ids), so
-    # they are not scored either: the softmax runs over the tokenizer's rows only (scored_vocab)
-    weight = model.lm_head.weight[:getattr(model, "scored_vocab", None)]
+    loss, logp[mask], entropy[mask] = fused_policy_loss(hidden[mask], weight, batch["completion_ids"][mask],
+                                                        token_loss, temperature, model.logprob_chunk)
+    return loss, logp, entropy
+
+
+def completion_logprobs(model, batch, temperature):
+    """(B, T) log-probs and entropies of the completion tokens; masked positions are 0. An FSDP forward."""
+    hidden, weight = _completion_hidden(model, batch)  # only completion positions reach the LM head
+    mask = batch["mask"].bool()
+    logp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    entropy = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     if model.logprob_impl == "fused":
         logp[mask], entropy[mask] = fused_logprobs(hidden[mask], weight, batch["completion_ids"][mask], temperature,
                                                    model.logprob_chunk)
@@ -416,42 +579,86 @@ def sequence_is_weights(old_logp, sampler_logp, mask, cap):
     return torch.where(keep, rho, torch.zeros_like(rho)), metrics
 
 
-def policy_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, is_weights=None):
-    """PPO-clip + beta * k3 KL, token-mean over unmasked tokens. (B, T) inputs, advantages (B,).
+def token_policy_loss(logp, old_logp, ref_logp, advantages, eps_low, eps_high, beta, is_weights=None):
+    """PPO-clip + beta * k3 KL per token, before masking. All inputs broadcast to logp's shape. -> loss, kl, clipped
 
-    is_weights (B,), optional: importance weights on the policy-gradient term (sequence_is_weights).
+    Elementwise: a token's loss depends on its own log-prob only (what fused_policy_loss relies on).
     """
-    mask = mask.float()
-    n_tokens = mask.sum().clamp(min=1.0)  # guard: an all-masked micro-batch gives 0, never NaN
     ratio = torch.exp(logp - old_logp)
-    adv = advantages[:, None]
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv
-    per_token = -torch.minimum(unclipped, clipped)
+    per_token = -torch.minimum(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
     if is_weights is not None:
-        per_token = per_token * is_weights[:, None]
+        per_token = per_token * is_weights
     kl = torch.zeros_like(logp)
     if beta > 0:
         assert ref_logp is not None, "beta > 0 needs ref_logp"
         delta = ref_logp - logp
         kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
         per_token = per_token + beta * kl
+    clipped = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
+    return per_token, kl, clipped
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, is_weights=None):
+    """PPO-clip + beta * k3 KL, token-mean over unmasked tokens. (B, T) inputs; advantages (B,), or (B, T)
+    per token (token_advantages): a (B,) advantage means the same as that value on every token.
+
+    is_weights (B,), optional: importance weights on the policy-gradient term (sequence_is_weights).
+    """
+    mask = mask.float()
+    n_tokens = mask.sum().clamp(min=1.0)  # guard: an all-masked micro-batch gives 0, never NaN
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]
+    per_token, kl, clipped = token_policy_loss(logp, old_logp, ref_logp, adv, eps_low, eps_high, beta,
+                                               None if is_weights is None else is_weights[:, None])
     loss = (per_token * mask).sum() / n_tokens
-    is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
     metrics = {"kl": (kl * mask).sum().detach() / n_tokens,
-               "clip_frac": (is_clipped.float() * mask).sum() / n_tokens}
+               "clip_frac": (clipped.float() * mask).sum() / n_tokens}
     return loss, metrics
+
+
+def masked_token_loss(old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, is_weights=None):
+    """policy_loss as a function of the unmasked tokens' log-probs, for completion_loss (fused_policy_loss).
+
+    (B, T) old_logp (None: the current log-probs, one update per rollout batch), ref_logp (None when
+    beta = 0), mask; advantages (B,) or (B, T); is_weights (B,) or None. -> token_loss(logp_rows, start, end): the
+    per-token losses of unmasked tokens start:end (row-major), each divided by the micro-batch's token count,
+    so that their sum over all tokens is policy_loss(...)'s loss.
+    """
+    keep = mask.bool()
+    n_tokens = keep.sum().clamp(min=1).float()
+    adv = (advantages if advantages.dim() == 2 else advantages[:, None]).expand(keep.shape)[keep]
+    old = None if old_logp is None else old_logp[keep]
+    ref = None if ref_logp is None else ref_logp[keep]
+    isw = None if is_weights is None else is_weights[:, None].expand(keep.shape)[keep]
+
+    def token_loss(logp, s, e):
+        per_token, _, _ = token_policy_loss(logp, logp.detach() if old is None else old[s:e],
+                                            None if ref is None else ref[s:e], adv[s:e], eps_low, eps_high, beta,
+                                            None if isw is None else isw[s:e])
+        return per_token / n_tokens
+    return token_loss
 
 
 # -----------------------------------------------------------------------------
 # Model setup: FSDP2 per decoder layer and vision block
 
 
-LOGPROB_CHUNK = {"cpu": 128, "cuda": 4096}  # measured: CPU's best (bench/logprob.py); on an H200 at the 7B shape
-# chunk 4096 took 174 ms vs 615 ms at 128 (naive: 106 ms) for 7.7 vs 5.4 GiB extra memory (naive: 27.8 GiB), issue 13
+LOGPROB_CHUNK_CPU = 128  # CPU: the measured best (bench/logprob.py, README)
+LOGPROB_MEMORY_MIB = 1024  # GPU: the fused LM head's (chunk, V) working set, README "LM head"
 
 
-def prepare_model(path, device, train, activation_checkpointing=False, logprobs="fused", logprob_chunk=None, shard=True):
+def logprob_chunk(vocab, device_type, memory_mib=LOGPROB_MEMORY_MIB):
+    """Rows per block of the fused LM head: CPU's measured best, or on a GPU as many rows as fit `memory_mib`.
+
+    A block of c rows holds two fp32 (c, V) buffers and, for bf16 inputs, one bf16 copy: 10 bytes per
+    logit. Rounded down to a multiple of 64 rows (at least 64). Qwen2.5-VL-7B (V 152,064), 1024 MiB: 704.
+    """
+    if device_type != "cuda":
+        return LOGPROB_CHUNK_CPU
+    return max(64, memory_mib * 2 ** 20 // (10 * vocab) // 64 * 64)
+
+
+def prepare_model(path, device, train, activation_checkpointing=False, logprobs="fused", chunk=None,
+                  logprob_memory=LOGPROB_MEMORY_MIB, shard=True):
     """Load, optionally checkpoint activations, shard with FSDP2 (when distributed and `shard`), register forwards."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     model = palmr.load_model(path, dtype=torch.float32 if train or device.type == "cpu" else torch.bfloat16,
@@ -463,10 +670,12 @@ def prepare_model(path, device, train, activation_checkpointing=False, logprobs=
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.completion_logprobs = types.MethodType(completion_logprobs, model)
-    model.logprob_impl, model.logprob_chunk = logprobs, logprob_chunk or LOGPROB_CHUNK.get(device.type, 128)
+    model.completion_loss = types.MethodType(completion_loss, model)
     # the head's padding rows beyond the tokenizer are never sampled, so never scored (palmr.suppressed_token_ids)
     from transformers import AutoTokenizer
     model.scored_vocab = len(AutoTokenizer.from_pretrained(path))
+    model.logprob_impl = logprobs
+    model.logprob_chunk = chunk or logprob_chunk(model.scored_vocab, device.type, logprob_memory)
     if shard and dist.is_initialized():
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if device.type == "cuda" else MixedPrecisionPolicy()
@@ -474,6 +683,7 @@ def prepare_model(path, device, train, activation_checkpointing=False, logprobs=
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)  # root: embeddings, merger, final norm, LM head
         register_fsdp_forward_method(model, "completion_logprobs")
+        register_fsdp_forward_method(model, "completion_loss")
         register_fsdp_forward_method(model, "generate")
     model.train(train)
     return model
@@ -499,8 +709,12 @@ def full_parameters(model):
         yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
 
 
-def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device):
-    """PPO-clip updates over this rank's rows (group after group); -> metrics averaged over tokens."""
+def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device, wrong=None):
+    """PPO-clip updates over this rank's rows (group after group); -> metrics averaged over tokens.
+
+    wrong: per row, the token indices of the judge's located wrong claims (span_tokens); with
+    --credit token they get token_advantages' negative credit.
+    """
     world = palmr.get_world_size()
     n_updates = args.rollout_batch // args.update_batch
     per_update = len(rows) // n_updates  # this rank's sequences per optimizer update
@@ -508,9 +722,12 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
              for u in range(n_updates)]
     pad_id = processor.tokenizer.pad_token_id
     # micro-batches wait on the CPU and go to the device one at a time (pixel values are per row)
-    batches = [[training_batch([rows[i] for i in mb], encoded, pad_id, "cpu") for mb in update] for update in spans]
+    token_credit = getattr(args, "credit", "sequence") == "token" and wrong is not None
+    batches = [[training_batch([rows[i] for i in mb], encoded, pad_id, "cpu", [wrong[i] for i in mb] if token_credit
+                               else None) for mb in update] for update in spans]
     on = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
     clock = PhaseClock(device)
+    fold = policy.logprob_impl == "fused" and args.fold_loss_grad
     with torch.no_grad():  # reference and (for several updates) old log-probs, before any update
         ref_logps = [[reference.completion_logprobs(on(b), args.temperature)[0] for b in update]
                      for update in batches] if args.beta > 0 else None
@@ -528,20 +745,33 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
             # FSDP2 reduce-scatters after every micro-batch: skipping it (no-sync) would hold the full
             # unsharded fp32 gradients on every rank, ~30 GB for a 7B policy
             b = on(b)
-            logp, entropy = policy.completion_logprobs(b, args.temperature)  # (B, T) each
-            old = old_logps[u][j] if old_logps is not None else logp.detach()
+            old = old_logps[u][j] if old_logps is not None else None
             ref = ref_logps[u][j] if ref_logps is not None else None
             adv = advantages[span.start:span.stop].to(device)  # (B,)
+            if token_credit:
+                adv = token_advantages(adv, b["wrong"], args.credit_c)  # (B, T)
+            is_weights = is_m = None
+            if args.is_cap > 0 and old is not None:
+                is_weights, is_m = sequence_is_weights(old, b["sampler_logp"], b["mask"], args.is_cap)
+            # the folded LM head needs each token's loss as a function of its own log-prob alone: IS weights
+            # from this very forward's log-probs (one update per rollout batch) are not known before it
+            if fold and not (args.is_cap > 0 and old is None):
+                folded, logp, entropy = policy.completion_loss(b, args.temperature, masked_token_loss(
+                    old, ref, adv, b["mask"], args.eps_low, args.eps_high, args.beta, is_weights))
+            else:
+                folded, (logp, entropy) = None, policy.completion_logprobs(b, args.temperature)  # (B, T) each
+            old = logp.detach() if old is None else old
+            if args.is_cap > 0 and is_weights is None:
+                is_weights, is_m = sequence_is_weights(old, b["sampler_logp"], b["mask"], args.is_cap)
+            for k, v in (is_m or {}).items():
+                totals[k] += float(v) * len(span) / len(rows)  # mean over this rank's sequences
             if args.debug_logprobs and u == 0 and j == 0:  # first batch after the last weight sync
                 gap = (old - b["sampler_logp"]).abs()[b["mask"].bool()]
                 totals["debug/logprob_gap_max"] = float(gap.max()) if gap.numel() else 0.0
                 totals["debug/logprob_gap_mean"] = float(gap.mean()) if gap.numel() else 0.0
-            is_weights = None
-            if args.is_cap > 0:
-                is_weights, is_m = sequence_is_weights(old, b["sampler_logp"], b["mask"], args.is_cap)
-                for k, v in is_m.items():
-                    totals[k] += float(v) * len(span) / len(rows)  # mean over this rank's sequences
             loss, m = policy_loss(logp, old, ref, adv, b["mask"], args.eps_low, args.eps_high, args.beta, is_weights)
+            if folded is not None:  # same value (logp is detached here: metrics only); gradients from the fold
+                loss = folded
             # token-mean over the global update batch: FSDP averages gradients over ranks, hence * world
             weight = float(b["mask"].sum()) / max(global_tokens, 1.0)
             (loss * weight * world).backward()
@@ -642,10 +872,15 @@ def ensure_warm_start(base, data_path, steps, hallucinated_share, seed=0):
         torch.set_num_threads(os.cpu_count() or threads)
         try:
             warmup(base, data_path, tmp, steps=steps, seed=seed, hallucinated_share=hallucinated_share)
+            (tmp / "versions.json").write_text(json.dumps(palmr.versions()))  # what built it (constraints.txt)
             os.replace(tmp, path)
         finally:
             torch.set_num_threads(threads)
             shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing half-written
+    built = path / "versions.json"
+    if palmr.get_rank() == 0 and built.exists() and json.loads(built.read_text()) != palmr.versions():
+        print0(f"warning: the cached warm start {path} was built with {built.read_text()}, this run has "
+               f"{json.dumps(palmr.versions())}: its numbers can differ from the README's (delete it to rebuild)")
     palmr.barrier()  # every rank, always
     return str(path)
 
@@ -696,7 +931,7 @@ def save_checkpoint(policy, optimizer, args, step):
 
 
 RESUME_MUST_MATCH = ("model", "data", "seed", "group_size", "rollout_batch", "update_batch", "reward", "judge",
-                     "lr", "beta", "temperature", "max_new_tokens")
+                     "lr", "beta", "temperature", "max_new_tokens", "judge_omissions", "credit", "credit_c")
 
 
 def load_trainer_state(ckpt, policy, optimizer, args):
@@ -761,9 +996,9 @@ def main(argv=None):
     processor = palmr.load_processor(args.model)
     policy = prepare_model(resume_from or args.model, device, train=True,
                            activation_checkpointing=args.activation_checkpointing, logprobs=args.logprobs,
-                           logprob_chunk=args.logprob_chunk)
-    reference = prepare_model(args.model, device, train=False, logprobs=args.logprobs,
-                              logprob_chunk=args.logprob_chunk) if args.beta > 0 else None
+                           chunk=args.logprob_chunk, logprob_memory=args.logprob_memory)
+    reference = prepare_model(args.model, device, train=False, logprobs=args.logprobs, chunk=args.logprob_chunk,
+                              logprob_memory=args.logprob_memory) if args.beta > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = load_trainer_state(resume_from, policy, optimizer, args) if resume_from else 0
     engine = make_engine(args, policy, processor, resume_from or args.model, rank, world, device)
@@ -773,11 +1008,11 @@ def main(argv=None):
         args.judge, args.judge_base_url, args.judge_model, args.judge_api_key_env, protocol=args.judge_protocol,
         swap=args.judge_swap, concurrency=args.judge_concurrency, timeout=args.judge_timeout,
         max_retries=args.judge_retries, max_tokens=args.judge_max_tokens, reasoning=not args.judge_no_reasoning,
-        seed=args.seed)
+        seed=args.seed, omissions=args.judge_omissions, locate=args.credit == "token")
     samples = load_dataset(args, processor)
     prefill = palmr.generation_prefill(palmr.render_prompt(processor, ""))  # '' for Qwen2.5-VL's own template
     if rank == 0:
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+        (out / "args.json").write_text(json.dumps({**vars(args), "versions": palmr.versions()}, indent=2))
     print0(f"V-GRPO | world {world} on {device.type} | engine {type(engine).__name__} | reward {args.reward} judge {args.judge} | "
            f"G {args.group_size} rollout {args.rollout_batch} update {args.update_batch} prompts | "
            f"steps {start}->{args.max_steps}" + (f" (resumed from {resume_from.name})" if resume_from else ""))
@@ -791,14 +1026,16 @@ def main(argv=None):
         engine.sleep()
         t1 = time.time()
         # reward and advantage (advantages over the gathered global batch; a group never spans ranks)
-        rewards, parts, judge_stats = compute_rewards(judge, rows, args.reward, prefill)
+        rewards, parts, judge_stats, located = compute_rewards(judge, rows, args.reward, prefill)
+        wrong = [span_tokens(processor.tokenizer, c.token_ids, sp) for (_, c), sp in zip(rows, located)]
         gathered = [torch.zeros_like(rewards) for _ in range(world)]
         dist.all_gather(gathered, rewards) if dist.is_initialized() else gathered.__setitem__(0, rewards)
         all_adv = group_advantages(torch.cat(gathered), args.group_size, args.adv_scale)
         advantages = all_adv.view(world, -1)[rank]
         t2 = time.time()
         # optimisation
-        stats = train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device)
+        stats = train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device,
+                                  wrong)
         t_sync = time.time()
         engine.load_weights(full_parameters(policy))  # vLLM: stream the new weights; HF: shares the module
         t3 = time.time()
@@ -814,7 +1051,12 @@ def main(argv=None):
                  "judge/failed": torch.tensor(float(judge_stats["failed"])),
                  "judge/ties": torch.tensor(float(judge_stats["ties"])),
                  "judge/gated_zero": (parts["vis"] == 0).float().sum(),
-                 "judge/hallucinated_correct": ((parts["vis"] == 0) & (parts["ans"] == 1)).float().sum()}
+                 "judge/hallucinated_correct": ((parts["vis"] == 0) & (parts["ans"] == 1)).float().sum(),
+                 # located errors: rollouts with one, and the share of completion tokens they cover
+                 "credit/located": torch.tensor(float(sum(bool(w) for w in wrong))),
+                 "credit/wrong_tokens": torch.tensor(float(sum(len(w) / max(1, len(c.token_ids))
+                                                               for w, (_, c) in zip(wrong, rows)))),
+                 "judge/unmatched": torch.tensor(float(judge_stats.get("unmatched", 0)))}
         n_rows = len(rows) * world
         metrics = {k: float(all_reduce(v.double().clone())) / n_rows for k, v in local.items()}
         if args.judge in ("openai", "hf"):  # decided by flags, never by this rank's stats: every rank reduces

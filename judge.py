@@ -57,6 +57,9 @@ class Verdict:
     failed: bool = False  # no usable verdict (error, unparseable reply): "no preference", s_vis 1.0
     reason: str = ""
     preference: str = None  # "reference" | "candidate" | "tie" (None: no usable verdict)
+    # located errors: (start, end) character spans of the candidate's wrong claims, in JudgeItem.candidate
+    spans: list = dataclasses.field(default_factory=list)
+    unmatched: int = 0    # LLM judge: quoted wrong statements not found in the candidate (never guessed)
 
 
 # -----------------------------------------------------------------------------
@@ -73,22 +76,33 @@ _CLAIM = re.compile(rf"\b(\d+|{'|'.join(_WORD_COUNTS)})\s+(?:({_COLOR_WORDS})\s+
 
 class Claim(typing.NamedTuple):
     """One perception claim: count (None for 'a/an'), colour, kind (None for 'shape'), where (None, or a
-    grid cell such as 'top left': "a red circle at top left" claims that cell holds a red circle)."""
+    grid cell such as 'top left': "a red circle at top left" claims that cell holds a red circle), and
+    span, the claim's (start, end) characters in the text it was read from."""
     count: typing.Optional[int]
     color: typing.Optional[str]
     kind: typing.Optional[str]
     where: typing.Optional[str] = None
+    span: typing.Optional[tuple] = None
 
 
-def claims(text):
-    """Perception claims in a trace, in order of appearance."""
+def claims(text, offset=0):
+    """Perception claims in a trace, in order of appearance (spans shifted by `offset`)."""
     out = []
     for m in _CLAIM.finditer(text):
         word, color, kind = m.group(1).lower(), m.group(2), m.group(3).lower()
         count = int(word) if word.isdigit() else _WORD_COUNTS[word]
         where = f"{m.group(4).lower()} {m.group(5).lower().replace('center', 'centre')}" if m.group(4) else None
-        out.append(Claim(count, color.lower() if color else None, None if kind == "shape" else kind, where))
+        out.append(Claim(count, color.lower() if color else None, None if kind == "shape" else kind, where,
+                         (offset + m.start(), offset + m.end())))
     return out
+
+
+def _reasoning(text):
+    """(the reasoning to judge, its offset in text): the <think> part when well formed, else the whole text."""
+    think, _, well_formed = parse_response(text)
+    if well_formed and think:
+        return think, text.find(think)
+    return text, 0
 
 
 def true_count(facts, color, kind, where=None):
@@ -107,19 +121,47 @@ def true_count(facts, color, kind, where=None):
 def contradictions(text, facts):
     """(claim, true count) for each claim in the reasoning that the facts contradict: a wrong count, or a
     colour/kind that is absent (from the whole scene, or from the named cell)."""
-    think, _, well_formed = parse_response(text)
-    body = think if well_formed else text  # judge the reasoning; fall back to the whole text
     wrong = []
-    for c in claims(body):
+    for c in claims(*_reasoning(text)):  # the reasoning; spans index into `text`
         n = true_count(facts, c.color, c.kind, c.where)
         if (c.count is None and n == 0) or (c.count is not None and c.count != n):
             wrong.append((c, n))
     return wrong
 
 
+def fact_coverage(text, facts):
+    """Fraction of the facts' object groups that the reasoning states with the right count (0 without groups).
+
+    "2 red circles" states the group (2, red, circle); "a red circle at top left, a red circle at bottom
+    right" states a group of two by its cells.
+    """
+    groups = (facts or {}).get("objects", [])
+    if not groups:
+        return 0.0
+    said, placed = set(), {}
+    for c in claims(_reasoning(text)[0]):
+        if c.where is None:
+            said.add((1 if c.count is None else c.count, c.color, c.kind))  # "a red circle": a group of one
+        else:
+            placed.setdefault((c.color, c.kind), set()).add(c.where)
+    said |= {(len(cells), col, k) for (col, k), cells in placed.items()}
+    hit = sum(any((o.get("count", 1), a.lower(), o.get("name")) in said for a in o.get("attributes") or [])
+              for o in groups)
+    return hit / len(groups)
+
+
 class RuleJudge:
-    """Exact judge for tasks whose facts are the true scene (the synthetic `shapes` task)."""
+    """Exact judge for tasks whose facts are the true scene (the synthetic `shapes` task).
+
+    The candidate is less faithful (S_vis = 0) when its reasoning contradicts the facts more often than
+    the reference's does; with `omissions`, also when it states fewer of the facts' object groups
+    correctly than the reference does (fact_coverage), so saying less is no escape. The verdict's
+    spans are the exact characters of the candidate's contradicted claims.
+    """
     name = "rule"
+
+    def __init__(self, omissions=False):
+        self.omissions = omissions
 
     def judge(self, items):
         verdicts = []
@@ -129,32 +171,23 @@ class RuleJudge:
                 continue
             bad = contradictions(it.candidate, it.facts)
             base = len(contradictions(it.reference, it.facts)) if it.reference else 0
-            reason = "; ".join(" ".join(str(w) for w in ("says", "a" if c.count is None else c.count, c.color,
-                                                         c.kind or "shape", c.where and f"at {c.where}") if w)
-                               + f", facts say {n}" for c, n in bad)
-            preference = "reference" if len(bad) > base else "candidate" if len(bad) < base else "tie"
-            verdicts.append(Verdict(0.0 if len(bad) > base else 1.0, reason=reason, preference=preference))
+            reasons = [" ".join(str(w) for w in ("says", "a" if c.count is None else c.count, c.color,
+                                                 c.kind or "shape", c.where and f"at {c.where}") if w)
+                       + f", facts say {n}" for c, n in bad]
+            worse, better = len(bad) > base, len(bad) < base
+            if self.omissions and it.reference:
+                cov, ref_cov = fact_coverage(it.candidate, it.facts), fact_coverage(it.reference, it.facts)
+                if cov < ref_cov:
+                    reasons.append(f"states {cov:.0%} of the fact groups, the reference {ref_cov:.0%}")
+                worse, better = worse or cov < ref_cov, (better and cov <= ref_cov) or (not worse and cov > ref_cov)
+            preference = "reference" if worse else "candidate" if better else "tie"
+            verdicts.append(Verdict(0.0 if worse else 1.0, reason="; ".join(reasons), preference=preference,
+                                    spans=[c.span for c, _ in bad]))
         return verdicts
 
     def coverage(self, items):
-        """Fraction of the facts' object groups that the candidate states with the right count."""
-        scores = []
-        for it in items:
-            groups = (it.facts or {}).get("objects", [])
-            if not groups:
-                scores.append(0.0)
-                continue
-            said, placed = set(), {}
-            for c in claims(parse_response(it.candidate)[0] or it.candidate):
-                if c.where is None:
-                    said.add((1 if c.count is None else c.count, c.color, c.kind))  # "a red circle": a group of one
-                else:  # "a red circle at top left, a red circle at bottom right": a group of two
-                    placed.setdefault((c.color, c.kind), set()).add(c.where)
-            said |= {(len(cells), col, k) for (col, k), cells in placed.items()}
-            hit = sum(any((o.get("count", 1), a.lower(), o.get("name")) in said for a in o.get("attributes") or [])
-                      for o in groups)
-            scores.append(hit / len(groups))
-        return scores
+        """Fraction of the facts' object groups that each candidate states with the right count."""
+        return [fact_coverage(it.candidate, it.facts) for it in items]
 
 
 # -----------------------------------------------------------------------------
@@ -168,23 +201,72 @@ def facts_text(facts):
     return json.dumps(facts, indent=1, sort_keys=True) if facts else "(no facts available)"
 
 
-def pairwise_prompt(question, facts, response_a, response_b):
+OMISSIONS_PAIRWISE = ("A response that leaves out facts of the image that the other response states "
+                      "correctly is also less faithful. ")
+OMISSIONS_POINTWISE = "Leaving out facts of the image that the question depends on is also unfaithful. "
+LOCATE = ("Before the verdict, quote every statement of {who} that the facts contradict or do not contain, "
+          "one per line, word for word from the response: {form}. ")
+
+
+def pairwise_prompt(question, facts, response_a, response_b, omissions=False, locate=False):
+    """The paper's pairwise question; `omissions` adds one sentence (saying less is less faithful), `locate`
+    asks for the wrong statements as `WRONG A: "..."` / `WRONG B: "..."` lines (parse_wrong)."""
     return (f"Image facts (ground truth):\n{facts_text(facts)}\n\nQuestion: {question}\n\n"
             f"[Response A]\n{response_a}\n[End of Response A]\n\n[Response B]\n{response_b}\n[End of Response B]\n\n"
             "Compare only how faithfully each response's reasoning describes the image: objects, counts, "
             "attributes, positions, relations, text and numbers, checked against the facts. Ignore style, "
             "length and whether the final answer is right. A response that states something the facts "
-            "contradict, or invents what they do not contain, is less faithful. Reason step by step, then "
-            "end with exactly one line: `VERDICT: A`, `VERDICT: B` or `VERDICT: TIE`.")
+            "contradict, or invents what they do not contain, is less faithful. "
+            + (OMISSIONS_PAIRWISE if omissions else "") + "Reason step by step. "
+            + (LOCATE.format(who="either response", form='`WRONG A: "<quote>"` or `WRONG B: "<quote>"`')
+               if locate else "")
+            + "End with exactly one line: `VERDICT: A`, `VERDICT: B` or `VERDICT: TIE`.")
 
 
-def pointwise_prompt(question, facts, response):
+def pointwise_prompt(question, facts, response, omissions=False, locate=False):
     return (f"Image facts (ground truth):\n{facts_text(facts)}\n\nQuestion: {question}\n\n"
             f"[Response]\n{response}\n[End of Response]\n\n"
             "Check the response's reasoning against the facts: does it state anything about the image "
             "(objects, counts, attributes, positions, relations, text, numbers) that the facts contradict "
-            "or do not contain? Reason step by step, then end with exactly one line: "
-            "`VERDICT: FAITHFUL` or `VERDICT: UNFAITHFUL`.")
+            "or do not contain? " + (OMISSIONS_POINTWISE if omissions else "") + "Reason step by step. "
+            + (LOCATE.format(who="the response", form='`WRONG: "<quote>"`') if locate else "")
+            + "End with exactly one line: `VERDICT: FAITHFUL` or `VERDICT: UNFAITHFUL`.")
+
+
+_WRONG = re.compile(r'^\W*WRONG(?:\s+([AB]))?\s*:[\s*]*["\u201c]?(.*?)["\u201d]?[\s*]*$', re.IGNORECASE | re.MULTILINE)
+
+
+def parse_wrong(text):
+    """[(letter or None, quote)] from the `WRONG A: "..."` lines of a reply's final answer (final_answer)."""
+    answer = final_answer(text)
+    if not answer:
+        return []
+    return [((m.group(1) or "").upper() or None, m.group(2).strip()) for m in _WRONG.finditer(answer)
+            if m.group(2).strip()]
+
+
+def locate_quotes(text, quotes):
+    """Character spans of quoted statements in text -> (spans, unmatched).
+
+    A quote matches verbatim, else case-insensitively with any run of whitespace for a space; a quote
+    found nowhere is counted in `unmatched`, never guessed. Repeated quotes take successive occurrences.
+    """
+    spans, unmatched = [], 0
+    for q in quotes:
+        words = q.split()
+        if not words:
+            continue
+        pattern = re.compile(r"\s+".join(re.escape(w) for w in words), re.IGNORECASE)
+        found = None
+        for m in pattern.finditer(text):
+            if (m.start(), m.end()) not in spans:
+                found = (m.start(), m.end())
+                break
+        if found is None:
+            unmatched += 1
+        else:
+            spans.append(found)
+    return spans, unmatched
 
 
 def fact_list(facts):
@@ -403,10 +485,12 @@ class HFClient:
 class LLMJudge:
     """Pairwise (or point-wise) fidelity judging through a client; `stats` describes the last batch."""
 
-    def __init__(self, client, protocol="pairwise", swap=False, order="random", seed=0):
+    def __init__(self, client, protocol="pairwise", swap=False, order="random", seed=0, omissions=False,
+                 locate=False):
         assert protocol in ("pairwise", "pointwise"), protocol
         assert order in ("random", "fixed"), order
         self.client, self.protocol, self.swap, self.order, self.seed = client, protocol, swap, order, seed
+        self.omissions, self.locate = omissions, locate  # prompt options (pairwise_prompt)
         self.name = type(client).__name__
         self.stats = {}
 
@@ -436,16 +520,18 @@ class LLMJudge:
             ref_first = self._reference_first(it)
             for rf in ([ref_first, not ref_first] if self.swap else [ref_first]):
                 a, b = (it.reference, it.candidate) if rf else (it.candidate, it.reference)
-                prompts.append(pairwise_prompt(it.question, it.facts, a, b))
+                prompts.append(pairwise_prompt(it.question, it.facts, a, b, self.omissions, self.locate))
                 orders.append(rf)
         replies = self._ask(prompts)
         per_item = 2 if self.swap else 1
         verdicts = []
         for i in range(len(items)):
-            votes, reasons = [], []
+            votes, reasons, quotes = [], [], []
             for k in range(per_item):
                 reply, rf = replies[i * per_item + k], orders[i * per_item + k]
                 v = None if reply.truncated else parse_verdict(reply.text)
+                if self.locate and v is not None:  # the candidate's letter in this order
+                    quotes += [q for letter, q in parse_wrong(reply.text) if letter == ("B" if rf else "A")]
                 if v in ("A", "B"):
                     votes.append("reference" if (v == "A") == rf else "candidate")
                 elif v == "TIE":  # no preference: a real answer (two faithful traces), logged as judge/ties
@@ -458,17 +544,23 @@ class LLMJudge:
             else:  # no verdict, or the two orders disagree (position bias): no preference
                 preference = "tie" if all(v is not None for v in votes) else None
             # with swap, the reference must win in both orders to gate the rollout
+            spans, unmatched = locate_quotes(items[i].candidate, dict.fromkeys(quotes))  # swap: each quote once
             verdicts.append(Verdict(0.0 if preference == "reference" else 1.0, failed=bool(reasons),
-                                    reason="; ".join(reasons), preference=preference))
+                                    reason="; ".join(reasons), preference=preference, spans=spans,
+                                    unmatched=unmatched))
         return verdicts
 
     def _judge_pointwise(self, items):
-        replies = self._ask([pointwise_prompt(it.question, it.facts, it.candidate) for it in items])
+        replies = self._ask([pointwise_prompt(it.question, it.facts, it.candidate, self.omissions, self.locate)
+                             for it in items])
         verdicts = []
-        for reply in replies:
+        for reply, it in zip(replies, items):
             v = None if reply.truncated else parse_verdict(reply.text)
             if v in ("FAITHFUL", "UNFAITHFUL"):
-                verdicts.append(Verdict(0.0 if v == "UNFAITHFUL" else 1.0, preference=v.lower()))
+                quotes = [q for letter, q in parse_wrong(reply.text) if letter is None] if self.locate else []
+                spans, unmatched = locate_quotes(it.candidate, quotes)
+                verdicts.append(Verdict(0.0 if v == "UNFAITHFUL" else 1.0, preference=v.lower(), spans=spans,
+                                        unmatched=unmatched))
             else:
                 verdicts.append(Verdict(1.0, failed=True, reason=_why_no_verdict(reply)))
         return verdicts
@@ -497,10 +589,14 @@ JUDGES = ("rule", "openai", "hf")
 
 def make_judge(name, base_url=None, model=None, api_key_env="OPENAI_API_KEY", protocol="pairwise", swap=False,
                order="random", concurrency=32, timeout=120.0, max_retries=4, backoff=1.0, max_tokens=4096,
-               reasoning=True, seed=0):
-    """The judge backend by name: rule | openai (needs base_url, model) | hf (needs model: a local path)."""
+               reasoning=True, seed=0, omissions=False, locate=False):
+    """The judge backend by name: rule | openai (needs base_url, model) | hf (needs model: a local path).
+
+    omissions: stating fewer facts than the reference also counts as less faithful; locate: LLM judges
+    also quote the wrong statements (the rule judge always locates them exactly).
+    """
     if name == "rule":
-        return RuleJudge()
+        return RuleJudge(omissions=omissions)
     if name == "openai":
         assert base_url and model, "--judge openai needs --judge-base-url and --judge-model"
         client = OpenAIClient(base_url, model, api_key_env, concurrency, timeout, max_retries, backoff,
@@ -510,7 +606,7 @@ def make_judge(name, base_url=None, model=None, api_key_env="OPENAI_API_KEY", pr
         client = HFClient(model, max_tokens=min(max_tokens, 512))
     else:
         raise ValueError(f"unknown judge {name!r}; available: {list(JUDGES)}")
-    return LLMJudge(client, protocol=protocol, swap=swap, order=order, seed=seed)
+    return LLMJudge(client, protocol=protocol, swap=swap, order=order, seed=seed, omissions=omissions, locate=locate)
 
 
 # -----------------------------------------------------------------------------

@@ -626,6 +626,16 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def versions():
+    """The versions that decide a run's numbers: {python, torch, transformers, tokenizers} (constraints.txt pins them)."""
+    import platform
+
+    import tokenizers
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cmd", choices=["tiny"])
@@ -633,3 +643,4 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     a = ap.parse_args()
     print(build_tiny_checkpoint(a.out, seed=a.seed))
+

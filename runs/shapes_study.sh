@@ -1,48 +1,85 @@
 #!/usr/bin/env bash
-# Process hallucination in miniature: GRPO (answer-only reward) vs PaLMR (gated reward) on `shapes`.
+# Process hallucination in miniature on `shapes`: GRPO (answer-only reward) vs PaLMR (gated reward) and
+# PaLMR's process-credit variants, from one cached warm start.
 #
-#   bash runs/shapes_study.sh [OUT]            # default OUT=out/shapes_study; ~11 min on 2 CPU cores
+#   bash runs/shapes_study.sh [OUT]            # default OUT=out/shapes_study; ~40 min on 2 CPU cores
 #   SEEDS="0 1 2 3" STEPS=60 bash runs/shapes_study.sh out/study2
+#   VARIANTS="grpo palmr" LONG_SEEDS="" bash runs/shapes_study.sh      # the two-row study, ~11 min
 #
 # 1. builds (or finds) the cached warm start: SFT on shapes traces, a share of them misread on purpose;
-# 2. from it, for every seed, trains --reward grpo and --reward palmr with the same budget and flags;
-# 3. evaluates the start and every run on the held-out shapes split (greedy): answer accuracy,
-#    perception accuracy and process-hallucination rate, all exact (rule judge against the true scene);
-# 4. writes OUT/results.md (mean ± sd over seeds, then each seed) and OUT/curves.png (training reward,
-#    rollout accuracy and rollout hallucination rate over steps).
+# 2. from it, for every seed, trains each of VARIANTS for STEPS steps with the same budget and flags:
+#      grpo             --reward grpo
+#      palmr            --reward palmr
+#      palmr+omissions  --reward palmr --judge-omissions      (saying less than the reference is gated)
+#      palmr+token      --reward palmr --credit token         (located wrong claims: negative token credit)
+#      palmr+both       both
+# 3. continues the LONG_VARIANTS runs of LONG_SEEDS to LONG_STEPS (a --resume of the same run);
+# 4. evaluates the start and every checkpoint on the held-out shapes split (greedy): answer accuracy,
+#    perception, complete perception and process-hallucination rate, all exact (rule judge);
+# 5. writes OUT/results.md (mean ± sd over seeds, then each seed; the versions it ran with) and
+#    OUT/curves.png (training reward, rollout accuracy and rollout hallucination rate over steps).
 # Runs go JOBS at a time (default 2), one thread each: on 2 cores that beats one run with 2 threads.
+# Reproduce the README's table with the pinned environment: pip install torch==2.13.0 -r requirements.txt
+# -c constraints.txt, and an empty cache (rm -rf ~/.cache/palmr).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${1:-out/shapes_study}
 SEEDS=${SEEDS:-"0 1 2"}
 STEPS=${STEPS:-40}
+VARIANTS=${VARIANTS:-"grpo palmr palmr+omissions palmr+token palmr+both"}
+LONG_STEPS=${LONG_STEPS:-80}
+LONG_SEEDS=${LONG_SEEDS-"0"}
+LONG_VARIANTS=${LONG_VARIANTS:-"palmr palmr+omissions palmr+token palmr+both"}
 WARMUP=${WARMUP:-1200}
 JOBS=${JOBS:-2}
 LIMIT=${LIMIT:-}  # evaluate the first LIMIT held-out items only (smoke tests)
-RL=(--warmup-steps "$WARMUP" --max-steps "$STEPS" --group-size 8 --rollout-batch 8 --update-batch 8
-    --micro-batch 16 --max-new-tokens 64 --lr 1e-4 --save-every "$STEPS" --keep 1 --log-rollouts-every 0)
+RL=(--warmup-steps "$WARMUP" --group-size 8 --rollout-batch 8 --update-batch 8 --micro-batch 16
+    --max-new-tokens 64 --lr 1e-4 --save-every "$STEPS" --keep 2 --log-rollouts-every 0)
 mkdir -p "$OUT"
 start=$(date +%s)
+
+flags() {  # the trainer flags of a variant
+    case "$1" in
+        grpo) echo "--reward grpo" ;;
+        palmr) echo "--reward palmr" ;;
+        palmr+omissions) echo "--reward palmr --judge-omissions" ;;
+        palmr+token) echo "--reward palmr --credit token" ;;
+        palmr+both) echo "--reward palmr --judge-omissions --credit token" ;;
+        *) echo "unknown variant $1" >&2; exit 2 ;;
+    esac
+}
+ckpt() { echo "$OUT/$1-s$2/checkpoint-$(printf %06d "$3")"; }
+launch() {  # variant seed steps [--resume]: one run in the background, JOBS at a time
+    local run="$OUT/$1-s$2"
+    # shellcheck disable=SC2046
+    OMP_NUM_THREADS=1 python grpo.py "${RL[@]}" $(flags "$1") --seed "$2" --max-steps "$3" --out "$run" ${4:-} \
+        >> "$OUT/$1-s$2.log" 2>&1 &
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+}
 
 WARM=$(python grpo.py --warmup-steps "$WARMUP" --warmup-only | tail -n 1)
 echo "warm start: $WARM ($(($(date +%s) - start)) s)"
 
 checkpoints=("start=$WARM")
 for seed in $SEEDS; do
-    for reward in grpo palmr; do
-        run="$OUT/$reward-s$seed"
-        checkpoints+=("$reward-s$seed=$run/checkpoint-$(printf %06d "$STEPS")")
-        [ -d "$run/checkpoint-$(printf %06d "$STEPS")" ] && continue  # done in an earlier call
-        rm -rf "$run"
-        OMP_NUM_THREADS=1 python grpo.py "${RL[@]}" --reward "$reward" --seed "$seed" --out "$run" \
-            > "$OUT/$reward-s$seed.log" 2>&1 &
-        while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    for v in $VARIANTS; do
+        checkpoints+=("$v-s$seed=$(ckpt "$v" "$seed" "$STEPS")")
+        [ -d "$(ckpt "$v" "$seed" "$STEPS")" ] && continue  # done in an earlier call
+        rm -rf "$OUT/$v-s$seed" "$OUT/$v-s$seed.log"
+        launch "$v" "$seed" "$STEPS"
     done
 done
 wait || true  # a failed run does not stop the others; it shows up as a missing checkpoint below
+for seed in $LONG_SEEDS; do
+    for v in $LONG_VARIANTS; do
+        checkpoints+=("$v@$LONG_STEPS-s$seed=$(ckpt "$v" "$seed" "$LONG_STEPS")")
+        [ -d "$(ckpt "$v" "$seed" "$LONG_STEPS")" ] || launch "$v" "$seed" "$LONG_STEPS" --resume
+    done
+done
+wait || true
 for c in "${checkpoints[@]}"; do
-    [ -d "${c#*=}" ] || { echo "missing ${c#*=}: see $OUT/${c%%=*}.log" >&2; exit 1; }
+    label=${c%%=*}; [ -d "${c#*=}" ] || { echo "missing ${c#*=}: see $OUT/${label/@*-s/-s}.log" >&2; exit 1; }
 done
 echo "training done ($(($(date +%s) - start)) s)"
 

@@ -86,26 +86,31 @@ def test_fused_training_matches_naive(tiny_ckpt, shapes_file):
                           "--update-batch", "2", "--micro-batch", "3", "--logprob-chunk", "7"])
     processor = palmr.load_processor(tiny_ckpt)
     cpu = torch.device("cpu")
-    models = {impl: grpo.prepare_model(tiny_ckpt, cpu, train=True, logprobs=impl, logprob_chunk=7)
-              for impl in ("fused", "naive")}
+    # "fused": the loss gradient folded into the forward (the default); "recompute": FusedLogprobs' backward
+    models = {name: grpo.prepare_model(tiny_ckpt, cpu, train=True, logprobs=impl, chunk=7)
+              for name, impl in (("fused", "fused"), ("recompute", "fused"), ("naive", "naive"))}
     reference = grpo.prepare_model(tiny_ckpt, cpu, train=False, logprobs="naive")
     engine = palmr.HFEngine(models["naive"], processor, args.max_pixels)
     rows, enc = grpo.rollout(engine, processor, read_jsonl(shapes_file)[:4], args, step=0, rank=0)
     adv = torch.linspace(-1.5, 1.5, len(rows))
     stats = {}
-    for impl, model in models.items():
+    for name, model in models.items():
+        args.fold_loss_grad = name != "recompute"
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
         for _ in range(3):
-            stats[impl] = grpo.train_on_rollouts(model, reference, opt, processor, rows, enc, adv, args, cpu)
+            stats[name] = grpo.train_on_rollouts(model, reference, opt, processor, rows, enc, adv, args, cpu)
     init = dict(palmr.load_model(tiny_ckpt).named_parameters())
-    fused, naive = dict(models["fused"].named_parameters()), dict(models["naive"].named_parameters())
-    # AdamW divides by sqrt(v): where a gradient is ~1e-8 (rare embedding rows) round-off differences of
-    # the two summation orders show up at ~1e-5, still 300x below the 3e-3 the updates can move a weight
-    for name in fused:
-        torch.testing.assert_close(fused[name], naive[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-        assert (fused[name] - naive[name]).abs().mean() < 1e-7, name
-    assert not torch.equal(fused["lm_head.weight"], init["lm_head.weight"]), "the updates must do something"
-    assert stats["fused"]["entropy"] == pytest.approx(stats["naive"]["entropy"], rel=1e-4)
+    naive = dict(models["naive"].named_parameters())
+    for variant in ("fused", "recompute"):
+        params = dict(models[variant].named_parameters())
+        # AdamW divides by sqrt(v): where a gradient is ~1e-8 (rare embedding rows) round-off differences of
+        # the two summation orders show up at ~1e-5, still 300x below the 3e-3 the updates can move a weight
+        for name in params:
+            torch.testing.assert_close(params[name], naive[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{variant} {name}: {m}")
+            assert (params[name] - naive[name]).abs().mean() < 1e-7, (variant, name)
+        assert not torch.equal(params["lm_head.weight"], init["lm_head.weight"]), "the updates must do something"
+        for k in ("entropy", "loss", "kl", "clip_frac"):
+            assert stats[variant][k] == pytest.approx(stats["naive"][k], rel=1e-4, abs=1e-7), (variant, k)
 
 
 @pytest.mark.slow
@@ -116,8 +121,8 @@ def test_fused_under_fsdp2_two_ranks_matches_naive(tmp_path, tiny_ckpt, shapes_f
            str(ROOT / "tests" / "fsdp_logprob_probe.py"), str(tmp_path), tiny_ckpt, shapes_file]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for rank in range(2):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for rank, impl in ((0, "fused"), (1, "fused"), (0, "folded"), (1, "folded")):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())[impl]
         assert r["grad_names_equal"] and r["lm_head_grad_norm"] > 0, r
         assert r["logp_max_diff"] < 1e-5 and r["entropy_max_diff"] < 1e-4, r
         assert r["grad_max_rel_diff"] < 1e-4, r
@@ -130,3 +135,126 @@ def test_zero_rows_give_empty_results_and_a_zero_gradient():
     assert logp.shape == (0,) and entropy.shape == (0,)
     (logp.sum() + 0.0).backward()
     assert weight.grad is not None and torch.equal(weight.grad, torch.zeros(11, 8)), "the head stays in the graph"
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused_policy_loss: the PPO token loss with the LM-head gradient computed in the forward pass
+
+
+def _ppo_inputs(logp, seed=0):
+    """Old/ref log-probs near `logp` (ratios 0.6-1.6: some tokens clip), advantages of both signs, IS weights."""
+    g = torch.Generator().manual_seed(seed)
+    n = logp.shape[0]
+    old = logp.detach() + (torch.rand(n, generator=g, dtype=torch.float64) - 0.5)
+    ref = logp.detach() + (torch.rand(n, generator=g, dtype=torch.float64) - 0.5)
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    isw = torch.rand(n, generator=g, dtype=torch.float64) * 2
+    return old, ref, adv, isw
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_folded_policy_loss_matches_float64_autograd(temperature):
+    torch.manual_seed(0)
+    n, hdim = 37, 32
+    hidden = torch.randn(n, hdim, requires_grad=True)
+    weight = (torch.randn(V, hdim) * 0.3).requires_grad_(True)
+    targets = torch.randint(0, V, (n,))
+    old, ref, adv, isw = _ppo_inputs(_reference(hidden, weight, targets, temperature)[0])
+
+    def token_loss(lp, s, e):
+        return grpo.token_policy_loss(lp, old[s:e].to(lp.dtype), ref[s:e].to(lp.dtype), adv[s:e].to(lp.dtype),
+                                      0.2, 0.28, 0.05, isw[s:e].to(lp.dtype))[0] / n
+
+    loss, logp, entropy = grpo.fused_policy_loss(hidden, weight, targets, token_loss, temperature, chunk_size=16)
+    (loss * 3.0).backward()  # an upstream gradient other than 1 scales both gradients
+    ref_logp, ref_entropy, h, w = _reference(hidden, weight, targets, temperature)
+    ref_loss = token_loss(ref_logp, 0, n).sum()
+    (ref_loss * 3.0).backward()
+    clipped = grpo.token_policy_loss(ref_logp.detach(), old, ref, adv, 0.2, 0.28, 0.05)[2]
+    assert 0 < int(clipped.sum()) < n, "the inputs must exercise both the clipped and the unclipped branch"
+    assert not logp.requires_grad and not entropy.requires_grad
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), atol=2e-5, rtol=0)
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(hidden.grad.double(), h.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(weight.grad.double(), w.grad, atol=1e-7, rtol=1e-4)
+
+
+def test_folded_policy_loss_finite_differences_float64():
+    # torch.autograd.gradcheck runs several backwards through one graph, which this function refuses (its
+    # gradients are scaled in place): central differences of the loss against one backward instead
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 10, 3, 3, 7])
+    a = torch.tensor([0.5, -1.0, 2.0, 0.1, -0.3], dtype=torch.float64)
+    token_loss = lambda lp, s, e: a[s:e] * torch.exp(lp) + lp ** 2  # noqa: E731  nonlinear, elementwise
+    fn = lambda h, w: grpo.fused_policy_loss(h, w, targets, token_loss, 0.7, chunk_size=2)[0]  # noqa: E731
+    loss = fn(hidden, weight)
+    (loss * 1.5).backward()
+    for x in (hidden, weight):
+        numeric = torch.zeros_like(x)
+        for i in range(x.numel()):
+            d = torch.zeros_like(x).view(-1)
+            d[i] = 1e-6
+            with torch.no_grad():
+                up = fn(hidden + d.view_as(x), weight) if x is hidden else fn(hidden, weight + d.view_as(x))
+                down = fn(hidden - d.view_as(x), weight) if x is hidden else fn(hidden, weight - d.view_as(x))
+            numeric.view(-1)[i] = 1.5 * (up - down) / 2e-6
+        torch.testing.assert_close(x.grad, numeric, atol=1e-7, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss2 = fn(hidden, weight)
+        loss2.backward(retain_graph=True)
+        loss2.backward()
+
+
+def test_folded_policy_loss_bf16_within_documented_tolerance():
+    torch.manual_seed(0)
+    n, hdim = 40, 64
+    hidden = torch.randn(n, hdim).bfloat16().requires_grad_(True)
+    weight = (torch.randn(V, hdim) * 0.4).bfloat16().requires_grad_(True)
+    targets = torch.randint(0, V, (n,))
+    a = torch.randn(n)
+    token_loss = lambda lp, s, e: lp * a[s:e]  # noqa: E731
+    loss, logp, _ = grpo.fused_policy_loss(hidden, weight, targets, token_loss, 1.0, chunk_size=16)
+    loss.backward()
+    ref_logp, _, h, w = _reference(hidden, weight, targets, 1.0)
+    (ref_logp * a.double()).sum().backward()
+    assert (logp.double() - ref_logp.detach()).abs().max() < BF16_LOGP_ATOL
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+    for got, want in ((hidden.grad, h.grad), (weight.grad, w.grad)):
+        assert (got.double() - want).norm() / want.norm() < BF16_GRAD_RTOL
+
+
+def test_masked_token_loss_sums_to_policy_loss():
+    # the per-token closure the folded path uses is policy_loss, token by token: same value, same gradient
+    torch.manual_seed(0)
+    B, T = 3, 5
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    logp = (-torch.rand(B, T, dtype=torch.float64) * 3).requires_grad_(True)
+    old, ref = -torch.rand(B, T, dtype=torch.float64) * 3, -torch.rand(B, T, dtype=torch.float64) * 3
+    adv, isw = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    for old_in in (old, None):  # None: one update per rollout batch, old = the current log-probs
+        want, _ = grpo.policy_loss(logp, logp.detach() if old_in is None else old, ref, adv, mask, 0.2, 0.28, 0.1, isw)
+        (gw,) = torch.autograd.grad(want, logp)
+        token_loss = grpo.masked_token_loss(old_in, ref, adv, mask, 0.2, 0.28, 0.1, isw)
+        rows = logp[mask.bool()]
+        got = token_loss(rows[:3], 0, 3).sum() + token_loss(rows[3:], 3, 8).sum()  # in two blocks
+        (gg,) = torch.autograd.grad(got, logp)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        torch.testing.assert_close(gg, gw, atol=1e-12, rtol=0)
+
+
+def test_folded_zero_rows_keep_the_head_in_the_graph():
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    loss, logp, entropy = grpo.fused_policy_loss(hidden, weight, torch.zeros(0, dtype=torch.long), lambda lp, s, e: lp)
+    loss.backward()
+    assert logp.shape == (0,) and float(loss.detach()) == 0.0 and torch.equal(weight.grad, torch.zeros(11, 8))
+
+
+@pytest.mark.parametrize("memory_mib, want", [(1024, 704), (1, 64), (8192, 5632)])
+def test_gpu_chunk_from_memory_budget(memory_mib, want):
+    # 10 bytes per logit (two fp32 buffers and a bf16 copy), multiples of 64 rows: hand-computed at V 152,064
+    assert grpo.logprob_chunk(152064, "cuda", memory_mib) == want
+    assert grpo.logprob_chunk(152064, "cpu", memory_mib) == grpo.LOGPROB_CHUNK_CPU == 128

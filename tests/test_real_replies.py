@@ -109,7 +109,7 @@ def test_trainer_rewards_read_the_whole_assistant_turn(thinking_ckpt):
     prefill = palmr.generation_prefill(palmr.render_prompt(processor, ""))  # as grpo.main computes it
     s = Sample("s1", "x.png", "How many circles?", "2", facts=FACTS, reference=REF)
     rows = [(s, palmr.Completion([], COMPLETION, [], True)), (s, palmr.Completion([], "I see 3 red circles.\n</think> \\boxed{2}", [], True))]
-    rewards, parts, stats = grpo.compute_rewards(judge.RuleJudge(), rows, "palmr", prefill)
+    rewards, parts, stats, _ = grpo.compute_rewards(judge.RuleJudge(), rows, "palmr", prefill)
     assert parts["fmt"].tolist() == [1.0, 1.0] and parts["vis"].tolist() == [1.0, 0.0]
     assert rewards.tolist() == pytest.approx([1.0, 0.0])
 

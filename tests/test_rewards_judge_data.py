@@ -301,7 +301,10 @@ def trace(reasoning, answer="1"):
     ("a red circle at last", [(None, "red", "circle")]),
 ])
 def test_claims(text, expected):
-    assert claims(text) == [judge.Claim(*e) for e in expected]
+    found = claims(text)
+    assert [c._replace(span=None) for c in found] == [judge.Claim(*e) for e in expected]
+    for c in found:  # each claim's span is exactly its own text
+        assert [d._replace(span=None) for d in claims(text[c.span[0]:c.span[1]])] == [c._replace(span=None)]
 
 
 @pytest.mark.parametrize("candidate, reference, s_vis", [
@@ -356,7 +359,9 @@ def test_rule_judge_judges_reasoning_not_answer():
     # a well-formed trace is judged on its <think> part only
     text = "<think>I see 2 red circles.</think> So \\boxed{3 red circles}"
     assert contradictions(text, FACTS) == []
-    assert contradictions("<think>I see 3 red circles.</think> \\boxed{3}", FACTS) == [((3, "red", "circle", None), 2)]
+    text = "<think>I see 3 red circles.</think> \\boxed{3}"
+    [(claim, n)] = contradictions(text, FACTS)
+    assert (claim[:4], n) == ((3, "red", "circle", None), 2) and text[slice(*claim.span)] == "3 red circles"
 
 
 @pytest.mark.parametrize("facts", [

@@ -88,14 +88,20 @@ def test_study_script_end_to_end(tmp_path):
     # the real script on a toy budget, with its own empty ~/.cache: warm start, 2 rewards x 1 seed, eval,
     # report
     env = dict(os.environ, HOME=str(tmp_path / "home"), SEEDS="0", STEPS="1", WARMUP="2", LIMIT="4",
+               VARIANTS="grpo palmr+both", LONG_STEPS="2", LONG_SEEDS="0", LONG_VARIANTS="palmr+both",
                PYTHONPATH=str(ROOT))
     out = tmp_path / "study"
     p = subprocess.run(["bash", str(ROOT / "runs" / "shapes_study.sh"), str(out)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     results = json.loads((out / "eval" / "results.json").read_text())["checkpoints"]
-    assert set(results) == {"start", "grpo-s0", "palmr-s0"}
+    assert set(results) == {"start", "grpo-s0", "palmr+both-s0", "palmr+both@2-s0"}
     assert all(r["shapes"]["n"] == 4 for r in results.values())
-    assert "| **palmr** | 1 |" in (out / "results.md").read_text()
-    assert (out / "curves.png").exists()
-    assert len((out / "palmr-s0" / "metrics.jsonl").read_text().splitlines()) == 1
+    md = (out / "results.md").read_text()
+    assert "| **palmr+both** | 1 |" in md and "| **palmr+both@2** | 1 |" in md and "Versions: python" in md
+    assert (out / "curves.png").exists() and (out / "curves_long.png").exists()
+    # the long run is the same run resumed: one metrics file, 2 steps, both checkpoints kept
+    assert len((out / "palmr+both-s0" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (out / "palmr+both-s0" / "checkpoint-000001").is_dir() and (out / "palmr+both-s0" / "checkpoint-000002").is_dir()
+    args = json.loads((out / "palmr+both-s0" / "args.json").read_text())
+    assert args["credit"] == "token" and args["judge_omissions"] and args["versions"]["torch"]
