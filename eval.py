@@ -635,9 +635,10 @@ def study_table(results, seeds=None):
     return "\n".join(lines)
 
 
-def study_curves(out, seeds, smooth=5, variants=("grpo", "palmr")):
+def study_curves(out, seeds, smooth=5, variants=("grpo", "palmr"), steps=None):
     """{variant: {series: [per-step mean over seeds, moving average over `smooth` steps]}} from
-    OUT/<variant>-s<seed>/metrics.jsonl (`palmr@80` reads palmr's runs); over the shortest run's steps."""
+    OUT/<variant>-s<seed>/metrics.jsonl (`palmr@80` reads palmr's runs), the last row per step (a resumed
+    run may repeat steps), up to `steps` and the shortest run's length."""
     series = {}
     for variant in variants:
         per_seed = []
@@ -645,7 +646,8 @@ def study_curves(out, seeds, smooth=5, variants=("grpo", "palmr")):
             path = out / f"{variant.split('@')[0]}-s{s}" / "metrics.jsonl"
             if not path.exists():
                 continue
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            by_step = {r["step"]: r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))}
+            rows = [by_step[k] for k in sorted(by_step) if steps is None or k <= steps]
             per_seed.append({"reward": [r["reward"] for r in rows],
                              "answer acc (rollouts)": [r["reward/ans"] for r in rows],
                              # share of correct rollouts whose reasoning misreads the scene (rule judge)
@@ -712,8 +714,10 @@ def study_report(out):
         md += ["Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     for name, variants in (("curves.png", [v for v in runs if "@" not in v]), ("curves_long.png", [v for v in runs if "@" in v])):
         series = {}
-        for v in variants:  # a variant's curve averages the seeds it ran with, over the steps all of them reached
-            series.update(study_curves(out, sorted(runs[v]), variants=[v]))
+        for v in variants:  # a variant's curve: the seeds it ran with, up to its checkpoints' step
+            steps = [re.search(r"checkpoint-(\d+)", str(results[label].get("path", ""))) for label in runs[v].values()]
+            cut = min((int(m.group(1)) for m in steps if m), default=None)
+            series.update(study_curves(out, sorted(runs[v]), variants=[v], steps=cut))
         if series:
             study_plot(series, out / name)
             md.append(f"![curves]({name})")

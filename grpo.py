@@ -230,6 +230,7 @@ def compute_rewards(judge, rows, scheme, prefill=""):
     """
     n = len(rows)
     s_vis, r_cov, failed, stats, stats_ties, spans = [1.0] * n, [0.0] * n, 0, {}, 0, [[] for _ in rows]
+    unmatched = 0
     if judge is not None:
         items = [JudgeItem(s.question, s.facts, prefill + c.text, s.reference) for s, c in rows]
         judge.stats = {}
@@ -237,7 +238,7 @@ def compute_rewards(judge, rows, scheme, prefill=""):
             verdicts = judge.judge(items)
             s_vis, failed = [v.s_vis for v in verdicts], sum(v.failed for v in verdicts)
             stats_ties = sum(v.preference == "tie" for v in verdicts)
-            stats["unmatched"] = sum(v.unmatched for v in verdicts)
+            unmatched = sum(v.unmatched for v in verdicts)
             k = len(prefill)
             spans = [[(max(a - k, 0), b - k) for a, b in v.spans if b > k] for v in verdicts]
             if scheme in NEEDS_COV:
@@ -246,7 +247,7 @@ def compute_rewards(judge, rows, scheme, prefill=""):
             print(f"[rank {palmr.get_rank()}] judge failed on this batch, counted as no preference: "
                   f"{type(e).__name__}: {e}", flush=True)
             failed = n
-        stats = dict(judge.stats)
+        stats = dict(judge.stats, unmatched=unmatched)
     totals, parts = [], {}
     for (s, c), vis, cov in zip(rows, s_vis, r_cov):
         total, p = score_completion(scheme, prefill + c.text, s.answer, s.choices, s_vis=vis, r_cov=cov)
@@ -464,7 +465,8 @@ class FusedPolicyLoss(torch.autograd.Function):
         n, c = hidden.shape[0], min(chunk_size, hidden.shape[0])
         logp, entropy = (torch.empty(n, dtype=acc, device=hidden.device) for _ in range(2))
         # gradients in the inputs' dtypes: each block's matmul sums in fp32, the sum over blocks is rounded
-        # to the weight's dtype (bf16 under FSDP mixed precision, whose parameter gradients are bf16 anyway)
+        # to the weight's dtype. For bf16 that costs precision (measured in review: 24 blocks, 0.59% relative
+        # error of grad_weight vs 0.17% for one bf16 GEMM) and saves an fp32 (V, H) accumulator (2 GiB at 7B)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight)
         block = torch.empty(c, weight.shape[0], dtype=acc, device=hidden.device)  # (c, V)

@@ -23,6 +23,7 @@ counted (judge/failed) and ties are counted apart (judge/ties): two equally fait
 calling that a failure would make a faithful policy look like a broken judge.
 """
 import argparse
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -100,8 +101,8 @@ def claims(text, offset=0):
 def _reasoning(text):
     """(the reasoning to judge, its offset in text): the <think> part when well formed, else the whole text."""
     think, _, well_formed = parse_response(text)
-    if well_formed and think:
-        return think, text.find(think)
+    if well_formed and think:  # the think text starts after the first '<think>' (and any whitespace)
+        return think, text.find(think, text.find("<think>") + len("<think>"))
     return text, 0
 
 
@@ -139,7 +140,7 @@ def fact_coverage(text, facts):
     if not groups:
         return 0.0
     said, placed = set(), {}
-    for c in claims(_reasoning(text)[0]):
+    for c in claims(parse_response(text)[0] or text):  # the think part, well formed or not
         if c.where is None:
             said.add((1 if c.count is None else c.count, c.color, c.kind))  # "a red circle": a group of one
         else:
@@ -233,7 +234,9 @@ def pointwise_prompt(question, facts, response, omissions=False, locate=False):
             + "End with exactly one line: `VERDICT: FAITHFUL` or `VERDICT: UNFAITHFUL`.")
 
 
-_WRONG = re.compile(r'^\W*WRONG(?:\s+([AB]))?\s*:[\s*]*["\u201c]?(.*?)["\u201d]?[\s*]*$', re.IGNORECASE | re.MULTILINE)
+_WRONG = re.compile(r'^[^\w\n]*WRONG(?:[ \t]+([AB]))?[ \t]*:[ \t*`]*["\u201c]?(.*?)["\u201d]?[ \t*`]*$',
+                    re.IGNORECASE | re.MULTILINE)
+_NOTHING = {"none", "n/a", "na", "nothing", "-"}
 
 
 def parse_wrong(text):
@@ -242,31 +245,46 @@ def parse_wrong(text):
     if not answer:
         return []
     return [((m.group(1) or "").upper() or None, m.group(2).strip()) for m in _WRONG.finditer(answer)
-            if m.group(2).strip()]
+            if m.group(2).strip() and m.group(2).strip().lower().strip(".") not in _NOTHING]
 
 
 def locate_quotes(text, quotes):
     """Character spans of quoted statements in text -> (spans, unmatched).
 
-    A quote matches verbatim, else case-insensitively with any run of whitespace for a space; a quote
-    found nowhere is counted in `unmatched`, never guessed. Repeated quotes take successive occurrences.
+    A quote matches verbatim, else case-insensitively with any run of whitespace for a space, in both
+    cases as whole words (a quote "red" never marks "reddish"); a quote found nowhere is counted in
+    `unmatched`, never guessed. A quote given k times takes its first k occurrences.
     """
     spans, unmatched = [], 0
     for q in quotes:
         words = q.split()
         if not words:
             continue
-        pattern = re.compile(r"\s+".join(re.escape(w) for w in words), re.IGNORECASE)
+        left = r"\b" if re.match(r"\w", words[0]) else ""
+        right = r"\b" if re.search(r"\w$", words[-1]) else ""
         found = None
-        for m in pattern.finditer(text):
-            if (m.start(), m.end()) not in spans:
-                found = (m.start(), m.end())
+        for pattern in (re.compile(left + re.escape(q.strip()) + right),
+                        re.compile(left + r"\s+".join(re.escape(w) for w in words) + right, re.IGNORECASE)):
+            found = next(((m.start(), m.end()) for m in pattern.finditer(text) if (m.start(), m.end()) not in spans), None)
+            if found:
                 break
         if found is None:
             unmatched += 1
         else:
             spans.append(found)
     return spans, unmatched
+
+
+def merge_quotes(per_reply):
+    """Quotes from several replies about one response (the swapped orders): a quote (compared without case
+    and extra whitespace) named k times in one reply and j in another counts max(k, j) times."""
+    counts, first = collections.Counter(), {}
+    for quotes in per_reply:
+        mine = collections.Counter(" ".join(q.lower().split()) for q in quotes)
+        for q in quotes:
+            first.setdefault(" ".join(q.lower().split()), q)
+        counts |= mine
+    return [first[k] for k, n in counts.items() for _ in range(n)]
 
 
 def fact_list(facts):
@@ -531,7 +549,7 @@ class LLMJudge:
                 reply, rf = replies[i * per_item + k], orders[i * per_item + k]
                 v = None if reply.truncated else parse_verdict(reply.text)
                 if self.locate and v is not None:  # the candidate's letter in this order
-                    quotes += [q for letter, q in parse_wrong(reply.text) if letter == ("B" if rf else "A")]
+                    quotes.append([q for letter, q in parse_wrong(reply.text) if letter == ("B" if rf else "A")])
                 if v in ("A", "B"):
                     votes.append("reference" if (v == "A") == rf else "candidate")
                 elif v == "TIE":  # no preference: a real answer (two faithful traces), logged as judge/ties
@@ -544,7 +562,7 @@ class LLMJudge:
             else:  # no verdict, or the two orders disagree (position bias): no preference
                 preference = "tie" if all(v is not None for v in votes) else None
             # with swap, the reference must win in both orders to gate the rollout
-            spans, unmatched = locate_quotes(items[i].candidate, dict.fromkeys(quotes))  # swap: each quote once
+            spans, unmatched = locate_quotes(items[i].candidate, merge_quotes(quotes))
             verdicts.append(Verdict(0.0 if preference == "reference" else 1.0, failed=bool(reasons),
                                     reason="; ".join(reasons), preference=preference, spans=spans,
                                     unmatched=unmatched))

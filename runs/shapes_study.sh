@@ -36,9 +36,6 @@ JOBS=${JOBS:-2}
 LIMIT=${LIMIT:-}  # evaluate the first LIMIT held-out items only (smoke tests)
 RL=(--warmup-steps "$WARMUP" --group-size 8 --rollout-batch 8 --update-batch 8 --micro-batch 16
     --max-new-tokens 64 --lr 1e-4 --save-every "$STEPS" --keep 2 --log-rollouts-every 0)
-mkdir -p "$OUT"
-start=$(date +%s)
-
 flags() {  # the trainer flags of a variant
     case "$1" in
         grpo) echo "--reward grpo" ;;
@@ -46,11 +43,16 @@ flags() {  # the trainer flags of a variant
         palmr+omissions) echo "--reward palmr --judge-omissions" ;;
         palmr+token) echo "--reward palmr --credit token" ;;
         palmr+both) echo "--reward palmr --judge-omissions --credit token" ;;
-        *) echo "unknown variant $1" >&2; exit 2 ;;
+        *) echo "unknown variant $1 (grpo palmr palmr+omissions palmr+token palmr+both)" >&2; return 2 ;;
     esac
 }
+mkdir -p "$OUT"
+start=$(date +%s)
+for v in $VARIANTS $LONG_VARIANTS; do flags "$v" > /dev/null; done  # an unknown variant stops here
+[ -z "$LONG_SEEDS" ] || [ "$LONG_STEPS" -gt "$STEPS" ] || { echo "LONG_STEPS must exceed STEPS" >&2; exit 2; }
+
 ckpt() { echo "$OUT/$1-s$2/checkpoint-$(printf %06d "$3")"; }
-launch() {  # variant seed steps [--resume]: one run in the background, JOBS at a time
+launch() {  # variant seed steps [extra flags]: one run in the background, JOBS at a time
     local run="$OUT/$1-s$2"
     # shellcheck disable=SC2046
     OMP_NUM_THREADS=1 python grpo.py "${RL[@]}" $(flags "$1") --seed "$2" --max-steps "$3" --out "$run" ${4:-} \
@@ -72,9 +74,12 @@ for seed in $SEEDS; do
 done
 wait || true  # a failed run does not stop the others; it shows up as a missing checkpoint below
 for seed in $LONG_SEEDS; do
+    [[ " $SEEDS " == *" $seed "* ]] || continue  # only runs this study trained
     for v in $LONG_VARIANTS; do
+        [[ " $VARIANTS " == *" $v "* ]] || continue
         checkpoints+=("$v@$LONG_STEPS-s$seed=$(ckpt "$v" "$seed" "$LONG_STEPS")")
-        [ -d "$(ckpt "$v" "$seed" "$LONG_STEPS")" ] || launch "$v" "$seed" "$LONG_STEPS" --resume
+        # the same run resumed; saving only at the end keeps checkpoint-$STEPS (--keep 2)
+        [ -d "$(ckpt "$v" "$seed" "$LONG_STEPS")" ] || launch "$v" "$seed" "$LONG_STEPS" "--resume --save-every $LONG_STEPS"
     done
 done
 wait || true

@@ -72,10 +72,25 @@ def test_parse_wrong_reads_only_the_final_answer():
 
 
 def test_locate_quotes_verbatim_loose_repeated_and_unmatched():
-    text = "I see 3 red  Circles.\nThen 3 red circles again, and a star."
+    text = "I see 3 red  Circles.\nThen 3 red circles again, and a star, a reddish one."
     spans, unmatched = judge.locate_quotes(text, ["3 red circles", "3 red circles", "a moon", "a star"])
-    assert [text[a:b] for a, b in spans] == ["3 red  Circles", "3 red circles", "a star"]
+    assert [text[a:b] for a, b in spans] == ["3 red circles", "3 red  Circles", "a star"]  # verbatim first
     assert unmatched == 1, "a quote found nowhere is counted, never guessed"
+    spans, unmatched = judge.locate_quotes(text, ["red", "red"])  # whole words: never inside "reddish"
+    assert [text[a:b] for a, b in spans] == ["red", "red"] and all(a < text.index("reddish") for a, _ in spans)
+    assert judge.locate_quotes(text, ["dish"]) == ([], 1)
+
+
+def test_parse_wrong_edge_lines():
+    assert judge.parse_wrong('WRONG A:\nWRONG B: "3 red circles"\nVERDICT: A') == [("B", "3 red circles")]
+    assert judge.parse_wrong('`WRONG B: "3 red circles"`\nWRONG A: none\nWRONG: n/a\nVERDICT: A') == [
+        ("B", "3 red circles")]
+
+
+def test_merge_quotes_across_swapped_replies():
+    # the same claim named in both orders counts once; a claim named twice in one reply counts twice
+    merged = judge.merge_quotes([["3 red circles", "a star", "a star"], ["3 Red  circles", "a star"]])
+    assert merged == ["3 red circles", "a star", "a star"]
 
 
 def _locating_reply(messages):
