@@ -88,8 +88,9 @@ def get_args(argv=None):
     ap.add_argument("--judge-retries", type=int, default=4, help="openai: retries on 429/5xx/timeouts, exponential backoff")
     ap.add_argument("--judge-max-tokens", type=int, default=4096, help="judge reply budget (reasoning included)")
     ap.add_argument("--judge-no-reasoning", action="store_true", help="turn the judge's thinking off (paper: on)")
-    ap.add_argument("--judge-omissions", action=argparse.BooleanOptionalAction, default=False,
-                    help="stating fewer of the facts than the reference is also less faithful (gated; README)")
+    ap.add_argument("--judge-omissions", action=argparse.BooleanOptionalAction, default=True,
+                    help="stating fewer of the facts than the reference is also less faithful, so gated (ours, "
+                    "on by default: README 'Process credit')")
     ap.add_argument("--credit", default="sequence", choices=["sequence", "token"],
                     help="token: the judge's located wrong claims get a negative per-token advantage (README)")
     ap.add_argument("--credit-c", type=float, default=0.5,

@@ -9,10 +9,12 @@
 # 1. builds (or finds) the cached warm start: SFT on shapes traces, a share of them misread on purpose;
 # 2. from it, for every seed, trains each of VARIANTS for STEPS steps with the same budget and flags:
 #      grpo             --reward grpo
-#      palmr            --reward palmr
-#      palmr+omissions  --reward palmr --judge-omissions      (saying less than the reference is gated)
-#      palmr+token      --reward palmr --credit token         (located wrong claims: negative token credit)
-#      palmr+both       both
+#      palmr            --reward palmr --no-judge-omissions   (the gate counts contradictions only)
+#      palmr+omissions  --reward palmr --judge-omissions      (saying less than the reference is gated too;
+#                                                              the trainer's default)
+#      palmr+token      --reward palmr --no-judge-omissions --credit token  (located wrong claims: negative
+#                                                              token credit)
+#      palmr+both       --reward palmr --judge-omissions --credit token
 # 3. continues the LONG_VARIANTS runs of LONG_SEEDS to LONG_STEPS (a --resume of the same run);
 # 4. evaluates the start and every checkpoint on the held-out shapes split (greedy): answer accuracy,
 #    perception, complete perception and process-hallucination rate, all exact (rule judge);
@@ -39,9 +41,9 @@ RL=(--warmup-steps "$WARMUP" --group-size 8 --rollout-batch 8 --update-batch 8 -
 flags() {  # the trainer flags of a variant
     case "$1" in
         grpo) echo "--reward grpo" ;;
-        palmr) echo "--reward palmr" ;;
+        palmr) echo "--reward palmr --no-judge-omissions" ;;
         palmr+omissions) echo "--reward palmr --judge-omissions" ;;
-        palmr+token) echo "--reward palmr --credit token" ;;
+        palmr+token) echo "--reward palmr --no-judge-omissions --credit token" ;;
         palmr+both) echo "--reward palmr --judge-omissions --credit token" ;;
         *) echo "unknown variant $1 (grpo palmr palmr+omissions palmr+token palmr+both)" >&2; return 2 ;;
     esac
