@@ -725,7 +725,7 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
              for u in range(n_updates)]
     pad_id = processor.tokenizer.pad_token_id
     # micro-batches wait on the CPU and go to the device one at a time (pixel values are per row)
-    token_credit = getattr(args, "credit", "sequence") == "token" and wrong is not None
+    token_credit = args.credit == "token" and wrong is not None
     batches = [[training_batch([rows[i] for i in mb], encoded, pad_id, "cpu", [wrong[i] for i in mb] if token_credit
                                else None) for mb in update] for update in spans]
     on = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
@@ -1030,7 +1030,8 @@ def main(argv=None):
         t1 = time.time()
         # reward and advantage (advantages over the gathered global batch; a group never spans ranks)
         rewards, parts, judge_stats, located = compute_rewards(judge, rows, args.reward, prefill)
-        wrong = [span_tokens(processor.tokenizer, c.token_ids, sp) for (_, c), sp in zip(rows, located)]
+        wrong = [span_tokens(processor.tokenizer, c.token_ids, sp) for (_, c), sp in zip(rows, located)] \
+            if args.credit == "token" else None  # only token credit needs the spans as tokens
         gathered = [torch.zeros_like(rewards) for _ in range(world)]
         dist.all_gather(gathered, rewards) if dist.is_initialized() else gathered.__setitem__(0, rewards)
         all_adv = group_advantages(torch.cat(gathered), args.group_size, args.adv_scale)
@@ -1055,11 +1056,12 @@ def main(argv=None):
                  "judge/ties": torch.tensor(float(judge_stats["ties"])),
                  "judge/gated_zero": (parts["vis"] == 0).float().sum(),
                  "judge/hallucinated_correct": ((parts["vis"] == 0) & (parts["ans"] == 1)).float().sum(),
-                 # located errors: rollouts with one, and the share of completion tokens they cover
-                 "credit/located": torch.tensor(float(sum(bool(w) for w in wrong))),
-                 "credit/wrong_tokens": torch.tensor(float(sum(len(w) / max(1, len(c.token_ids))
-                                                               for w, (_, c) in zip(wrong, rows)))),
+                 # located errors: rollouts with one (and with token credit, the share of tokens marked)
+                 "credit/located": torch.tensor(float(sum(bool(sp) for sp in located))),
                  "judge/unmatched": torch.tensor(float(judge_stats.get("unmatched", 0)))}
+        if wrong is not None:
+            local["credit/wrong_tokens"] = torch.tensor(float(sum(len(w) / max(1, len(c.token_ids))
+                                                                  for w, (_, c) in zip(wrong, rows))))
         n_rows = len(rows) * world
         metrics = {k: float(all_reduce(v.double().clone())) / n_rows for k, v in local.items()}
         if args.judge in ("openai", "hf"):  # decided by flags, never by this rank's stats: every rank reduces
