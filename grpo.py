@@ -347,6 +347,8 @@ def training_batch(rows, encoded, pad_id, device, wrong=None):
         sampler_logp[i, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
     batch["input_ids"] = torch.cat([batch["input_ids"], completion], 1)
     batch["attention_mask"] = torch.cat([batch["attention_mask"], mask], 1)
+    if "mm_token_type_ids" in batch:  # completion tokens are text (mRoPE positions, palmr.mrope_needs_token_types)
+        batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion)], 1)
     batch["completion_ids"], batch["mask"], batch["sampler_logp"] = completion, mask, sampler_logp
     if wrong is not None:
         batch["wrong"] = torch.zeros((len(rows), width), dtype=torch.float32)
@@ -525,8 +527,10 @@ def fused_policy_loss(hidden, weight, targets, token_loss, temperature=1.0, chun
 def _completion_hidden(model, batch):
     """(B, T, H) last hidden states at the positions that predict the completion tokens, and the LM head's
     scored rows (V', H): an FSDP forward, so inside it the head's weight is the unsharded full tensor."""
+    types = {"mm_token_type_ids": batch["mm_token_type_ids"]} if "mm_token_type_ids" in batch else {}
     out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=False)
+                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=False,
+                      **types)  # with the image tokens' types, the 3-D mRoPE positions the checkpoint was trained with
     T = batch["completion_ids"].shape[1]
     P = batch["input_ids"].shape[1] - T
     # the LM head's padding rows beyond the tokenizer are never sampled (palmr.suppressed_token_ids), so

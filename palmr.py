@@ -9,6 +9,8 @@ byte-level BPE tokenizer trained offline here, so that every entry point runs wi
 import argparse
 import dataclasses
 import datetime
+import functools
+import inspect
 import json
 import math
 import os
@@ -327,8 +329,9 @@ def assistant_turn(prompt_text, completion_text):
 
 
 def encode_prompt(processor, text, image, max_pixels):
-    """-> {input_ids: list[int], pixel_values: (P, C*T*ps*ps), image_grid_thw: (1, 3)} for one prompt;
-    only input_ids for a text-only prompt (image None, no placeholder in the text)."""
+    """-> {input_ids: list[int], mm_token_type_ids: list[int] (1 on image tokens, else 0, as the official
+    processor returns it), pixel_values: (P, C*T*ps*ps), image_grid_thw: (1, 3)} for one prompt; only
+    input_ids for a text-only prompt (image None, no placeholder in the text)."""
     if image is None:
         assert "<|image_pad|>" not in text, "a text-only prompt holds no image placeholder"
         return {"input_ids": processor.tokenizer(text, add_special_tokens=False)["input_ids"]}
@@ -337,7 +340,19 @@ def encode_prompt(processor, text, image, max_pixels):
     assert text.count("<|image_pad|>") == 1, "a prompt holds exactly one image placeholder"
     text = text.replace("<|image_pad|>", "<|image_pad|>" * n_tokens)
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return {"input_ids": ids, "pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    return {"input_ids": ids, "mm_token_type_ids": [int(t == image_id) for t in ids],
+            "pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+
+
+@functools.lru_cache(maxsize=None)
+def mrope_needs_token_types():
+    """True where Qwen2.5-VL builds its 3-D (t, h, w) mRoPE positions only when given mm_token_type_ids
+    (transformers 5.2x: without them `get_rope_index` is skipped and image tokens get 1-D text positions,
+    so the trainer and HF generation would run a different function from the one vLLM and the
+    checkpoint's pretraining use). Older versions find the image tokens in input_ids themselves."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+    return "mm_token_type_ids" in inspect.signature(qwen.Qwen2_5_VLModel.get_rope_index).parameters
 
 
 def stop_token_ids(tokenizer):
@@ -574,7 +589,8 @@ class VLLMEngine:
 
 
 def collate_prompts(rows, pad_id, device="cpu"):
-    """Left-pad encoded prompts into one batch: input_ids, attention_mask (B, P), pixel_values, image_grid_thw."""
+    """Left-pad encoded prompts into one batch: input_ids, attention_mask (B, P), pixel_values, image_grid_thw,
+    and mm_token_type_ids (B, P) where the installed transformers needs them for mRoPE (mrope_needs_token_types)."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -586,6 +602,12 @@ def collate_prompts(rows, pad_id, device="cpu"):
     if vision:
         batch["pixel_values"] = torch.cat([r["pixel_values"] for r in vision]).to(device)
         batch["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in vision]).to(device)
+        if mrope_needs_token_types():
+            types = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                if "mm_token_type_ids" in r:
+                    types[i, width - len(r["input_ids"]):] = torch.tensor(r["mm_token_type_ids"])
+            batch["mm_token_type_ids"] = types.to(device)
     return batch
 
 

@@ -198,3 +198,45 @@ def test_hf_engine_ranks_get_distinct_seeds_whatever_vllm_tp_says(tiny_ckpt, sha
     a, _ = grpo.rollout(engine, processor, samples[:1], args, 0, rank=0)
     b, _ = grpo.rollout(engine, processor, samples[:1], args, 0, rank=1)
     assert [c.token_ids for _, c in a] != [c.token_ids for _, c in b]
+
+
+def test_trainer_forward_uses_the_3d_mrope_positions(tiny_ckpt):
+    # regression: transformers 5.2x builds Qwen2.5-VL's (t, h, w) positions only when given
+    # mm_token_type_ids; without them image tokens got 1-D text positions (logits off by ~2 on the warm
+    # start), unlike vLLM and the checkpoint's pretraining. Left-padded batch vs each row alone with its
+    # positions from the model's own get_rope_index (the official rule), unpadded.
+    import palmr
+    from PIL import Image
+    from data import Sample
+    if not palmr.mrope_needs_token_types():
+        pytest.skip("this transformers finds image tokens in input_ids itself")
+    processor = palmr.load_processor(tiny_ckpt)
+    model = grpo.prepare_model(tiny_ckpt, torch.device("cpu"), train=False, logprobs="naive", shard=False)
+    tok, image_id = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    rows, encoded = [], {}
+    for i, size in enumerate([(112, 112), (56, 84)]):  # different grids: different prompt lengths, left padding
+        s = Sample(id=f"s{i}", image="", question="How many circles?", answer="2")
+        encoded[s.id] = palmr.encode_prompt(processor, palmr.render_prompt(processor, s.question),
+                                            Image.new("RGB", size, "white"), 112 * 112)
+        ids = tok("<think>I see 2 red circles.</think> The answer is \\boxed{2}."[:40 + 5 * i], add_special_tokens=False)["input_ids"]
+        rows.append((s, palmr.Completion(token_ids=ids, text="", logprobs=[0.0] * len(ids), finished=False)))
+    batch = grpo.training_batch(rows, encoded, tok.pad_token_id, "cpu")
+    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == image_id).long()), "1 exactly on image tokens"
+    with torch.no_grad():
+        logp, _ = model.completion_logprobs(batch, 1.0)
+        flat = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+        logp_1d, _ = model.completion_logprobs(flat, 1.0)  # the old, wrong forward
+        grids = batch["image_grid_thw"]
+        for i, (s, c) in enumerate(rows):
+            ids = torch.tensor([encoded[s.id]["input_ids"] + c.token_ids])
+            types = (ids == image_id).long()
+            pos, _ = model.model.get_rope_index(ids, image_grid_thw=grids[i:i + 1], attention_mask=torch.ones_like(ids),
+                                                mm_token_type_ids=types)
+            assert pos.shape == (3, 1, ids.shape[1]) and not torch.equal(pos[0], pos[1]), "3-D positions"
+            hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=encoded[s.id]["pixel_values"],
+                                 image_grid_thw=grids[i:i + 1], position_ids=pos, use_cache=False).last_hidden_state
+            P, T = len(encoded[s.id]["input_ids"]), len(c.token_ids)
+            logits = hidden[0, P - 1:P - 1 + T] @ model.lm_head.weight[:model.scored_vocab].T  # the tokenizer's rows
+            want = logits.float().log_softmax(-1).gather(1, ids[0, P:, None]).squeeze(1)
+            torch.testing.assert_close(logp[i, :T], want, atol=2e-5, rtol=0)
+            assert (logp_1d[i, :T] - want).abs().max() > 1e-3, "1-D positions must give other log-probs"
