@@ -92,7 +92,8 @@ def get_args(argv=None):
                     help="stating fewer of the facts than the reference is also less faithful, so gated (ours, "
                     "on by default: README 'Process credit')")
     ap.add_argument("--credit", default="sequence", choices=["sequence", "token"],
-                    help="token: the judge's located wrong claims get a negative per-token advantage (README)")
+                    help="token (ours, off by default: README 'Process credit'): the judge's located wrong claims get a "
+                    "negative per-token advantage; sequence: one advantage per rollout")
     ap.add_argument("--credit-c", type=float, default=0.5,
                     help="token credit: a wrong claim's tokens get advantage -max(|A|, c) (ours)")
     # optimisation

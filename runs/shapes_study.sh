@@ -8,13 +8,12 @@
 #
 # 1. builds (or finds) the cached warm start: SFT on shapes traces, a share of them misread on purpose;
 # 2. from it, for every seed, trains each of VARIANTS for STEPS steps with the same budget and flags:
-#      grpo             --reward grpo
-#      palmr            --reward palmr --no-judge-omissions   (the gate counts contradictions only)
-#      palmr+omissions  --reward palmr --judge-omissions      (saying less than the reference is gated too;
-#                                                              the trainer's default)
-#      palmr+token      --reward palmr --no-judge-omissions --credit token  (located wrong claims: negative
-#                                                              token credit)
-#      palmr+both       --reward palmr --judge-omissions --credit token
+#      grpo             --reward grpo --credit sequence
+#      palmr            --reward palmr --no-judge-omissions --credit sequence  (the paper's gate: contradictions)
+#      palmr+omissions  --reward palmr --judge-omissions --credit sequence     (saying less is gated too)
+#      palmr+token      --reward palmr --no-judge-omissions --credit token     (located wrong claims get
+#                                                                               negative token credit)
+#      palmr+both       --reward palmr --judge-omissions --credit token        (the trainer's defaults)
 # 3. continues the LONG_VARIANTS runs of LONG_SEEDS to LONG_STEPS (a --resume of the same run);
 # 4. evaluates the start and every checkpoint on the held-out shapes split (greedy): answer accuracy,
 #    perception, complete perception and process-hallucination rate, all exact (rule judge);
@@ -40,9 +39,9 @@ RL=(--warmup-steps "$WARMUP" --group-size 8 --rollout-batch 8 --update-batch 8 -
     --max-new-tokens 64 --lr 1e-4 --save-every "$STEPS" --keep 2 --log-rollouts-every 0)
 flags() {  # the trainer flags of a variant
     case "$1" in
-        grpo) echo "--reward grpo" ;;
-        palmr) echo "--reward palmr --no-judge-omissions" ;;
-        palmr+omissions) echo "--reward palmr --judge-omissions" ;;
+        grpo) echo "--reward grpo --credit sequence" ;;
+        palmr) echo "--reward palmr --no-judge-omissions --credit sequence" ;;
+        palmr+omissions) echo "--reward palmr --judge-omissions --credit sequence" ;;
         palmr+token) echo "--reward palmr --no-judge-omissions --credit token" ;;
         palmr+both) echo "--reward palmr --judge-omissions --credit token" ;;
         *) echo "unknown variant $1 (grpo palmr palmr+omissions palmr+token palmr+both)" >&2; return 2 ;;
