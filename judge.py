@@ -165,19 +165,22 @@ class RuleJudge:
         self.omissions = omissions
 
     def judge(self, items):
-        verdicts = []
+        verdicts, reference_scores = [], {}  # a group's G rollouts share one reference: scored once
         for it in items:
             if not it.facts:
                 verdicts.append(Verdict(1.0, failed=True, reason="no facts for this item"))
                 continue
             bad = contradictions(it.candidate, it.facts)
-            base = len(contradictions(it.reference, it.facts)) if it.reference else 0
+            key = (it.reference, json.dumps(it.facts, sort_keys=True))
+            if it.reference and key not in reference_scores:
+                reference_scores[key] = (len(contradictions(it.reference, it.facts)), fact_coverage(it.reference, it.facts))
+            base, ref_cov = reference_scores.get(key, (0, 0.0))
             reasons = [" ".join(str(w) for w in ("says", "a" if c.count is None else c.count, c.color,
                                                  c.kind or "shape", c.where and f"at {c.where}") if w)
                        + f", facts say {n}" for c, n in bad]
             worse, better = len(bad) > base, len(bad) < base
             if self.omissions and it.reference:
-                cov, ref_cov = fact_coverage(it.candidate, it.facts), fact_coverage(it.reference, it.facts)
+                cov = fact_coverage(it.candidate, it.facts)
                 if cov < ref_cov:
                     reasons.append(f"states {cov:.0%} of the fact groups, the reference {ref_cov:.0%}")
                 worse, better = worse or cov < ref_cov, (better and cov <= ref_cov) or (not worse and cov > ref_cov)
