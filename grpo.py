@@ -331,13 +331,9 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-6):
 # Log-probs of completion tokens only
 
 
-def training_batch(rows, encoded, pad_id, device, wrong=None):
-    """Prompt left-padded + completion right-padded, every per-token tensor built from the same ids.
-
-    -> dict(input_ids, attention_mask (B, P+T), pixel_values, image_grid_thw, completion_ids, mask,
-    sampler_logp (B, T)), and wrong (B, T) when `wrong` (per row: token indices of located wrong claims)
-    """
-    batch = palmr.collate_prompts([encoded[s.id] for s, _ in rows], pad_id)
+def _completion_tensors(rows, pad_id, wrong=None):
+    """completion_ids, mask, sampler_logp (B, T) right-padded, T >= 1, and wrong (B, T) when `wrong` (per row:
+    token indices of located wrong claims): the per-token tensors both layouts share."""
     width = max(1, max(len(c.token_ids) for _, c in rows))
     completion = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -346,16 +342,111 @@ def training_batch(rows, encoded, pad_id, device, wrong=None):
         completion[i, :len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
         mask[i, :len(c.token_ids)] = 1
         sampler_logp[i, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+    out = {"completion_ids": completion, "mask": mask, "sampler_logp": sampler_logp}
+    if wrong is not None:
+        out["wrong"] = torch.zeros((len(rows), width), dtype=torch.float32)
+        for i, idx in enumerate(wrong):
+            out["wrong"][i, idx] = 1.0
+    return out
+
+
+def training_batch(rows, encoded, pad_id, device, wrong=None):
+    """Per-row layout: prompt left-padded + completion right-padded, every per-token tensor built from the same ids.
+
+    -> dict(input_ids, attention_mask (B, P+T), pixel_values, image_grid_thw, completion_ids, mask,
+    sampler_logp (B, T)), and wrong (B, T) when `wrong` (per row: token indices of located wrong claims)
+    """
+    batch = palmr.collate_prompts([encoded[s.id] for s, _ in rows], pad_id)
+    batch.update(_completion_tensors(rows, pad_id, wrong))
+    completion, mask = batch["completion_ids"], batch["mask"]
     batch["input_ids"] = torch.cat([batch["input_ids"], completion], 1)
     batch["attention_mask"] = torch.cat([batch["attention_mask"], mask], 1)
     if "mm_token_type_ids" in batch:  # completion tokens are text (mRoPE positions, palmr.mrope_needs_token_types)
         batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion)], 1)
-    batch["completion_ids"], batch["mask"], batch["sampler_logp"] = completion, mask, sampler_logp
-    if wrong is not None:
-        batch["wrong"] = torch.zeros((len(rows), width), dtype=torch.float32)
-        for i, idx in enumerate(wrong):
-            batch["wrong"][i, idx] = 1.0
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def shared_prefix_batch(rows, encoded, pad_id, device, wrong=None):
+    """Shared-prefix layout: each run of consecutive rows with the same prompt (a group, or part of one) is one
+    sequence, the prompt once and then the run's completions, each completion seeing the prompt and its own
+    earlier tokens only (prefix_attention_mask). The vision tower and every prompt token run once per run
+    instead of once per row; README "Shared-prefix forward".
+
+    -> dict(input_ids (S, L) right-padded; branch (S, L): 0 on the prompt, j on the sequence's j-th completion
+    (j >= 1), -1 on padding; shift (S, L): how many positions a completion token sits after where it would be
+    alone after its prompt (the total length of the earlier completions of its sequence; 0 on the prompt);
+    hidden_index (B, T): the flat index into (S * L) of the position whose hidden state predicts each
+    completion token (the prompt's last token for the first one); pixel_values and image_grid_thw once per
+    sequence; mm_token_type_ids (S, L) where the installed transformers needs them; and training_batch's
+    completion_ids, mask, sampler_logp (B, T) [, wrong (B, T)], for the same rows in the same order).
+    """
+    runs = []  # [prompt id, row indices]
+    for i, (s, _) in enumerate(rows):
+        if runs and runs[-1][0] == s.id:
+            runs[-1][1].append(i)
+        else:
+            runs.append([s.id, [i]])
+    batch = _completion_tensors(rows, pad_id, wrong)
+    hidden_at = torch.zeros_like(batch["completion_ids"])  # (B, T): position in its own sequence
+    seqs = []  # (ids, branch, shift, types)
+    for k, (sid, idx) in enumerate(runs):
+        e = encoded[sid]
+        ids, P = list(e["input_ids"]), len(e["input_ids"])
+        branch, shift = [0] * P, [0] * P
+        types = list(e.get("mm_token_type_ids", [0] * P))
+        for j, i in enumerate(idx, 1):
+            c = rows[i][1].token_ids
+            start = len(ids)
+            hidden_at[i, :len(c)] = torch.tensor([P - 1] + list(range(start, start + len(c) - 1)))[:len(c)]
+            ids += list(c)
+            branch += [j] * len(c)
+            shift += [start - P] * len(c)
+            types += [0] * len(c)
+        seqs.append((ids, branch, shift, types))
+    S, L = len(seqs), max(len(q[0]) for q in seqs)
+    full = lambda fill: torch.full((S, L), fill, dtype=torch.long)  # noqa: E731
+    batch["input_ids"], batch["branch"], batch["shift"], types = full(pad_id), full(-1), full(0), full(0)
+    for k, (ids, branch, shift, typ) in enumerate(seqs):
+        for name, values in (("input_ids", ids), ("branch", branch), ("shift", shift)):
+            batch[name][k, :len(values)] = torch.tensor(values, dtype=torch.long)
+        types[k, :len(typ)] = torch.tensor(typ, dtype=torch.long)
+    row_seq = torch.tensor([k for k, (_, idx) in enumerate(runs) for _ in idx], dtype=torch.long)
+    batch["hidden_index"] = row_seq[:, None] * L + hidden_at  # masked positions point at a valid index (unread)
+    vision = [encoded[sid] for sid, _ in runs if "pixel_values" in encoded[sid]]
+    if vision:
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in vision])
+        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in vision])
+        if palmr.mrope_needs_token_types():
+            batch["mm_token_type_ids"] = types
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def prefix_attention_mask(branch, implementation="sdpa", dtype=torch.float32):
+    """The shared-prefix layout's attention mask from branch (S, L) (shared_prefix_batch).
+
+    Query i sees key j iff j <= i, j is not padding, and j is on the prompt or on i's own completion; a padding
+    query sees itself too, so its softmax is finite (its output is never read). -> by attention implementation:
+    sdpa: bool (S, 1, L, L), True = attend (PyTorch SDPA's convention); eager: additive float (S, 1, L, L),
+    0 or finfo(dtype).min; flex_attention: a torch BlockMask built from the same rule (memory linear in L, and
+    fully masked blocks skipped). Raises ValueError for other implementations (flash-attention kernels take
+    no custom mask).
+    """
+    def allowed(b, q, kv):
+        key, query = branch[b, kv], branch[b, q]
+        return ((kv <= q) & (key >= 0) & ((key == 0) | (key == query))) | (kv == q)
+    S, L = branch.shape
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+        return create_block_mask(lambda b, h, q, kv: allowed(b, q, kv), B=S, H=None, Q_LEN=L, KV_LEN=L,
+                                 device=branch.device)
+    idx = torch.arange(L, device=branch.device)
+    mask = allowed(torch.arange(S, device=branch.device)[:, None, None], idx[None, :, None], idx[None, None, :])
+    if implementation == "sdpa":
+        return mask[:, None]
+    if implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=branch.device).masked_fill(~mask, torch.finfo(dtype).min)[:, None]
+    raise ValueError(f"the shared-prefix layout needs an attention implementation that takes a custom mask "
+                     f"(sdpa, eager, flex_attention), not {implementation!r}; use --no-shared-prefix")
 
 
 class FusedLogprobs(torch.autograd.Function):
@@ -441,7 +532,7 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=128):
 
 def naive_logprobs(hidden, weight, targets, temperature=1.0):
     """The textbook path, (N, V) logits and their log-softmax in full: the reference the tests compare to."""
-    logits = (hidden @ weight.T).float() / temperature  # (N, V)
+    logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature  # (N, V), fp64 stays
     log_p = logits.log_softmax(-1)
     return log_p.gather(1, targets[:, None]).squeeze(1), -(log_p.exp() * log_p).sum(-1).detach()
 
@@ -527,7 +618,10 @@ def fused_policy_loss(hidden, weight, targets, token_loss, temperature=1.0, chun
 
 def _completion_hidden(model, batch):
     """(B, T, H) last hidden states at the positions that predict the completion tokens, and the LM head's
-    scored rows (V', H): an FSDP forward, so inside it the head's weight is the unsharded full tensor."""
+    scored rows (V', H): an FSDP forward, so inside it the head's weight is the unsharded full tensor.
+    `batch` is in either layout (training_batch, shared_prefix_batch)."""
+    if "branch" in batch:
+        return _shared_prefix_hidden(model, batch), model.lm_head.weight[:getattr(model, "scored_vocab", None)]
     types = {"mm_token_type_ids": batch["mm_token_type_ids"]} if "mm_token_type_ids" in batch else {}
     out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=False,
@@ -539,6 +633,26 @@ def _completion_hidden(model, batch):
     return out.last_hidden_state[:, P - 1:P - 1 + T], model.lm_head.weight[:getattr(model, "scored_vocab", None)]
 
 
+def _shared_prefix_hidden(model, batch):
+    """(B, T, H) hidden states of a shared_prefix_batch: one forward over its sequences with the block mask and
+    each completion's mRoPE positions continuing from its prompt's, as if it were alone after the prompt."""
+    ids, branch = batch["input_ids"], batch["branch"]
+    valid = (branch >= 0).long()
+    types = {"mm_token_type_ids": batch["mm_token_type_ids"]} if "mm_token_type_ids" in batch else {}
+    if "image_grid_thw" in batch:  # the model's own 3-D positions of prompt + completions laid end to end ...
+        positions = model.model.get_rope_index(input_ids=ids, image_grid_thw=batch["image_grid_thw"],
+                                               attention_mask=valid, **types)[0]
+    else:
+        positions = (valid.cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
+    positions = positions - batch["shift"][None]  # ... then each completion moved back to follow its prompt
+    language = model.model.language_model
+    mask = prefix_attention_mask(branch, language.config._attn_implementation, language.embed_tokens.weight.dtype)
+    vision = {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]} \
+        if "pixel_values" in batch else {}
+    out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **vision, **types)
+    return out.last_hidden_state.flatten(0, 1)[batch["hidden_index"]]
+
+
 def completion_loss(model, batch, temperature, token_loss):
     """The policy loss of a micro-batch with the LM-head gradient folded into the forward (fused_policy_loss).
 
@@ -547,8 +661,9 @@ def completion_loss(model, batch, temperature, token_loss):
     """
     hidden, weight = _completion_hidden(model, batch)
     mask = batch["mask"].bool()
-    logp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    entropy = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    dtype = torch.promote_types(torch.float32, hidden.dtype)  # float32, or float64 for a float64 model (tests)
+    logp = torch.zeros(mask.shape, dtype=dtype, device=hidden.device)
+    entropy = torch.zeros(mask.shape, dtype=dtype, device=hidden.device)
     loss, logp[mask], entropy[mask] = fused_policy_loss(hidden[mask], weight, batch["completion_ids"][mask],
                                                         token_loss, temperature, model.logprob_chunk)
     return loss, logp, entropy
@@ -558,8 +673,9 @@ def completion_logprobs(model, batch, temperature):
     """(B, T) log-probs and entropies of the completion tokens; masked positions are 0. An FSDP forward."""
     hidden, weight = _completion_hidden(model, batch)  # only completion positions reach the LM head
     mask = batch["mask"].bool()
-    logp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    entropy = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    dtype = torch.promote_types(torch.float32, hidden.dtype)  # float32, or float64 for a float64 model (tests)
+    logp = torch.zeros(mask.shape, dtype=dtype, device=hidden.device)
+    entropy = torch.zeros(mask.shape, dtype=dtype, device=hidden.device)
     if model.logprob_impl == "fused":
         logp[mask], entropy[mask] = fused_logprobs(hidden[mask], weight, batch["completion_ids"][mask], temperature,
                                                    model.logprob_chunk)
