@@ -105,6 +105,15 @@ def get_args(argv=None):
     ap.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"], help="advantage std: per group, whole batch, or none")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     ap.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward per rank")
+    ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=None,
+                    help="score each prompt once per group, its completions as branches of one sequence (README "
+                    "'Shared-prefix forward'); default: on for CPU, where it was measured faster, off on GPUs")
+    ap.add_argument("--prefix-attention", default="dense", choices=["dense", "flex"],
+                    help="shared-prefix mask: dense (L, L) boolean masks through SDPA, or flex: a torch flex_attention "
+                    "block mask, memory linear in L (GPU; not yet run by this project)")
+    ap.add_argument("--micro-tokens", type=int, default=0,
+                    help="split each update into micro-batches of about this many tokens instead of --micro-batch rows "
+                    "(0: off); every rank runs the same number of micro-batches")
     ap.add_argument("--logprobs", default="fused", choices=["fused", "naive"], help="LM-head log-prob path: chunked fused, or full logits")
     ap.add_argument("--fold-loss-grad", action=argparse.BooleanOptionalAction, default=True,
                     help="fused: compute the LM head's policy-loss gradient in the forward pass (no recompute; README)")
@@ -331,6 +340,42 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-6):
 # Log-probs of completion tokens only
 
 
+PREFIX_FLEX = "palmr_prefix_flex"  # the text model's attention implementation under --prefix-attention flex
+_compiled_flex = None
+
+
+def prefix_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """An attention function for transformers' AttentionInterface: torch flex_attention when the mask is a
+    BlockMask (the shared-prefix layout, prefix_attention_mask), PyTorch SDPA for every other mask (per-row
+    forwards, HF generation, evaluation). query (B, Hq, L, D), key/value (B, Hkv, L, D) -> (B, L, Hq, D), None.
+    Qwen2.5-VL's text model has no flex_attention support in transformers 5.2x (from_pretrained refuses it),
+    hence this registered function (transformers docs, "Attention interface"). flex_attention is compiled on
+    GPUs; on CPU it runs uncompiled and without backward (PyTorch has none there): tests check its forward.
+    UNVERIFIED on a GPU: no GPU was lent to the session that wrote it.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if not isinstance(attention_mask, BlockMask):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    global _compiled_flex
+    if query.is_cuda and _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    fn = _compiled_flex if query.is_cuda else flex_attention
+    out = fn(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_prefix_flex(model):
+    """Switch the text model's attention to prefix_flex_attention (the vision tower keeps its own)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(PREFIX_FLEX, prefix_flex_attention)
+    AttentionMaskInterface.register(PREFIX_FLEX, sdpa_mask)  # the masks of ordinary forwards: SDPA's
+    model.set_attn_implementation({"text_config": PREFIX_FLEX})
+    return model
+
+
 def _completion_tensors(rows, pad_id, wrong=None):
     """completion_ids, mask, sampler_logp (B, T) right-padded, T >= 1, and wrong (B, T) when `wrong` (per row:
     token indices of located wrong claims): the per-token tensors both layouts share."""
@@ -427,15 +472,15 @@ def prefix_attention_mask(branch, implementation="sdpa", dtype=torch.float32):
     Query i sees key j iff j <= i, j is not padding, and j is on the prompt or on i's own completion; a padding
     query sees itself too, so its softmax is finite (its output is never read). -> by attention implementation:
     sdpa: bool (S, 1, L, L), True = attend (PyTorch SDPA's convention); eager: additive float (S, 1, L, L),
-    0 or finfo(dtype).min; flex_attention: a torch BlockMask built from the same rule (memory linear in L, and
-    fully masked blocks skipped). Raises ValueError for other implementations (flash-attention kernels take
-    no custom mask).
+    0 or finfo(dtype).min; PREFIX_FLEX (--prefix-attention flex): a torch BlockMask built from the same rule
+    (memory linear in L, fully masked blocks skipped). Raises ValueError for other implementations
+    (flash-attention kernels take no custom mask).
     """
     def allowed(b, q, kv):
         key, query = branch[b, kv], branch[b, q]
         return ((kv <= q) & (key >= 0) & ((key == 0) | (key == query))) | (kv == q)
     S, L = branch.shape
-    if implementation == "flex_attention":
+    if implementation == PREFIX_FLEX:
         from torch.nn.attention.flex_attention import create_block_mask
         return create_block_mask(lambda b, h, q, kv: allowed(b, q, kv), B=S, H=None, Q_LEN=L, KV_LEN=L,
                                  device=branch.device)
@@ -446,7 +491,7 @@ def prefix_attention_mask(branch, implementation="sdpa", dtype=torch.float32):
     if implementation == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=branch.device).masked_fill(~mask, torch.finfo(dtype).min)[:, None]
     raise ValueError(f"the shared-prefix layout needs an attention implementation that takes a custom mask "
-                     f"(sdpa, eager, flex_attention), not {implementation!r}; use --no-shared-prefix")
+                     f"(sdpa, eager, --prefix-attention flex), not {implementation!r}; use --no-shared-prefix")
 
 
 class FusedLogprobs(torch.autograd.Function):
@@ -782,11 +827,13 @@ def logprob_chunk(vocab, device_type, memory_mib=LOGPROB_MEMORY_MIB):
 
 
 def prepare_model(path, device, train, activation_checkpointing=False, logprobs="fused", chunk=None,
-                  logprob_memory=LOGPROB_MEMORY_MIB, shard=True):
+                  logprob_memory=LOGPROB_MEMORY_MIB, shard=True, prefix_attention="dense"):
     """Load, optionally checkpoint activations, shard with FSDP2 (when distributed and `shard`), register forwards."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     model = palmr.load_model(path, dtype=torch.float32 if train or device.type == "cpu" else torch.bfloat16,
                              device=device)
+    if prefix_attention == "flex":
+        use_prefix_flex(model)
     model.requires_grad_(train)
     if activation_checkpointing:  # transformers >= 5.2x renamed it; 5.17 (vLLM 0.26's era) has the old name
         if hasattr(model, "activation_checkpointing_enable"):
@@ -827,6 +874,45 @@ def micro_batches(n, size):
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def row_tokens(rows, encoded, shared):
+    """Tokens each row adds to a forward pass: its completion, plus its prompt unless (shared layout) the row
+    before it has the same prompt. Padding not counted."""
+    return [len(c.token_ids) + (0 if shared and i > 0 and rows[i - 1][0].id == s.id else len(encoded[s.id]["input_ids"]))
+            for i, (s, c) in enumerate(rows)]
+
+
+def split_tokens(tokens, n):
+    """Rows with these token counts, in order -> n contiguous, non-empty ranges (n <= len(tokens)) cut where the
+    running sum first reaches k / n of the total."""
+    assert 1 <= n <= len(tokens), f"{n} micro-batches for {len(tokens)} rows"
+    total, parts, start, acc = sum(tokens), [], 0, 0
+    for i, t in enumerate(tokens):
+        acc += t
+        left_rows, left_parts = len(tokens) - i - 1, n - len(parts) - 1
+        if left_parts > 0 and (acc >= total * (len(parts) + 1) / n or left_rows == left_parts):
+            parts.append(range(start, i + 1))
+            start = i + 1
+    parts.append(range(start, len(tokens)))
+    return parts
+
+
+def update_micro_batches(rows, encoded, per_update, n_updates, args):
+    """Per update, the micro-batches of this rank's rows (ranges into rows): --micro-batch rows each, or with
+    --micro-tokens about that many tokens each (row_tokens in the layout used). Under FSDP every rank must run
+    the same number of forwards, so the count is the largest any rank needs."""
+    spans = []
+    for u in range(n_updates):
+        if args.micro_tokens > 0:
+            tokens = row_tokens(rows[u * per_update:(u + 1) * per_update], encoded, bool(args.shared_prefix))
+            n = min(len(tokens), max(1, math.ceil(sum(tokens) / args.micro_tokens)))
+            n = int(all_reduce(torch.tensor(n), dist.ReduceOp.MAX))
+            parts = split_tokens(tokens, n)
+        else:
+            parts = micro_batches(per_update, args.micro_batch)
+        spans.append([range(u * per_update + p.start, u * per_update + p.stop) for p in parts])
+    return spans
+
+
 def full_parameters(model):
     """(name, full tensor) one at a time: under FSDP2 each full_tensor() is an all-gather on every rank."""
     for name, p in model.named_parameters():
@@ -842,13 +928,14 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
     world = palmr.get_world_size()
     n_updates = args.rollout_batch // args.update_batch
     per_update = len(rows) // n_updates  # this rank's sequences per optimizer update
-    spans = [[range(u * per_update + mb.start, u * per_update + mb.stop) for mb in micro_batches(per_update, args.micro_batch)]
-             for u in range(n_updates)]
+    spans = update_micro_batches(rows, encoded, per_update, n_updates, args)
     pad_id = processor.tokenizer.pad_token_id
-    # micro-batches wait on the CPU and go to the device one at a time (pixel values are per row)
+    # micro-batches wait on the CPU and go to the device one at a time (pixel values are per row, or per
+    # prompt in the shared-prefix layout)
     token_credit = args.credit == "token" and wrong is not None
-    batches = [[training_batch([rows[i] for i in mb], encoded, pad_id, "cpu", [wrong[i] for i in mb] if token_credit
-                               else None) for mb in update] for update in spans]
+    layout = shared_prefix_batch if args.shared_prefix else training_batch
+    batches = [[layout([rows[i] for i in mb], encoded, pad_id, "cpu", [wrong[i] for i in mb] if token_credit
+                       else None) for mb in update] for update in spans]
     on = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
     clock = PhaseClock(device)
     fold = policy.logprob_impl == "fused" and args.fold_loss_grad
@@ -1118,11 +1205,17 @@ def main(argv=None):
     assert not args.resume or resume_from is not None, f"--resume: no checkpoint in {out}"
     args.model_source = args.model
     processor = palmr.load_processor(args.model)
+    if args.shared_prefix is None:  # measured faster on CPU; not yet measured on a GPU (README)
+        args.shared_prefix = device.type != "cuda"
+    flex = args.prefix_attention if args.shared_prefix else "dense"
     policy = prepare_model(resume_from or args.model, device, train=True,
                            activation_checkpointing=args.activation_checkpointing, logprobs=args.logprobs,
-                           chunk=args.logprob_chunk, logprob_memory=args.logprob_memory)
+                           chunk=args.logprob_chunk, logprob_memory=args.logprob_memory, prefix_attention=flex)
     reference = prepare_model(args.model, device, train=False, logprobs=args.logprobs, chunk=args.logprob_chunk,
-                              logprob_memory=args.logprob_memory) if args.beta > 0 else None
+                              logprob_memory=args.logprob_memory, prefix_attention=flex) if args.beta > 0 else None
+    if args.shared_prefix:  # fail now, not at the first forward, on an attention implementation without custom masks
+        prefix_attention_mask(torch.zeros((1, 1), dtype=torch.long),
+                              policy.model.language_model.config._attn_implementation)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = load_trainer_state(resume_from, policy, optimizer, args) if resume_from else 0
     engine = make_engine(args, policy, processor, resume_from or args.model, rank, world, device)
