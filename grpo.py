@@ -108,9 +108,10 @@ def get_args(argv=None):
     ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=None,
                     help="score each prompt once per group, its completions as branches of one sequence (README "
                     "'Shared-prefix forward'); default: on for CPU, where it was measured faster, off on GPUs")
-    ap.add_argument("--prefix-attention", default="dense", choices=["dense", "flex"],
-                    help="shared-prefix mask: dense (L, L) boolean masks through SDPA, or flex: a torch flex_attention "
-                    "block mask, memory linear in L (GPU; not yet run by this project)")
+    ap.add_argument("--prefix-attention", default="branch", choices=["branch", "dense", "flex"],
+                    help="shared-prefix attention: branch (one SDPA call per completion on [prompt; itself], exact, "
+                    "no (L, L) mask), dense ((L, L) boolean masks through SDPA), flex (torch flex_attention block "
+                    "mask; GPU, not yet run by this project)")
     ap.add_argument("--micro-tokens", type=int, default=0,
                     help="split each update into micro-batches of about this many tokens instead of --micro-batch rows "
                     "(0: off); every rank runs the same number of micro-batches")
@@ -340,21 +341,68 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-6):
 # Log-probs of completion tokens only
 
 
-PREFIX_FLEX = "palmr_prefix_flex"  # the text model's attention implementation under --prefix-attention flex
+PREFIX_ATTENTION = "palmr_prefix"  # the text model's attention implementation for --prefix-attention branch/flex
 _compiled_flex = None
 
 
-def prefix_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """An attention function for transformers' AttentionInterface: torch flex_attention when the mask is a
-    BlockMask (the shared-prefix layout, prefix_attention_mask), PyTorch SDPA for every other mask (per-row
-    forwards, HF generation, evaluation). query (B, Hq, L, D), key/value (B, Hkv, L, D) -> (B, L, Hq, D), None.
-    Qwen2.5-VL's text model has no flex_attention support in transformers 5.2x (from_pretrained refuses it),
-    hence this registered function (transformers docs, "Attention interface"). flex_attention is compiled on
-    GPUs; on CPU it runs uncompiled and without backward (PyTorch has none there): tests check its forward.
-    UNVERIFIED on a GPU: no GPU was lent to the session that wrote it.
+class PrefixBranches:
+    """The shared-prefix layout as prefix_attention sees it, from branch (S, L) (shared_prefix_batch): per
+    sequence, the prompt length and each completion's [start, end) in the sequence, in order."""
+
+    def __init__(self, branch):
+        self.shape = tuple(branch.shape)
+        self.spans = []
+        for row in branch.tolist():
+            prompt = row.count(0)  # the prompt comes first
+            runs = []
+            for i in range(prompt, len(row)):
+                if row[i] < 0:
+                    break
+                if not runs or row[i] != row[i - 1]:
+                    runs.append([i, i + 1])
+                else:
+                    runs[-1][1] = i + 1
+            self.spans.append((prompt, [tuple(r) for r in runs]))
+
+
+def branch_attention(query, key, value, layout, scaling):
+    """Exact attention of the shared-prefix layout without an (L, L) mask: per sequence, the prompt attends
+    causally to itself, and each completion to the prompt and causally to itself (one SDPA call per
+    completion on [prompt keys; its keys]), so the work and memory are those of the per-row layout's
+    attention, the prompt's keys computed once. query (S, Hq, L, D), key/value (S, Hkv, L, D) -> (S, Hq, L, D);
+    padding rows are 0 (never read)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa = key.shape[1] != query.shape[1]
+    out = []
+    for s, (prompt, runs) in enumerate(layout.spans):
+        q, k, v = query[s:s + 1], key[s:s + 1], value[s:s + 1]
+        parts = [sdpa(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], is_causal=True, scale=scaling,
+                      enable_gqa=gqa)]
+        for start, end in runs:
+            n = end - start
+            keys = torch.cat([k[:, :, :prompt], k[:, :, start:end]], 2)
+            values = torch.cat([v[:, :, :prompt], v[:, :, start:end]], 2)
+            mask = torch.ones((n, prompt + n), dtype=torch.bool, device=query.device).tril(prompt)
+            parts.append(sdpa(q[:, :, start:end], keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa))
+        done = runs[-1][1] if runs else prompt
+        parts.append(query.new_zeros((1, query.shape[1], query.shape[2] - done, query.shape[3])))
+        out.append(torch.cat(parts, 2))
+    return torch.cat(out, 0)
+
+
+def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The text model's attention function (transformers' AttentionInterface) for the shared-prefix layout:
+    branch_attention when the mask is a PrefixBranches, torch flex_attention when it is a BlockMask (both
+    from prefix_attention_mask), PyTorch SDPA for every other mask (per-row forwards, HF generation and
+    evaluation). query (B, Hq, L, D), key/value (B, Hkv, L, D) -> (B, L, Hq, D), None.
+    A registered function because Qwen2.5-VL's text model has no flex_attention support in transformers 5.2x
+    (from_pretrained refuses it). flex_attention is compiled on GPUs; on CPU PyTorch runs it uncompiled and has
+    no backward for it, so the tests check its forward only. The flex route is UNVERIFIED on a GPU.
     """
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if isinstance(attention_mask, PrefixBranches):
+        return branch_attention(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
     if not isinstance(attention_mask, BlockMask):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
@@ -366,13 +414,16 @@ def prefix_flex_attention(module, query, key, value, attention_mask, scaling=Non
     return out.transpose(1, 2).contiguous(), None
 
 
-def use_prefix_flex(model):
-    """Switch the text model's attention to prefix_flex_attention (the vision tower keeps its own)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionInterface.register(PREFIX_FLEX, prefix_flex_attention)
-    AttentionMaskInterface.register(PREFIX_FLEX, sdpa_mask)  # the masks of ordinary forwards: SDPA's
-    model.set_attn_implementation({"text_config": PREFIX_FLEX})
+def use_prefix_attention(model, route):
+    """Record the shared-prefix attention route (`branch`, `dense`, `flex`) on the model; for branch and flex,
+    switch the text model's attention to prefix_attention (the vision tower keeps its own)."""
+    if route != "dense":
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+        AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)  # the masks of ordinary forwards: SDPA's
+        model.set_attn_implementation({"text_config": PREFIX_ATTENTION})
+    model.prefix_attention = route
     return model
 
 
@@ -466,32 +517,36 @@ def shared_prefix_batch(rows, encoded, pad_id, device, wrong=None):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def prefix_attention_mask(branch, implementation="sdpa", dtype=torch.float32):
-    """The shared-prefix layout's attention mask from branch (S, L) (shared_prefix_batch).
+def prefix_attention_mask(branch, route="branch", implementation="sdpa", dtype=torch.float32):
+    """The shared-prefix layout's attention rule, from branch (S, L) (shared_prefix_batch), in the form `route`
+    and the text model's attention `implementation` take.
 
-    Query i sees key j iff j <= i, j is not padding, and j is on the prompt or on i's own completion; a padding
-    query sees itself too, so its softmax is finite (its output is never read). -> by attention implementation:
-    sdpa: bool (S, 1, L, L), True = attend (PyTorch SDPA's convention); eager: additive float (S, 1, L, L),
-    0 or finfo(dtype).min; PREFIX_FLEX (--prefix-attention flex): a torch BlockMask built from the same rule
-    (memory linear in L, fully masked blocks skipped). Raises ValueError for other implementations
-    (flash-attention kernels take no custom mask).
+    Rule: query i sees key j iff j <= i, j is not padding, and j is on the prompt or on i's own completion; a
+    padding query sees itself too, so its softmax is finite (its output is never read).
+    -> route branch: a PrefixBranches (branch_attention; no (L, L) tensor). route flex: a torch BlockMask
+    (memory linear in L, fully masked blocks skipped). route dense: an (S, 1, L, L) mask, bool (True = attend,
+    PyTorch SDPA's convention) for sdpa, additive float (0 or finfo(dtype).min) for eager. Raises ValueError
+    for a dense mask and any other implementation (flash-attention kernels take no custom mask).
     """
-    def allowed(b, q, kv):
-        key, query = branch[b, kv], branch[b, q]
-        return ((kv <= q) & (key >= 0) & ((key == 0) | (key == query))) | (kv == q)
     S, L = branch.shape
-    if implementation == PREFIX_FLEX:
+    if route == "branch":
+        return PrefixBranches(branch)
+    if route == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
-        return create_block_mask(lambda b, h, q, kv: allowed(b, q, kv), B=S, H=None, Q_LEN=L, KV_LEN=L,
-                                 device=branch.device)
-    idx = torch.arange(L, device=branch.device)
-    mask = allowed(torch.arange(S, device=branch.device)[:, None, None], idx[None, :, None], idx[None, None, :])
-    if implementation == "sdpa":
+
+        def allowed(b, h, q, kv):
+            key, query = branch[b, kv], branch[b, q]
+            return ((kv <= q) & (key >= 0) & ((key == 0) | (key == query))) | (kv == q)
+        return create_block_mask(allowed, B=S, H=None, Q_LEN=L, KV_LEN=L, device=branch.device)
+    key, query = branch[:, None, :], branch[:, :, None]  # broadcast, not gathered: (S, L, L) bools only
+    causal = torch.ones((L, L), dtype=torch.bool, device=branch.device).tril()
+    mask = (causal & (key >= 0) & ((key == 0) | (key == query))) | torch.eye(L, dtype=torch.bool, device=branch.device)
+    if implementation in ("sdpa", PREFIX_ATTENTION):  # prefix_attention hands a tensor mask to SDPA
         return mask[:, None]
     if implementation == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=branch.device).masked_fill(~mask, torch.finfo(dtype).min)[:, None]
-    raise ValueError(f"the shared-prefix layout needs an attention implementation that takes a custom mask "
-                     f"(sdpa, eager, --prefix-attention flex), not {implementation!r}; use --no-shared-prefix")
+    raise ValueError(f"a dense shared-prefix mask needs an attention implementation that takes one (sdpa, eager), "
+                     f"not {implementation!r}; use --prefix-attention branch or --no-shared-prefix")
 
 
 class FusedLogprobs(torch.autograd.Function):
@@ -691,7 +746,11 @@ def _shared_prefix_hidden(model, batch):
         positions = (valid.cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
     positions = positions - batch["shift"][None]  # ... then each completion moved back to follow its prompt
     language = model.model.language_model
-    mask = prefix_attention_mask(branch, language.config._attn_implementation, language.embed_tokens.weight.dtype)
+    route = getattr(model, "prefix_attention", "dense")
+    mask = prefix_attention_mask(branch, route, language.config._attn_implementation, language.embed_tokens.weight.dtype)
+    if route == "branch":  # not a tensor: handed to every layer as is, past transformers' mask preparation
+        assert all(t == "full_attention" for t in language.config.layer_types), "branch attention: no sliding windows"
+        mask = {t: mask for t in set(language.config.layer_types)}
     vision = {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]} \
         if "pixel_values" in batch else {}
     out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **vision, **types)
@@ -827,13 +886,12 @@ def logprob_chunk(vocab, device_type, memory_mib=LOGPROB_MEMORY_MIB):
 
 
 def prepare_model(path, device, train, activation_checkpointing=False, logprobs="fused", chunk=None,
-                  logprob_memory=LOGPROB_MEMORY_MIB, shard=True, prefix_attention="dense"):
+                  logprob_memory=LOGPROB_MEMORY_MIB, shard=True, prefix_attention="branch"):
     """Load, optionally checkpoint activations, shard with FSDP2 (when distributed and `shard`), register forwards."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     model = palmr.load_model(path, dtype=torch.float32 if train or device.type == "cpu" else torch.bfloat16,
                              device=device)
-    if prefix_attention == "flex":
-        use_prefix_flex(model)
+    use_prefix_attention(model, prefix_attention)
     model.requires_grad_(train)
     if activation_checkpointing:  # transformers >= 5.2x renamed it; 5.17 (vLLM 0.26's era) has the old name
         if hasattr(model, "activation_checkpointing_enable"):
@@ -1207,14 +1265,14 @@ def main(argv=None):
     processor = palmr.load_processor(args.model)
     if args.shared_prefix is None:  # measured faster on CPU; not yet measured on a GPU (README)
         args.shared_prefix = device.type != "cuda"
-    flex = args.prefix_attention if args.shared_prefix else "dense"
+    route = args.prefix_attention if args.shared_prefix else "dense"  # dense: the model's own attention untouched
     policy = prepare_model(resume_from or args.model, device, train=True,
                            activation_checkpointing=args.activation_checkpointing, logprobs=args.logprobs,
-                           chunk=args.logprob_chunk, logprob_memory=args.logprob_memory, prefix_attention=flex)
+                           chunk=args.logprob_chunk, logprob_memory=args.logprob_memory, prefix_attention=route)
     reference = prepare_model(args.model, device, train=False, logprobs=args.logprobs, chunk=args.logprob_chunk,
-                              logprob_memory=args.logprob_memory, prefix_attention=flex) if args.beta > 0 else None
+                              logprob_memory=args.logprob_memory, prefix_attention=route) if args.beta > 0 else None
     if args.shared_prefix:  # fail now, not at the first forward, on an attention implementation without custom masks
-        prefix_attention_mask(torch.zeros((1, 1), dtype=torch.long),
+        prefix_attention_mask(torch.zeros((1, 1), dtype=torch.long), route,
                               policy.model.language_model.config._attn_implementation)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = load_trainer_state(resume_from, policy, optimizer, args) if resume_from else 0

@@ -52,7 +52,9 @@ def test_layout_by_hand():
 
 def test_attention_mask_by_hand():
     branch = torch.tensor([[0, 0, 0, 1, 1, 3], [0, 0, 1, 1, 1, -1]])
-    mask = grpo.prefix_attention_mask(branch, "sdpa")
+    layout = grpo.prefix_attention_mask(branch, "branch")  # per sequence: prompt length, completions' [start, end)
+    assert layout.spans == [(3, [(3, 5), (5, 6)]), (2, [(2, 5)])]
+    mask = grpo.prefix_attention_mask(branch, "dense", "sdpa")
     assert mask.shape == (2, 1, 6, 6) and mask.dtype == torch.bool
     assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],   # prompt: causal
                                          [1, 1, 0, 0, 0, 0],
@@ -62,10 +64,10 @@ def test_attention_mask_by_hand():
                                          [1, 1, 1, 0, 0, 1]]   # completion 3: prompt + itself, never completion 1
     assert mask[1, 0, 5].int().tolist() == [1, 1, 0, 0, 0, 1], "padding sees the prompt and itself (finite softmax)"
     assert not mask[1, 0, :5, 5].any(), "no real token sees padding"
-    eager = grpo.prefix_attention_mask(branch, "eager", torch.float64)
+    eager = grpo.prefix_attention_mask(branch, "dense", "eager", torch.float64)
     assert torch.equal(eager == 0, mask) and eager.min() == torch.finfo(torch.float64).min
     with pytest.raises(ValueError, match="flash_attention_2"):
-        grpo.prefix_attention_mask(branch, "flash_attention_2")
+        grpo.prefix_attention_mask(branch, "dense", "flash_attention_2")
 
 
 def test_split_tokens_and_row_tokens_by_hand():
@@ -123,10 +125,11 @@ def _max_diff(a, b):
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
-@pytest.mark.parametrize("impl", ["fused", "naive"])
-def test_float64_logprobs_entropies_and_all_gradients_equal_per_row(float64_model, tiny_ckpt, shapes_file, impl):
+@pytest.mark.parametrize("route,impl", [("branch", "fused"), ("dense", "fused"), ("branch", "naive")])
+def test_float64_logprobs_entropies_and_all_gradients_equal_per_row(float64_model, tiny_ckpt, shapes_file, route, impl):
     rows, encoded, pad = _rows(tiny_ckpt, shapes_file)
     float64_model.logprob_impl = impl
+    float64_model.prefix_attention = route
     for part in (slice(None), slice(2, 9)):  # whole groups, and a micro-batch that cuts two groups
         logp0, ent0, g0 = weighted_backward(float64_model, grpo.training_batch(rows[part], encoded, pad, "cpu"))
         logp1, ent1, g1 = weighted_backward(float64_model, grpo.shared_prefix_batch(rows[part], encoded, pad, "cpu"))
@@ -179,10 +182,11 @@ def test_flex_block_mask_forward_equals_dense(float64_model, tiny_ckpt, shapes_f
     rows, encoded, pad = _rows(tiny_ckpt, shapes_file)
     batch = grpo.shared_prefix_batch(rows, encoded, pad, "cpu")
     with torch.no_grad():
+        float64_model.prefix_attention = "dense"
         dense = float64_model.completion_logprobs(batch, 0.7)
-        grpo.use_prefix_flex(float64_model)
-        assert float64_model.model.language_model.config._attn_implementation == grpo.PREFIX_FLEX
-        assert float64_model.model.visual.config._attn_implementation != grpo.PREFIX_FLEX
+        grpo.use_prefix_attention(float64_model, "flex")
+        assert float64_model.model.language_model.config._attn_implementation == grpo.PREFIX_ATTENTION
+        assert float64_model.model.visual.config._attn_implementation != grpo.PREFIX_ATTENTION
         flex = float64_model.completion_logprobs(batch, 0.7)
         per_row = float64_model.completion_logprobs(grpo.training_batch(rows, encoded, pad, "cpu"), 0.7)  # SDPA
     assert (dense[0] - flex[0]).abs().max() < 1e-9 and (dense[1] - flex[1]).abs().max() < 1e-9
