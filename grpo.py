@@ -367,23 +367,26 @@ class PrefixBranches:
 
 def branch_attention(query, key, value, layout, scaling):
     """Exact attention of the shared-prefix layout without an (L, L) mask: per sequence, the prompt attends
-    causally to itself, and each completion to the prompt and causally to itself (one SDPA call per
-    completion on [prompt keys; its keys]), so the work and memory are those of the per-row layout's
-    attention, the prompt's keys computed once. query (S, Hq, L, D), key/value (S, Hkv, L, D) -> (S, Hq, L, D);
-    padding rows are 0 (never read)."""
+    causally to itself, and each completion to the prompt and causally to itself: one SDPA call on
+    [prompt keys; its keys] with PyTorch's lower-right causal bias (`causal_lower_right`), which CUDA runs
+    with the flash or memory-efficient kernels and no mask tensor. The work and memory are those of the
+    per-row layout's attention, with the prompt's keys computed once. Grouped keys are repeated to the query
+    heads first (what transformers' SDPA path does too), since the lower-right flash path takes no GQA.
+    query (S, Hq, L, D), key/value (S, Hkv, L, D) -> (S, Hq, L, D); padding rows are 0 (never read)."""
+    from torch.nn.attention.bias import causal_lower_right
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    gqa = key.shape[1] != query.shape[1]
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     out = []
     for s, (prompt, runs) in enumerate(layout.spans):
         q, k, v = query[s:s + 1], key[s:s + 1], value[s:s + 1]
-        parts = [sdpa(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], is_causal=True, scale=scaling,
-                      enable_gqa=gqa)]
+        parts = [sdpa(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], is_causal=True, scale=scaling)]
         for start, end in runs:
-            n = end - start
             keys = torch.cat([k[:, :, :prompt], k[:, :, start:end]], 2)
             values = torch.cat([v[:, :, :prompt], v[:, :, start:end]], 2)
-            mask = torch.ones((n, prompt + n), dtype=torch.bool, device=query.device).tril(prompt)
-            parts.append(sdpa(q[:, :, start:end], keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa))
+            parts.append(sdpa(q[:, :, start:end], keys, values, scale=scaling,
+                              attn_mask=causal_lower_right(end - start, prompt + end - start)))
         done = runs[-1][1] if runs else prompt
         parts.append(query.new_zeros((1, query.shape[1], query.shape[2] - done, query.shape[3])))
         out.append(torch.cat(parts, 2))

@@ -14,7 +14,9 @@ tokens, the LM head over completion tokens only), backward twice the forward (th
 activation checkpointing, which recomputes it). Rollout FLOPs count the prefill and one forward per
 generated token (no attention term: short sequences). MFU is against a matmul peak measured on the same
 device in the same run (bf16 on CUDA, fp32 on CPU). Tokens/s: completion tokens generated (rollout),
-prompt + completion tokens scored (log-prob and policy phases). Steps after the first are averaged (the
+prompt + completion tokens scored (log-prob and policy phases; under the trainer's --shared-prefix layout,
+on by default on CPU, each prompt and its image count once per group, as computed and as FLOPs are
+counted). Steps after the first are averaged (the
 first allocates and warms caches). Phase times are rank 0's.
 STATUS: the tiny shape runs on CPU in the tests; the 3B and 7B shapes have not been run by this project
 on a GPU yet (no GPU machine was lent to the session that wrote it).
@@ -99,17 +101,20 @@ def matmul_peak(device):
     return 2 * n ** 3 / statistics.median(times)
 
 
-def phase_flops(counts, m, act_ckpt):
+def phase_flops(counts, m, act_ckpt, shared_by=1):
     """FLOPs per phase of one step (all ranks) from parameter counts and the step's mean token counts per
-    row (prompt_len counts the image placeholders, which the language model processes like any token)."""
+    row (prompt_len counts the image placeholders, which the language model processes like any token).
+    shared_by: rows that share one prompt's forward in the trainer's phases (G with --shared-prefix, else 1);
+    rollout always counts a prefill per row."""
     vision, lm, head = counts
     rows = m["rows"]
     prompt, completion, patches = m["prompt_len"] * rows, m["completion_len"] * rows, m["image_patches"] * rows
     forward = 2 * (vision * patches + lm * (prompt + completion) + head * completion)
+    scored = 2 * (vision * patches / shared_by + lm * (prompt / shared_by + completion) + head * completion)
     return {"t_rollout": forward,  # prefill + one forward per generated token: the same count, no recompute
-            "t_ref_logprobs": forward if m.get("t_ref_logprobs") else 0.0,   # absent: the phase did not run
-            "t_old_logprobs": forward if m.get("t_old_logprobs") else 0.0,
-            "t_policy": forward * (4 if act_ckpt else 3)}
+            "t_ref_logprobs": scored if m.get("t_ref_logprobs") else 0.0,   # absent: the phase did not run
+            "t_old_logprobs": scored if m.get("t_old_logprobs") else 0.0,
+            "t_policy": scored * (4 if act_ckpt else 3)}
 
 
 def main(argv=None):
@@ -146,9 +151,11 @@ def main(argv=None):
     mean = {k: statistics.mean(r.get(k, 0.0) for r in timed) for k in PHASES + ["prompt_len", "completion_len", "image_patches"]}
     mean["rows"] = a.rollout_batch * a.group_size
     peak = matmul_peak(device)
-    flops = phase_flops(parameter_counts(policy), mean, "--activation-checkpointing" in a.extra)
-    tokens = mean["rows"] * (mean["prompt_len"] + mean["completion_len"])
-    report = {"shape": a.shape, "engine": a.engine, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    shared = json.loads((run / "args.json").read_text()).get("shared_prefix", False)  # the trainer's layout
+    flops = phase_flops(parameter_counts(policy), mean, "--activation-checkpointing" in a.extra,
+                        a.group_size if shared else 1)
+    tokens = mean["rows"] * ((mean["prompt_len"] / a.group_size if shared else mean["prompt_len"]) + mean["completion_len"])
+    report = {"shape": a.shape, "engine": a.engine, "shared_prefix": shared, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "nproc": a.nproc, "steps": a.steps, "peak_tflops": peak / 1e12 * a.nproc,
               "tokens_per_step": tokens, "completion_tokens_per_step": mean["rows"] * mean["completion_len"],
               "wall_s": time.time() - start,
