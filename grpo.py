@@ -111,7 +111,7 @@ def get_args(argv=None):
     ap.add_argument("--prefix-attention", default="branch", choices=["branch", "dense", "flex"],
                     help="shared-prefix attention: branch (one SDPA call per completion on [prompt; itself], exact, "
                     "no (L, L) mask), dense ((L, L) boolean masks through SDPA), flex (torch flex_attention block "
-                    "mask; GPU, not yet run by this project)")
+                    "mask; GPU, not yet run by this project); ignored with --no-shared-prefix")
     ap.add_argument("--micro-tokens", type=int, default=0,
                     help="split each update into micro-batches of about this many tokens instead of --micro-batch rows "
                     "(0: off); every rank runs the same number of micro-batches")
@@ -411,7 +411,7 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
                                       **kwargs)
     global _compiled_flex
     if query.is_cuda and _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)  # dynamo marks the changing (S, L) dynamic after one recompile
     fn = _compiled_flex if query.is_cuda else flex_attention
     out = fn(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
@@ -527,7 +527,7 @@ def prefix_attention_mask(branch, route="branch", implementation="sdpa", dtype=t
     Rule: query i sees key j iff j <= i, j is not padding, and j is on the prompt or on i's own completion; a
     padding query sees itself too, so its softmax is finite (its output is never read).
     -> route branch: a PrefixBranches (branch_attention; no (L, L) tensor). route flex: a torch BlockMask
-    (memory linear in L, fully masked blocks skipped). route dense: an (S, 1, L, L) mask, bool (True = attend,
+    (fully masked blocks skipped; built compiled on GPUs, where its memory is linear in L). route dense: an (S, 1, L, L) mask, bool (True = attend,
     PyTorch SDPA's convention) for sdpa, additive float (0 or finfo(dtype).min) for eager. Raises ValueError
     for a dense mask and any other implementation (flash-attention kernels take no custom mask).
     """
@@ -540,7 +540,8 @@ def prefix_attention_mask(branch, route="branch", implementation="sdpa", dtype=t
         def allowed(b, h, q, kv):
             key, query = branch[b, kv], branch[b, q]
             return ((kv <= q) & (key >= 0) & ((key == 0) | (key == query))) | (kv == q)
-        return create_block_mask(allowed, B=S, H=None, Q_LEN=L, KV_LEN=L, device=branch.device)
+        # compiled on GPUs, so the (S, 1, L, L) mask is never materialised; uncompiled (CPU tests) it is
+        return create_block_mask(allowed, B=S, H=None, Q_LEN=L, KV_LEN=L, device=branch.device, _compile=branch.is_cuda)
     key, query = branch[:, None, :], branch[:, :, None]  # broadcast, not gathered: (S, L, L) bools only
     causal = torch.ones((L, L), dtype=torch.bool, device=branch.device).tril()
     mask = (causal & (key >= 0) & ((key == 0) | (key == query))) | torch.eye(L, dtype=torch.bool, device=branch.device)
@@ -889,7 +890,7 @@ def logprob_chunk(vocab, device_type, memory_mib=LOGPROB_MEMORY_MIB):
 
 
 def prepare_model(path, device, train, activation_checkpointing=False, logprobs="fused", chunk=None,
-                  logprob_memory=LOGPROB_MEMORY_MIB, shard=True, prefix_attention="branch"):
+                  logprob_memory=LOGPROB_MEMORY_MIB, shard=True, prefix_attention="dense"):
     """Load, optionally checkpoint activations, shard with FSDP2 (when distributed and `shard`), register forwards."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     model = palmr.load_model(path, dtype=torch.float32 if train or device.type == "cpu" else torch.bfloat16,
@@ -1269,6 +1270,8 @@ def main(argv=None):
     if args.shared_prefix is None:  # measured faster on CPU; not yet measured on a GPU (README)
         args.shared_prefix = device.type != "cuda"
     route = args.prefix_attention if args.shared_prefix else "dense"  # dense: the model's own attention untouched
+    assert route != "flex" or device.type == "cuda", "--prefix-attention flex needs a GPU: PyTorch has no " \
+        "flex_attention backward on CPU (use branch)"
     policy = prepare_model(resume_from or args.model, device, train=True,
                            activation_checkpointing=args.activation_checkpointing, logprobs=args.logprobs,
                            chunk=args.logprob_chunk, logprob_memory=args.logprob_memory, prefix_attention=route)

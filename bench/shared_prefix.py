@@ -2,7 +2,8 @@
 
     python bench/shared_prefix.py                         # CPU: the default shape (G 8), then G 16 at larger images
     python bench/shared_prefix.py --configs g16-img448    # one configuration
-    python bench/shared_prefix.py --model PATH --configs g16-img896-c256 --repeats 3   # a real checkpoint, GPU
+    torchrun --nproc_per_node 1 bench/shared_prefix.py --model PATH --configs g16-img896-c256 --routes branch flex dense
+                                                          # a real checkpoint on one GPU, FSDP bf16 as in the trainer
 
 For each configuration the bench builds one rollout batch (prompts from the synthetic shapes set, the image
 upscaled to the configuration's side so that the prompt holds that many image tokens; G completions per
@@ -59,13 +60,20 @@ def make_rows(processor, samples, group, side, max_len, max_pixels, seed=0):
     return rows, encoded
 
 
-def forward_tokens(rows, encoded, pad_id, layout, spans):
-    """Tokens the forward passes hold (padding included), summed over micro-batches."""
-    total = 0
-    for mb in spans:
-        b = layout([rows[i] for i in mb], encoded, pad_id, "cpu")
-        total += b["input_ids"].numel()
-    return total
+def forward_tokens(rows, encoded, pad_id, args):
+    """Tokens the trainer's forward passes hold (padding included), summed over its micro-batches, in the
+    layout args.shared_prefix selects."""
+    import grpo
+    layout = grpo.shared_prefix_batch if args.shared_prefix else grpo.training_batch
+    spans = grpo.update_micro_batches(rows, encoded, len(rows), 1, args)[0]
+    return sum(layout([rows[i] for i in mb], encoded, pad_id, "cpu")["input_ids"].numel() for mb in spans)
+
+
+def args_as(args, shared):
+    import copy
+    args = copy.copy(args)
+    args.shared_prefix = shared
+    return args
 
 
 def run_config(name, a, policy, reference, processor, samples, device):
@@ -79,7 +87,6 @@ def run_config(name, a, policy, reference, processor, samples, device):
     args = grpo.get_args(["--group-size", str(group), "--rollout-batch", str(len(samples)),
                           "--update-batch", str(len(samples)), "--micro-batch", str(a.micro_batch), "--beta", "0.01",
                           "--lr", "1e-7", *a.extra])
-    spans = grpo.micro_batches(len(rows), args.micro_batch)
     advantages = torch.randn(len(rows), generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
     layouts = ["per-row"] + [f"shared-{r}" for r in a.routes]
@@ -99,8 +106,8 @@ def run_config(name, a, policy, reference, processor, samples, device):
            "prompts": len(samples), "micro_batch": args.micro_batch,
            "tokens_per_group_per_row": group * (P + C), "tokens_per_group_shared": P + group * C,
            "token_ratio": group * (P + C) / (P + group * C),
-           "forward_tokens_per_row": forward_tokens(rows, encoded, pad, grpo.training_batch, spans),
-           "forward_tokens_shared": forward_tokens(rows, encoded, pad, grpo.shared_prefix_batch, spans),
+           "forward_tokens_per_row": forward_tokens(rows, encoded, pad, args_as(args, False)),
+           "forward_tokens_shared": forward_tokens(rows, encoded, pad, args_as(args, True)),
            "phases": med, "train_s": train, "speedup": {k: train["per-row"] / train[k] for k in layouts[1:]}}
     row["forward_token_ratio"] = row["forward_tokens_per_row"] / row["forward_tokens_shared"]
     return row
@@ -123,7 +130,8 @@ def main(argv=None):
     import grpo
     import palmr
     from data import ensure_shapes, read_jsonl
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, world, device = palmr.init_dist()  # under torchrun the policy is FSDP-wrapped (bf16 compute on GPUs)
+    assert world == 1, "one process: the bench times one rank's train phase"
     model = a.model or palmr.ensure_tiny_checkpoint(palmr.DEFAULT_TINY, seed=0)
     processor = palmr.load_processor(model)
     # "branch" registers grpo.prefix_attention, which serves every route; each pass then sets its own

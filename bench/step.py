@@ -15,8 +15,8 @@ activation checkpointing, which recomputes it). Rollout FLOPs count the prefill 
 generated token (no attention term: short sequences). MFU is against a matmul peak measured on the same
 device in the same run (bf16 on CUDA, fp32 on CPU). Tokens/s: completion tokens generated (rollout),
 prompt + completion tokens scored (log-prob and policy phases; under the trainer's --shared-prefix layout,
-on by default on CPU, each prompt and its image count once per group, as computed and as FLOPs are
-counted). Steps after the first are averaged (the
+on by default on CPU, each prompt and its image count once per group piece of a micro-batch, as
+computed and as FLOPs are counted; so tokens/s is not comparable between the layouts, MFU is). Steps after the first are averaged (the
 first allocates and warms caches). Phase times are rank 0's.
 STATUS: the tiny shape runs on CPU in the tests; the 3B and 7B shapes have not been run by this project
 on a GPU yet (no GPU machine was lent to the session that wrote it).
@@ -101,11 +101,24 @@ def matmul_peak(device):
     return 2 * n ** 3 / statistics.median(times)
 
 
+def prompt_sharing(run_args, rows_per_rank):
+    """Rows per prompt forward in the trainer's log-prob passes: 1 per row, or with --shared-prefix the rows
+    over the (micro-batch, group) pieces that --micro-batch cuts them into (a group split over two
+    micro-batches computes its prompt twice). --micro-tokens splits by tokens at run time: not modelled."""
+    if not run_args.get("shared_prefix"):
+        return 1.0
+    assert not run_args.get("micro_tokens"), "bench/step.py counts FLOPs for --micro-batch splits only"
+    G, size = run_args["group_size"], run_args["micro_batch"]
+    pieces = sum(len({i // G for i in range(start, min(start + size, rows_per_rank))})
+                 for start in range(0, rows_per_rank, size))
+    return rows_per_rank / pieces
+
+
 def phase_flops(counts, m, act_ckpt, shared_by=1):
     """FLOPs per phase of one step (all ranks) from parameter counts and the step's mean token counts per
     row (prompt_len counts the image placeholders, which the language model processes like any token).
-    shared_by: rows that share one prompt's forward in the trainer's phases (G with --shared-prefix, else 1);
-    rollout always counts a prefill per row."""
+    shared_by: rows per prompt forward in the trainer's phases (prompt_sharing); rollout always counts a
+    prefill per row."""
     vision, lm, head = counts
     rows = m["rows"]
     prompt, completion, patches = m["prompt_len"] * rows, m["completion_len"] * rows, m["image_patches"] * rows
@@ -151,11 +164,10 @@ def main(argv=None):
     mean = {k: statistics.mean(r.get(k, 0.0) for r in timed) for k in PHASES + ["prompt_len", "completion_len", "image_patches"]}
     mean["rows"] = a.rollout_batch * a.group_size
     peak = matmul_peak(device)
-    shared = json.loads((run / "args.json").read_text()).get("shared_prefix", False)  # the trainer's layout
-    flops = phase_flops(parameter_counts(policy), mean, "--activation-checkpointing" in a.extra,
-                        a.group_size if shared else 1)
-    tokens = mean["rows"] * ((mean["prompt_len"] / a.group_size if shared else mean["prompt_len"]) + mean["completion_len"])
-    report = {"shape": a.shape, "engine": a.engine, "shared_prefix": shared, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    shared_by = prompt_sharing(json.loads((run / "args.json").read_text()), a.rollout_batch // a.nproc * a.group_size)
+    flops = phase_flops(parameter_counts(policy), mean, "--activation-checkpointing" in a.extra, shared_by)
+    tokens = mean["rows"] * (mean["prompt_len"] / shared_by + mean["completion_len"])
+    report = {"shape": a.shape, "engine": a.engine, "rows_per_prompt_forward": shared_by, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "nproc": a.nproc, "steps": a.steps, "peak_tflops": peak / 1e12 * a.nproc,
               "tokens_per_step": tokens, "completion_tokens_per_step": mean["rows"] * mean["completion_len"],
               "wall_s": time.time() - start,

@@ -2,8 +2,9 @@
 
     torchrun --nproc_per_node 2 tests/shared_prefix_probe.py OUT MODEL DATA
 
-Every rank scores the same rows (synthetic_rows) in the shared-prefix layout on a sharded policy and writes
-its log-probs, entropies and full gradients; the test compares them with one process's per-row layout.
+Rank r scores its own rows (synthetic_rows of prompts 3r..3r+2, seed r) in the shared-prefix layout on a sharded
+policy and writes its log-probs, entropies and full gradients (FSDP's mean over ranks); the test compares them
+with one process's per-row layout on each rank's rows.
 """
 import sys
 from pathlib import Path
@@ -51,9 +52,10 @@ if __name__ == "__main__":
     out, model_path, data_path = sys.argv[1:4]
     rank, world, device = palmr.init_dist()
     processor = palmr.load_processor(model_path)
-    policy = grpo.prepare_model(model_path, device, train=True)
+    policy = grpo.prepare_model(model_path, device, train=True, prefix_attention="branch")
     assert type(policy).__name__.startswith("FSDP"), "the probe must run on a sharded policy"
-    rows, encoded = synthetic_rows(processor, read_jsonl(data_path)[:len(LENGTHS)])
+    n = len(LENGTHS)
+    rows, encoded = synthetic_rows(processor, read_jsonl(data_path)[rank * n:(rank + 1) * n], seed=rank)
     batch = grpo.shared_prefix_batch(rows, encoded, processor.tokenizer.pad_token_id, device)
     logp, entropy, grads = weighted_backward(policy, batch)
     torch.save({"logp": logp, "entropy": entropy, "grads": grads}, Path(out) / f"rank{rank}.pt")

@@ -40,3 +40,13 @@ def test_parameter_counts_match_the_model(tiny_ckpt):
                   if ".language_model." in n and p.dim() == 2 and "embed" not in n)
     assert lm == real_lm and head == model.lm_head.weight.numel()
     assert abs(vision - real_vision) / real_vision < 0.02, (vision, real_vision)
+
+
+def test_prompt_sharing_counts_each_group_piece_of_a_micro_batch():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from step import prompt_sharing
+    run = {"shared_prefix": True, "group_size": 8, "micro_batch": 16, "micro_tokens": 0}
+    assert prompt_sharing(run, 32) == 8.0                              # 2 whole groups per micro-batch
+    assert prompt_sharing({**run, "micro_batch": 4}, 32) == 4.0        # every group cut in two
+    assert prompt_sharing({**run, "micro_batch": 12}, 32) == 32 / 5    # [0,1] [1,2] [3]: 5 prompt forwards
+    assert prompt_sharing({**run, "shared_prefix": False}, 32) == 1.0

@@ -84,7 +84,7 @@ def test_split_tokens_and_row_tokens_by_hand():
     assert grpo.row_tokens(rows, encoded, shared=True) == [12, 1, 7, 0]
 
 
-def test_micro_tokens_split_each_update_by_tokens(tiny_ckpt, shapes_file):
+def test_micro_tokens_split_each_update_by_tokens():
     args = grpo.get_args(["--rollout-batch", "4", "--update-batch", "2", "--group-size", "2", "--micro-tokens", "30",
                           "--shared-prefix"])
     a, b, c, d = (_sample(i) for i in range(4))
@@ -112,7 +112,7 @@ def float64_model(monkeypatch, tiny_ckpt):
         return q * cos + qwen.rotate_half(q) * sin, k * cos + qwen.rotate_half(k) * sin
     monkeypatch.setattr(qwen.Qwen2_5_VLRMSNorm, "forward", rms_norm)
     monkeypatch.setattr(qwen, "apply_rotary_pos_emb_vision", rotary_vision)
-    return grpo.prepare_model(tiny_ckpt, torch.device("cpu"), train=True).double()
+    return grpo.prepare_model(tiny_ckpt, torch.device("cpu"), train=True, prefix_attention="branch").double()
 
 
 def _rows(tiny_ckpt, shapes_file):
@@ -199,15 +199,22 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, tiny_ckpt, shapes_file):
            str(ROOT / "tests" / "shared_prefix_probe.py"), str(tmp_path), tiny_ckpt, shapes_file]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows, encoded, pad = _rows(tiny_ckpt, shapes_file)
+    processor = palmr.load_processor(tiny_ckpt)
+    pad = processor.tokenizer.pad_token_id
     model = grpo.prepare_model(tiny_ckpt, torch.device("cpu"), train=True)
-    logp, entropy, grads = weighted_backward(model, grpo.training_batch(rows, encoded, pad, "cpu"))
+    n, results = len(LENGTHS), []
+    for rank in range(2):  # each rank's own rows, in the per-row layout, in one process
+        rows, encoded = synthetic_rows(processor, read_jsonl(shapes_file)[rank * n:(rank + 1) * n], seed=rank)
+        results.append(weighted_backward(model, grpo.training_batch(rows, encoded, pad, "cpu")))
+    mean_grads = {k: (results[0][2][k] + results[1][2][k]) / 2 for k in results[0][2]}  # FSDP averages over ranks
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
-        assert sorted(r["grads"]) == sorted(grads)
+        logp, entropy, _ = results[rank]
+        assert sorted(r["grads"]) == sorted(mean_grads)
         assert (r["logp"] - logp).abs().max() < 1e-5 and (r["entropy"] - entropy).abs().max() < 1e-4
-        for n in grads:  # both ranks scored the same rows: FSDP's mean over ranks is that one gradient
-            torch.testing.assert_close(r["grads"][n], grads[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+        for k in mean_grads:
+            torch.testing.assert_close(r["grads"][k], mean_grads[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert not torch.equal(results[0][0], results[1][0]), "the ranks scored different rows"
 
 
 @pytest.mark.slow
@@ -222,6 +229,7 @@ def test_trainer_metrics_are_the_same_in_both_layouts(tmp_path, tiny_ckpt, shape
     per_row, args0 = run("per_row", "--no-shared-prefix")
     shared, args1 = run("shared", "--shared-prefix", "--micro-tokens", "200")
     assert args0["shared_prefix"] is False and args1["shared_prefix"] is True
+    assert len(per_row) == len(shared) == 1
     for a, b in zip(per_row, shared):  # same rollouts, same rewards; losses equal to float32 round-off
         assert a["reward"] == b["reward"] and a["completion_len"] == b["completion_len"]
         for k in ("loss", "kl", "entropy", "grad_norm", "clip_frac"):
