@@ -35,6 +35,7 @@ import random
 import shutil
 import time
 import types
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,16 @@ def get_args(argv=None):
                     "negative per-token advantage; sequence: one advantage per rollout")
     ap.add_argument("--credit-c", type=float, default=0.5,
                     help="token credit: a wrong claim's tokens get advantage -max(|A|, c) (ours)")
+    ap.add_argument("--vppo", action="store_true",
+                    help="VPPO (arXiv 2510.09285): advantages reweighted by each rollout's visual dependency, policy "
+                    "gradient only on its most image-dependent tokens (grpo.vppo_advantages); one extra no-grad "
+                    "forward with the image's patches blackened")
+    ap.add_argument("--vppo-top-k", type=float, default=0.4, help="VPPO: share of each completion's tokens that "
+                    "get policy gradient (official scripts: 0.4)")
+    ap.add_argument("--vppo-beta-min", type=float, default=0.9, help="VPPO: smallest advantage scale (official "
+                    "scripts: 0.9)")
+    ap.add_argument("--vppo-mask-prob", type=float, default=0.5, help="VPPO: probability that an image patch is "
+                    "blackened (official code: 0.5)")
     # optimisation
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (tiny default; paper: 1e-6 for 7B)")
     ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
@@ -316,6 +327,68 @@ def token_advantages(advantages, wrong, c):
     """
     a = advantages[:, None].expand(wrong.shape)
     return torch.where(wrong.bool(), -torch.clamp(a.abs(), min=c), a)
+
+
+def blacken_patches(pixel_values, image_mean, image_std, prob, generator):
+    """VPPO's image perturbation, random patch blackening: each 14 x 14 patch row of Qwen2.5-VL's processed
+    pixel_values (N, C * T * ps * ps), channel-major as the processor flattens it, is set with probability
+    `prob` to the normalised value of a black pixel, (0 - mean_c) / std_c. -> (N, C*T*ps*ps), a new tensor.
+
+    Source: VPPO's official code (huaixuheqing/VPPO-RL, verl/workers/perc_utils.py `random_patch_blackening`,
+    patch 14, black_prob 0.5), which blackens 14-pixel blocks of the image before the processor; here the
+    blocks are the processor's own patches, so every patch is wholly black or untouched.
+    """
+    n, width = pixel_values.shape
+    channels = len(image_mean)
+    black = -torch.tensor(image_mean, dtype=pixel_values.dtype) / torch.tensor(image_std, dtype=pixel_values.dtype)
+    rows = torch.rand(n, generator=generator) < prob
+    out = pixel_values.clone().view(n, channels, width // channels)
+    out[rows] = black.to(out.device)[None, :, None]
+    return out.view(n, width)
+
+
+def vppo_dependency(logp, masked_logp, mask):
+    """Per-token visual dependency S_t (B, T): how much a token's probability falls when the image is masked,
+    the k3 estimate of KL(pi(. | image) || pi(. | masked image)) at the sampled token, clamped to [0, 10]:
+    d = clamp(masked_logp - logp, -20, 20), S = exp(d) - d - 1. 0 where mask is 0. (VPPO official code,
+    dp_actor.py: the divergence is computed on the sampled tokens only, not over the vocabulary.)"""
+    d = (masked_logp - logp).clamp(-20.0, 20.0)
+    return ((torch.exp(d) - d - 1.0).clamp(0.0, 10.0)) * mask
+
+
+def vppo_advantages(advantages, dependency, mask, top_k=0.4, beta_min=0.9):
+    """VPPO's two steps on GRPO advantages (B,), given S_t (B, T) and mask (B, T) -> (B, T) advantages, metrics.
+
+    1. Trajectory advantage shaping: s_i = mean of S_t over row i's tokens; n_i = (s_i - min) / (max - min)
+       over the rows given; alpha_i = beta_min + n_i (beta_max - beta_min), beta_max = beta_min +
+       (1 - beta_min) / mean(n), so the alphas average 1; all alphas are 1 when max - min <= 1e-6.
+    2. Token gradient filtering: per row, the ceil(top_k * T_i) tokens with the largest S_t keep
+       A_i * alpha_i, the others get advantage 0 (no policy gradient; they still count in the token-mean
+       and in the KL term, as in the official code).
+    Source: arXiv 2510.09285 and its code (huaixuheqing/VPPO-RL, dp_actor.py), whose scripts use top_k 0.4 and
+    beta_min 0.9. Ours: min, max and mean over the rows given (one rank's update batch); the official code
+    takes min/max over a device's PPO mini-batch and the mean over its micro-batch.
+    """
+    mask = mask.bool()
+    tokens = mask.sum(1)
+    s = (dependency * mask).sum(1) / tokens.clamp(min=1)
+    rows = tokens > 0  # an empty completion has no tokens to weight
+    alpha = torch.ones_like(s)
+    if rows.any() and float(s[rows].max() - s[rows].min()) > 1e-6:
+        n = ((s - s[rows].min()) / (s[rows].max() - s[rows].min())).clamp(0.0, 1.0)
+        mu = n[rows].mean()
+        beta_max = beta_min + (1.0 - beta_min) / (mu + 1e-8)
+        alpha = beta_min + n * (beta_max - beta_min)
+    keep = torch.zeros_like(mask)
+    ranked = dependency.masked_fill(~mask, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    for i in range(mask.shape[0]):
+        k = math.ceil(top_k * int(tokens[i]))
+        keep[i, ranked[i, :k]] = True
+    keep &= mask
+    metrics = {"vppo/dependency": float((dependency * mask).sum() / mask.sum().clamp(min=1)),
+               "vppo/alpha_min": float(alpha.min()), "vppo/alpha_max": float(alpha.max()),
+               "vppo/kept": float(keep.sum() / mask.sum().clamp(min=1))}
+    return (advantages * alpha)[:, None] * keep, metrics
 
 
 # -----------------------------------------------------------------------------
@@ -981,11 +1054,26 @@ def full_parameters(model):
         yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
 
 
-def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device, wrong=None):
+def vppo_masked_prompts(encoded, processor, prob, seed):
+    """{id: encoded prompt with its image's patches blackened} (blacken_patches), a fixed draw per (seed, id)."""
+    ip = processor.image_processor
+    return {sid: {**e, "pixel_values": blacken_patches(e["pixel_values"], ip.image_mean, ip.image_std, prob,
+                                                       torch.Generator().manual_seed(seed + zlib.crc32(sid.encode())))}
+            if "pixel_values" in e else e for sid, e in encoded.items()}
+
+
+def _pad_cat(tensors):
+    """(B_j, T_j) tensors -> one (sum B_j, max T_j) tensor, zero-padded on the right."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors])
+
+
+def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device, wrong=None,
+                      step=0):
     """PPO-clip updates over this rank's rows (group after group); -> metrics averaged over tokens.
 
     wrong: per row, the token indices of the judge's located wrong claims (span_tokens); with
-    --credit token they get token_advantages' negative credit.
+    --credit token they get token_advantages' negative credit. step: seeds VPPO's image masks.
     """
     world = palmr.get_world_size()
     n_updates = args.rollout_batch // args.update_batch
@@ -998,6 +1086,8 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
     layout = shared_prefix_batch if args.shared_prefix else training_batch
     batches = [[layout([rows[i] for i in mb], encoded, pad_id, "cpu", [wrong[i] for i in mb] if token_credit
                        else None) for mb in update] for update in spans]
+    vppo = getattr(args, "vppo", False)
+    assert not (vppo and token_credit), "--vppo and --credit token both set per-token advantages: choose one"
     on = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
     clock = PhaseClock(device)
     fold = policy.logprob_impl == "fused" and args.fold_loss_grad
@@ -1006,8 +1096,22 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
                      for update in batches] if args.beta > 0 else None
         clock.lap("t_ref_logprobs" if args.beta > 0 else None)
         old_logps = [[policy.completion_logprobs(on(b), args.temperature)[0] for b in update]
-                     for update in batches] if n_updates > 1 else None
-        clock.lap("t_old_logprobs" if n_updates > 1 else None)
+                     for update in batches] if n_updates > 1 or vppo else None
+        clock.lap("t_old_logprobs" if n_updates > 1 or vppo else None)
+        vppo_adv, vppo_m = [], {}
+        if vppo:  # the same rows scored with the image's patches blackened: each token's visual dependency
+            masked = vppo_masked_prompts(encoded, processor, args.vppo_mask_prob, 1_000_003 * args.seed + step)
+            for u, update in enumerate(spans):
+                masks = [b["mask"].to(device) for b in batches[u]]
+                dependency = [vppo_dependency(old_logps[u][j], policy.completion_logprobs(on(layout(
+                    [rows[i] for i in mb], masked, pad_id, "cpu")), args.temperature)[0], masks[j])
+                    for j, mb in enumerate(update)]
+                adv, m = vppo_advantages(advantages[update[0].start:update[-1].stop].to(device), _pad_cat(dependency),
+                                         _pad_cat(masks), args.vppo_top_k, args.vppo_beta_min)
+                vppo_adv.append(list(adv.split([len(mb) for mb in update])))
+                for k, v in m.items():
+                    vppo_m[k] = vppo_m.get(k, 0.0) + v / n_updates
+            clock.lap("t_vppo")
     totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0, "tokens": 0.0}
     if args.is_cap > 0:
         totals.update({"is/ratio_mean": 0.0, "is/masked_frac": 0.0, "is/token_logp_gap": 0.0})
@@ -1023,6 +1127,8 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
             adv = advantages[span.start:span.stop].to(device)  # (B,)
             if token_credit:
                 adv = token_advantages(adv, b["wrong"], args.credit_c)  # (B, T)
+            if vppo:
+                adv = vppo_adv[u][j][:, :b["mask"].shape[1]]  # (B, T)
             is_weights = is_m = None
             if args.is_cap > 0 and old is not None:
                 is_weights, is_m = sequence_is_weights(old, b["sampler_logp"], b["mask"], args.is_cap)
@@ -1062,7 +1168,8 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
         totals["tokens"] += global_tokens
     for k in ("loss", "kl", "clip_frac", "entropy"):  # each rank holds its share of the token-weighted sum
         totals[k] = float(all_reduce(torch.tensor(totals[k]))) / n_updates
-    for k in [k for k in totals if k.startswith(("is/", "debug/"))]:  # per-rank means -> mean over ranks
+    totals.update(vppo_m)
+    for k in [k for k in totals if k.startswith(("is/", "debug/", "vppo/"))]:  # per-rank means -> mean over ranks
         totals[k] = float(all_reduce(torch.tensor(totals[k]))) / world
     return {**totals, **clock.times}
 
@@ -1204,7 +1311,8 @@ def save_checkpoint(policy, optimizer, args, step):
 
 
 RESUME_MUST_MATCH = ("model", "data", "seed", "group_size", "rollout_batch", "update_batch", "reward", "judge",
-                     "lr", "beta", "temperature", "max_new_tokens", "judge_omissions", "credit", "credit_c")
+                     "lr", "beta", "temperature", "max_new_tokens", "judge_omissions", "credit", "credit_c",
+                     "vppo", "vppo_top_k", "vppo_beta_min", "vppo_mask_prob")
 
 
 def load_trainer_state(ckpt, policy, optimizer, args):
@@ -1317,7 +1425,7 @@ def main(argv=None):
         t2 = time.time()
         # optimisation
         stats = train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device,
-                                  wrong)
+                                  wrong, step=step)
         t_sync = time.time()
         engine.load_weights(full_parameters(policy))  # vLLM: stream the new weights; HF: shares the module
         t3 = time.time()
