@@ -225,7 +225,8 @@ def rollout(engine, processor, samples, args, step, rank):
         pooled = [s for part in gathered for s in part]
     prompts, encoded, own = [], {}, {s.id for s in samples}
     for s in pooled:
-        text, image = palmr.render_prompt(processor, s.question, s.choices), load_image(s)
+        instruction = palmr.SR1_INSTRUCTION if args.reward == "vision_sr1" else palmr.INSTRUCTION
+        text, image = palmr.render_prompt(processor, s.question, s.choices, instruction=instruction), load_image(s)
         if s.id in own:  # the trainer needs only its own prompts encoded
             encoded[s.id] = palmr.encode_prompt(processor, text, image, args.max_pixels)
         prompts.append(palmr.Prompt(text, image, encoded.get(s.id)))
@@ -239,7 +240,26 @@ def rollout(engine, processor, samples, args, step, rank):
     return [(s, c) for s, completions in zip(samples, groups) for c in completions], encoded
 
 
-def compute_rewards(judge, rows, scheme, prefill=""):
+def self_rewards(engine, processor, rows, args, step, rank, prefill=""):
+    """Vision-SR1's self-reward per row (N,) in {0, 1}: the same policy, shown only the row's own description
+    (its <description> block; the whole reply when there is none, as the official code does) and the
+    question, without the image, answers once, sampled at the rollout temperature; 1 when that answer is
+    right. Source: arXiv 2508.19652 and its code (zli12321/Vision-SR1, ray_trainer.py). -> list of floats."""
+    from rewards import grade_answer
+    prompts = []
+    for s, c in rows:
+        description = palmr.parse_description(prefill + c.text)[0]
+        question = f"Text description: {description if description is not None else prefill + c.text}\n" \
+                   f"Question: {s.question}"
+        prompts.append(palmr.Prompt(palmr.render_prompt(processor, question, s.choices, image=False,
+                                                        instruction=palmr.SR1_TEXT_INSTRUCTION), None))
+    answers = engine.generate(prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed + 1_000_003 * step + 500_009 + rank)
+    return [float(grade_answer(palmr.parse_response(prefill + a[0].text)[1], s.answer, s.choices))
+            for (s, _), a in zip(rows, answers)]
+
+
+def compute_rewards(judge, rows, scheme, prefill="", s_self=None):
     """-> rewards (N,), parts {name: (N,)}, judge metrics, located errors; the judge is asked once for the batch.
 
     Located errors: per row, the (start, end) character spans of the wrong claims the judge found, in
@@ -272,8 +292,9 @@ def compute_rewards(judge, rows, scheme, prefill=""):
             failed = n
         stats = dict(judge.stats, unmatched=unmatched)
     totals, parts = [], {}
-    for (s, c), vis, cov in zip(rows, s_vis, r_cov):
-        total, p = score_completion(scheme, prefill + c.text, s.answer, s.choices, s_vis=vis, r_cov=cov)
+    for i, ((s, c), vis, cov) in enumerate(zip(rows, s_vis, r_cov)):
+        total, p = score_completion(scheme, prefill + c.text, s.answer, s.choices, s_vis=vis, r_cov=cov,
+                                    s_self=None if s_self is None else s_self[i])
         totals.append(total)
         for k, v in p.items():
             parts.setdefault(k, []).append(v)
@@ -1350,6 +1371,7 @@ def main(argv=None):
     assert args.rollout_batch % args.update_batch == 0, "--rollout-batch must be a multiple of --update-batch"
     assert args.update_batch % world == 0, f"--update-batch {args.update_batch} must divide over {world} ranks"
     assert args.judge != "none" or args.reward not in NEEDS_VIS | NEEDS_COV, f"--reward {args.reward} needs a judge"
+    assert args.reward != "vision_sr1" or args.vllm_tp == 1, "--reward vision_sr1: its text-only pass runs per rank"
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -1412,10 +1434,14 @@ def main(argv=None):
         mine = [samples[i] for i in step_items(len(samples), step, args.rollout_batch, args.seed, rank, world)]
         engine.wake()
         rows, encoded = rollout(engine, processor, mine, args, step, rank)
+        t_self = time.time()
+        s_self = self_rewards(engine, processor, rows, args, step, rank, prefill) \
+            if args.reward == "vision_sr1" else None  # a second, text-only rollout per completion
+        t_self = time.time() - t_self
         engine.sleep()
         t1 = time.time()
         # reward and advantage (advantages over the gathered global batch; a group never spans ranks)
-        rewards, parts, judge_stats, located = compute_rewards(judge, rows, args.reward, prefill)
+        rewards, parts, judge_stats, located = compute_rewards(judge, rows, args.reward, prefill, s_self)
         wrong = [span_tokens(processor.tokenizer, c.token_ids, sp) for (_, c), sp in zip(rows, located)] \
             if args.credit == "token" else None  # only token credit needs the spans as tokens
         gathered = [torch.zeros_like(rewards) for _ in range(world)]
@@ -1457,7 +1483,9 @@ def main(argv=None):
                             "judge/cache_hits": float(sums[3])})
         metrics.update(step=step + 1, adv_std=float(all_adv.std()),
                        zero_var_groups=float((groups.std(dim=1) == 0).float().mean()),
-                       **stats, t_rollout=t1 - t0, t_reward=t2 - t1, t_train=t3 - t2)
+                       **stats, t_rollout=t1 - t0 - t_self, t_reward=t2 - t1 + t_self, t_train=t3 - t2)
+        if s_self is not None:
+            metrics["t_self_reward"] = t_self  # the text-only pass, counted in t_reward
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")

@@ -26,15 +26,32 @@ import torch.distributed as dist
 INSTRUCTION = ("First think step by step about what you see inside <think> </think>, "
                "then give the final answer in \\boxed{}.")
 CHOICE_LETTERS = "ABCDEFGHIJ"
+# Vision-SR1 (arXiv 2508.19652; the official see-think prompt, reworded): a self-contained description of the
+# image first, then the reasoning, then the answer; and the text-only pass that answers from the description
+SR1_INSTRUCTION = ("First describe the image inside <description> </description>: a self-contained account of "
+                   "every visual detail needed to answer the question without seeing the image. Then think step by "
+                   "step inside <think> </think>, and give the final answer in \\boxed{}.")
+SR1_TEXT_INSTRUCTION = ("You cannot see the image: answer from the text description alone. First think step by step "
+                        "inside <think> </think>, then give the final answer in \\boxed{}.")
+_SR1_FORMAT = re.compile(r"^\s*<description>(.*?)</description>\s*<think>.*?</think>\s*\\boxed\{.*\}\s*$", re.DOTALL)
+_DESCRIPTION = re.compile(r"<description>(.*?)</description>", re.DOTALL)
 
 
-def format_question(question, choices=None):
+def format_question(question, choices=None, instruction=INSTRUCTION):
     """The user turn's text: the question, lettered choices if any, and the output-format instruction."""
     lines = [question.strip()]
     if choices:
         lines += [f"{CHOICE_LETTERS[i]}. {c}" for i, c in enumerate(choices)]
-    lines.append(INSTRUCTION)
+    lines.append(instruction)
     return "\n".join(lines)
+
+
+def parse_description(text):
+    """Vision-SR1's reply -> (description or None, well_formed). Well formed: <description>...</description>,
+    then <think>...</think>, then \\boxed{...} and nothing else (the official format reward's regex). The
+    description is the first <description> block's text, stripped."""
+    m = _DESCRIPTION.search(text)
+    return (m.group(1).strip() if m else None), bool(_SR1_FORMAT.match(text))
 
 
 def last_boxed(text):
@@ -307,10 +324,11 @@ def fit_pixels(image, max_pixels=None):
     return image
 
 
-def render_prompt(processor, question, choices=None, image=True):
+def render_prompt(processor, question, choices=None, image=True, instruction=INSTRUCTION):
     """Chat-template text of one user turn (image first, then the question) ready for generation;
     image=False renders a text-only question (HallusionBench asks some without an image)."""
-    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": format_question(question, choices)}]
+    content = ([{"type": "image"}] if image else []) + \
+        [{"type": "text", "text": format_question(question, choices, instruction)}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
 
 

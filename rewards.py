@@ -12,9 +12,9 @@ import threading
 import unicodedata
 from fractions import Fraction
 
-from palmr import CHOICE_LETTERS, parse_response
+from palmr import CHOICE_LETTERS, parse_description, parse_response
 
-SCHEMES = ("palmr", "grpo", "bonus", "mix", "perception_r1")
+SCHEMES = ("palmr", "grpo", "bonus", "mix", "perception_r1", "vision_sr1")
 NEEDS_VIS = {"palmr", "bonus", "mix"}      # schemes that read S_vis
 NEEDS_COV = {"perception_r1"}              # schemes that read the point-wise coverage r_cov
 
@@ -153,8 +153,9 @@ def grade_answer(pred, gold, choices=None):
 # Fusion
 
 
-def fuse(scheme, s_fmt, s_ans, s_vis, r_cov=0.0):
-    """The fusion arithmetic alone (METHOD.md section 2)."""
+def fuse(scheme, s_fmt, s_ans, s_vis, r_cov=0.0, s_self=0.0):
+    """The fusion arithmetic alone (METHOD.md section 2). s_self: Vision-SR1's self-reward (1 when the policy,
+    shown only its own description and the question, answered right)."""
     if scheme == "palmr":          # hierarchical: a hallucinating rollout gets 0 whatever its answer
         return s_vis * (0.9 * s_ans + 0.1 * s_fmt)
     if scheme == "grpo":           # outcome only
@@ -165,12 +166,20 @@ def fuse(scheme, s_fmt, s_ans, s_vis, r_cov=0.0):
         return 0.2 * s_ans + 0.7 * s_vis + 0.1 * s_fmt
     if scheme == "perception_r1":  # additive point-wise coverage of the reference's visual facts
         return 0.9 * s_ans + 0.1 * s_fmt + 0.7 * r_cov
+    if scheme == "vision_sr1":     # official code (see_think_selfReward.py): 0.9 acc + 0.1 format + the self-reward
+        return 0.9 * s_ans + 0.1 * s_fmt + s_self
     raise ValueError(f"unknown reward scheme {scheme!r}; expected one of {SCHEMES}")
 
 
-def score_completion(scheme, text, gold, choices=None, s_vis=1.0, r_cov=0.0):
-    """-> (total, parts) for one completion; parts are logged as reward/<name>."""
+def score_completion(scheme, text, gold, choices=None, s_vis=1.0, r_cov=0.0, s_self=None):
+    """-> (total, parts) for one completion; parts are logged as reward/<name>. vision_sr1 grades its own
+    format (palmr.parse_description) and adds the part `self` (s_self, required for that scheme)."""
     _, answer, well_formed = parse_response(text)
+    if scheme == "vision_sr1":
+        assert s_self is not None, "vision_sr1 needs the self-reward (grpo.self_rewards)"
+        well_formed = parse_description(text)[1]
     parts = {"fmt": 1.0 if well_formed else 0.0, "ans": 1.0 if grade_answer(answer, gold, choices) else 0.0,
              "vis": float(s_vis), "cov": float(r_cov)}
-    return fuse(scheme, parts["fmt"], parts["ans"], parts["vis"], parts["cov"]), parts
+    if s_self is not None:
+        parts["self"] = float(s_self)
+    return fuse(scheme, parts["fmt"], parts["ans"], parts["vis"], parts["cov"], parts.get("self", 0.0)), parts

@@ -203,6 +203,9 @@ FUSE_CASES = [  # (scheme, s_fmt, s_ans, s_vis, r_cov, expected)
     ("perception_r1", 1, 1, 0, 0.5, 1.35),
     # perception_r1: coverage alone
     ("perception_r1", 0, 0, 1, 1.0, 0.7),
+    # vision_sr1 without its self-reward (s_self 0): outcome only, s_vis and r_cov ignored (tests/test_vision_sr1.py
+    # has the self-reward's hand values)
+    ("vision_sr1", 1, 1, 0, 1.0, 1.0),
 ]
 
 

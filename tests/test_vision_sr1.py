@@ -1,0 +1,89 @@
+"""Vision-SR1 (--reward vision_sr1): the description format, the fused reward by hand, the text-only self-reward
+pass (its prompts, its grading) and the trainer with it (one process and torchrun on 2 ranks)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import grpo
+import palmr
+from data import Sample
+from rewards import fuse, score_completion
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("text,description,ok", [
+    ("<description>2 red circles</description>\n<think>two</think> \\boxed{2}", "2 red circles", True),
+    ("  <description> a\nb </description><think>x</think>\\boxed{\\frac{1}{2}}\n", "a\nb", True),
+    ("<think>x</think> \\boxed{2}", None, False),                                   # PaLMR's format: no description
+    ("<description>a</description><think>b</think>\\boxed{2} and more", "a", False),  # text after the answer
+    ("<think>b</think><description>a</description>\\boxed{2}", "a", False),          # wrong order
+])
+def test_parse_description(text, description, ok):
+    assert palmr.parse_description(text) == (description, ok)
+
+
+def test_reward_by_hand():
+    good = "<description>2 red circles</description><think>count</think> \\boxed{2}"
+    assert fuse("vision_sr1", 1.0, 1.0, 0.0, s_self=1.0) == pytest.approx(2.0)
+    total, parts = score_completion("vision_sr1", good, "2", s_self=1.0)
+    assert total == pytest.approx(2.0) and parts["fmt"] == 1.0 and parts["ans"] == 1.0 and parts["self"] == 1.0
+    total, parts = score_completion("vision_sr1", good, "3", s_self=1.0)    # a description that answers, a wrong answer
+    assert total == pytest.approx(0.1 + 1.0)
+    total, parts = score_completion("vision_sr1", "<think>count</think> \\boxed{2}", "2", s_self=0.0)
+    assert total == pytest.approx(0.9) and parts["fmt"] == 0.0            # PaLMR's format is not SR1's
+    with pytest.raises(AssertionError):
+        score_completion("vision_sr1", good, "2")
+
+
+class ScriptedEngine:
+    """Records the prompts it gets and answers each with the next scripted reply (sampling is the real
+    engine's job, tested in the trainer runs below)."""
+
+    def __init__(self, replies):
+        self.replies, self.prompts = list(replies), []
+
+    def generate(self, prompts, n, max_new_tokens, temperature, top_p, seed):
+        self.prompts += prompts
+        return [[palmr.Completion([], self.replies.pop(0), [], True)] for _ in prompts]
+
+
+def test_self_rewards_prompt_and_grading(tiny_ckpt):
+    processor = palmr.load_processor(tiny_ckpt)
+    s = Sample(id="a", image="x.png", question="How many circles?", answer="2")
+    rows = [(s, palmr.Completion([], "<description>two red circles</description><think>t</think>\\boxed{2}", [], True)),
+            (s, palmr.Completion([], "<think>I see 3 circles</think>\\boxed{3}", [], True))]
+    engine = ScriptedEngine(["<think>the text says two</think> \\boxed{2}", "<think>three</think> \\boxed{3}"])
+    args = grpo.get_args(["--reward", "vision_sr1", "--judge", "none"])
+    assert grpo.self_rewards(engine, processor, rows, args, step=0, rank=0) == [1.0, 0.0]
+    first, second = (p.text for p in engine.prompts)
+    assert all(p.image is None for p in engine.prompts) and "<|image_pad|>" not in first + second
+    assert "Text description: two red circles\nQuestion: How many circles?" in first
+    assert "<description>" not in first and palmr.SR1_TEXT_INSTRUCTION in first
+    # no description block: the whole reply stands in for it (official code), answer included
+    assert "Text description: <think>I see 3 circles</think>\\boxed{3}\nQuestion:" in second
+
+
+def test_trainer_step_with_the_real_engine(tmp_path, tiny_ckpt, shapes_file):
+    grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path), "--max-steps", "1",
+               "--reward", "vision_sr1", "--judge", "none", "--rollout-batch", "2", "--update-batch", "2",
+               "--group-size", "2", "--max-new-tokens", "12", "--save-every", "100", "--log-rollouts-every", "0"])
+    m = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert "reward/self" in m and 0.0 <= m["reward/self"] <= 1.0 and m["t_self_reward"] > 0
+    assert m["reward"] == pytest.approx(0.9 * m["reward/ans"] + 0.1 * m["reward/fmt"] + m["reward/self"])
+
+
+@pytest.mark.slow
+def test_vision_sr1_under_torchrun_two_ranks(tmp_path, tiny_ckpt, shapes_file):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "grpo.py"),
+           "--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path), "--max-steps", "2",
+           "--reward", "vision_sr1", "--judge", "none", "--rollout-batch", "4", "--update-batch", "2",
+           "--group-size", "2", "--max-new-tokens", "12", "--save-every", "100", "--log-rollouts-every", "0"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all("reward/self" in m and m["t_self_reward"] > 0 for m in metrics)
