@@ -1493,7 +1493,7 @@ def main(argv=None):
                   f"ans {metrics['reward/ans']:.2f} vis {metrics['reward/vis']:.2f}) | ent {metrics['entropy']:.2f} adv_std {metrics['adv_std']:.2f} "
                   f"zero_var {metrics['zero_var_groups']:.2f} | kl {metrics['kl']:.4f} clip {metrics['clip_frac']:.3f} "
                   f"| len {metrics['completion_len']:.1f} | judge failed {metrics['judge/failed']:.2f} gated "
-                  f"{metrics['judge/gated_zero']:.2f} | gen {t1 - t0:.1f}s rew {t2 - t1:.1f}s train {t3 - t2:.1f}s",
+                  f"{metrics['judge/gated_zero']:.2f} | gen {metrics['t_rollout']:.1f}s rew {metrics['t_reward']:.1f}s train {t3 - t2:.1f}s",
                   flush=True)
             if args.log_rollouts_every and (step + 1) % args.log_rollouts_every == 0:
                 with open(out / "rollouts.jsonl", "a") as f:
