@@ -161,7 +161,8 @@ def load_dataset(args, processor):
     for s in tqdm(samples, desc="checking data", disable=palmr.get_rank() != 0, mininterval=2):
         try:
             image = palmr.fit_pixels(load_image(s), args.max_pixels)
-            text = palmr.render_prompt(processor, s.question, s.choices)
+            text = palmr.render_prompt(processor, s.question, s.choices, instruction=palmr.SR1_INSTRUCTION
+                                       if args.reward == "vision_sr1" else palmr.INSTRUCTION)  # as rollout renders it
             n_image = processor.image_processor.get_number_of_image_patches(image.height, image.width, {}) \
                 // processor.image_processor.merge_size ** 2
             n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + n_image
@@ -402,9 +403,8 @@ def vppo_advantages(advantages, dependency, mask, top_k=0.4, beta_min=0.9):
         alpha = beta_min + n * (beta_max - beta_min)
     keep = torch.zeros_like(mask)
     ranked = dependency.masked_fill(~mask, float("-inf")).argsort(dim=1, descending=True, stable=True)
-    for i in range(mask.shape[0]):
-        k = math.ceil(top_k * int(tokens[i]))
-        keep[i, ranked[i, :k]] = True
+    for i, n_tokens in enumerate(tokens.tolist()):  # one device sync, not one per row
+        keep[i, ranked[i, :math.ceil(top_k * n_tokens)]] = True
     keep &= mask
     metrics = {"vppo/dependency": float((dependency * mask).sum() / mask.sum().clamp(min=1)),
                "vppo/alpha_min": float(alpha.min()), "vppo/alpha_max": float(alpha.max()),
@@ -1108,7 +1108,6 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
     batches = [[layout([rows[i] for i in mb], encoded, pad_id, "cpu", [wrong[i] for i in mb] if token_credit
                        else None) for mb in update] for update in spans]
     vppo = getattr(args, "vppo", False)
-    assert not (vppo and token_credit), "--vppo and --credit token both set per-token advantages: choose one"
     on = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
     clock = PhaseClock(device)
     fold = policy.logprob_impl == "fused" and args.fold_loss_grad
@@ -1342,8 +1341,9 @@ def load_trainer_state(ckpt, policy, optimizer, args):
     # mmap: the optimizer tensors are read only where used (rank 0 broadcasts them; a 7B AdamW state
     # is ~60 GB, too much to load once per rank)
     state = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False, map_location="cpu", mmap=True)
-    differ = {k: (state["args"].get(k), getattr(args, k)) for k in RESUME_MUST_MATCH
-              if state["args"].get(k) != getattr(args, k)}
+    defaults = vars(get_args([]))  # a run saved before an option existed ran with its default
+    saved = {k: state["args"].get(k, defaults.get(k)) for k in RESUME_MUST_MATCH}
+    differ = {k: (saved[k], getattr(args, k)) for k in RESUME_MUST_MATCH if saved[k] != getattr(args, k)}
     assert not differ, f"--resume with other settings than the run in {args.out}: {differ} (saved, given)"
     distributed = dist.is_initialized() and palmr.get_world_size() > 1
     set_optimizer_state_dict(policy, optimizer, state["optimizer"] if palmr.get_rank() == 0 or not distributed else {},
@@ -1372,6 +1372,9 @@ def main(argv=None):
     assert args.update_batch % world == 0, f"--update-batch {args.update_batch} must divide over {world} ranks"
     assert args.judge != "none" or args.reward not in NEEDS_VIS | NEEDS_COV, f"--reward {args.reward} needs a judge"
     assert args.reward != "vision_sr1" or args.vllm_tp == 1, "--reward vision_sr1: its text-only pass runs per rank"
+    assert not (args.vppo and args.credit == "token"), "--vppo and --credit token both set per-token advantages"
+    assert 0 < args.vppo_top_k <= 1 and 0 <= args.vppo_mask_prob <= 1 and 0 <= args.vppo_beta_min <= 1, \
+        "--vppo-top-k in (0, 1], --vppo-mask-prob and --vppo-beta-min in [0, 1]"
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
