@@ -596,7 +596,7 @@ STUDY_METRICS = [("acc", "answer acc"), ("perception_acc", "perception acc"), ("
            ("claims_per_reply", "claims / reply"), ("hallucination_rate", "hallucination rate")]
 STUDY_COLORS = {"grpo": (214, 96, 40), "palmr": (40, 110, 200), "palmr+omissions": (40, 160, 80),
                 "palmr+token": (150, 70, 180), "palmr+both": (120, 120, 120), "vppo": (200, 160, 0),
-                "vision_sr1": (0, 170, 170)}
+                "vision_sr1": (0, 170, 170), "pearl": (200, 60, 130)}
 
 
 def mean_sd(values):

@@ -27,6 +27,7 @@ Where this departs from textbook GRPO (DeepSeekMath), on purpose:
 Step = one rollout batch and its optimizer updates; --max-steps and checkpoints count these steps.
 """
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -47,7 +48,7 @@ import palmr
 from data import ensure_shapes, hallucinated_trace, load_image, read_jsonl
 from judge import JudgeItem, make_judge
 from palmr import print0
-from rewards import NEEDS_COV, NEEDS_VIS, SCHEMES, score_completion
+from rewards import NEEDS_COV, NEEDS_VIS, SCHEMES, pearl_checklist, score_completion
 
 # -----------------------------------------------------------------------------
 # Config
@@ -107,6 +108,12 @@ def get_args(argv=None):
                     "scripts: 0.9)")
     ap.add_argument("--vppo-mask-prob", type=float, default=0.5, help="VPPO: probability that an image patch is "
                     "blackened (official code: 0.5)")
+    ap.add_argument("--pearl-items", type=int, default=3, help="PEARL: checklist questions per prompt "
+                    "(rewards.pearl_checklist; ours, the paper's count is not public)")
+    ap.add_argument("--pearl-group", type=int, default=4, help="PEARL: auxiliary rollouts per checklist question, "
+                    "trained as their own groups (ours)")
+    ap.add_argument("--pearl-gate", type=float, default=0.5, help="PEARL: checklist pass rate a prompt needs for "
+                    "its reasoning reward (ours)")
     # optimisation
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (tiny default; paper: 1e-6 for 7B)")
     ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
@@ -168,6 +175,8 @@ def load_dataset(args, processor):
             n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + n_image
             reason = "prompt too long" if n > args.max_prompt_tokens else None
             reason = reason or ("no reference trace" if need_reference and not s.reference else None)
+            reason = reason or ("no checkable facts for a PEARL checklist" if args.reward == "pearl" and not
+                                pearl_checklist(s.facts, s.question, args.pearl_items, s.id) else None)
         except ValueError as e:
             reason = str(e)
         if reason:
@@ -210,8 +219,8 @@ def make_engine(args, policy, processor, model_path, rank, world, device):
     return engine
 
 
-def rollout(engine, processor, samples, args, step, rank):
-    """G completions for each of this rank's prompts.
+def rollout(engine, processor, samples, args, step, rank, n=None, seed_offset=0):
+    """G (or n) completions for each of this rank's prompts.
 
     -> rows [(sample, completion)] group after group, and {sample id: encoded prompt}: each image is
     processed once per step and reused by the trainer's forward passes. With vLLM tensor parallelism
@@ -232,9 +241,9 @@ def rollout(engine, processor, samples, args, step, rank):
             encoded[s.id] = palmr.encode_prompt(processor, text, image, args.max_pixels)
         prompts.append(palmr.Prompt(text, image, encoded.get(s.id)))
     engine_id = rank // tp  # the ranks sharing an engine share its seed
-    groups = engine.generate(prompts, n=args.group_size, max_new_tokens=args.max_new_tokens,
+    groups = engine.generate(prompts, n=n or args.group_size, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p,
-                             seed=args.seed + 1_000_003 * step + engine_id)  # fixed per (seed, step, engine)
+                             seed=args.seed + 1_000_003 * step + engine_id + seed_offset)  # fixed per (seed, step, engine)
     if group is not None:
         mine = (rank % tp) * len(samples)
         groups = groups[mine:mine + len(samples)]
@@ -260,7 +269,48 @@ def self_rewards(engine, processor, rows, args, step, rank, prefill=""):
             for (s, _), a in zip(rows, answers)]
 
 
-def compute_rewards(judge, rows, scheme, prefill="", s_self=None):
+def pearl_checks(engine, processor, samples, args, step, rank, prefill=""):
+    """PEARL's auxiliary rollouts (arXiv 2511.18437): each prompt's checklist (rewards.pearl_checklist,
+    --pearl-items questions on the same image), --pearl-group rollouts per question, graded by rule.
+
+    -> rows [(check sample, completion)] prompt after prompt (its questions in order, each question's
+    rollouts together: groups of --pearl-group), their encoded prompts {id: ...}, their rewards (N,)
+    0.9 correct + 0.1 format (the outcome reward, so perception is trained as its own task), and the
+    perception score of each prompt {sample id: pass rate over all its checklist rollouts}.
+    """
+    checks = []
+    for s in samples:
+        for j, (q, a) in enumerate(pearl_checklist(s.facts, s.question, args.pearl_items, s.id)):
+            checks.append(dataclasses.replace(s, id=f"{s.id}#pearl{j}", question=q, answer=a, choices=None,
+                                              reference=None, source="pearl/checklist", meta={"of": s.id}))
+    rows, encoded = rollout(engine, processor, checks, args, step, rank, n=args.pearl_group, seed_offset=700_001)
+    rewards, passed = [], {}
+    for c_s, c in rows:
+        total, parts = score_completion("grpo", prefill + c.text, c_s.answer)
+        rewards.append(total)
+        passed.setdefault(c_s.meta["of"], []).append(parts["ans"])
+    return rows, encoded, torch.tensor(rewards), {k: sum(v) / len(v) for k, v in passed.items()}
+
+
+def interleave_checks(rows, advantages, wrong, check_rows, check_advantages, n_prompts):
+    """PEARL's training rows: each prompt's reasoning group followed by its checklist groups, so that every
+    optimizer update (a contiguous share of the rows) holds whole prompts of both kinds.
+
+    rows (n_prompts * G), advantages (n_prompts * G,), wrong (per row, or None), check_rows (n_prompts * K),
+    check_advantages (n_prompts * K,) -> (rows, advantages (n_prompts * (G + K),), wrong or None); the
+    checklist rows have no located wrong claims."""
+    g, k = len(rows) // n_prompts, len(check_rows) // n_prompts
+    assert g * n_prompts == len(rows) and k * n_prompts == len(check_rows), "rows must split evenly over prompts"
+    out, adv, out_wrong = [], [], None if wrong is None else []
+    for i in range(n_prompts):
+        out += rows[i * g:(i + 1) * g] + check_rows[i * k:(i + 1) * k]
+        adv += [advantages[i * g:(i + 1) * g], check_advantages[i * k:(i + 1) * k]]
+        if wrong is not None:
+            out_wrong += wrong[i * g:(i + 1) * g] + [[] for _ in range(k)]
+    return out, torch.cat(adv), out_wrong
+
+
+def compute_rewards(judge, rows, scheme, prefill="", s_self=None, s_perc=None, gate=0.5):
     """-> rewards (N,), parts {name: (N,)}, judge metrics, located errors; the judge is asked once for the batch.
 
     Located errors: per row, the (start, end) character spans of the wrong claims the judge found, in
@@ -295,7 +345,8 @@ def compute_rewards(judge, rows, scheme, prefill="", s_self=None):
     totals, parts = [], {}
     for i, ((s, c), vis, cov) in enumerate(zip(rows, s_vis, r_cov)):
         total, p = score_completion(scheme, prefill + c.text, s.answer, s.choices, s_vis=vis, r_cov=cov,
-                                    s_self=None if s_self is None else s_self[i])
+                                    s_self=None if s_self is None else s_self[i],
+                                    s_perc=None if s_perc is None else s_perc[i], gate=gate)
         totals.append(total)
         for k, v in p.items():
             parts.setdefault(k, []).append(v)
@@ -1332,7 +1383,7 @@ def save_checkpoint(policy, optimizer, args, step):
 
 RESUME_MUST_MATCH = ("model", "data", "seed", "group_size", "rollout_batch", "update_batch", "reward", "judge",
                      "lr", "beta", "temperature", "max_new_tokens", "judge_omissions", "credit", "credit_c",
-                     "vppo", "vppo_top_k", "vppo_beta_min", "vppo_mask_prob")
+                     "vppo", "vppo_top_k", "vppo_beta_min", "vppo_mask_prob", "pearl_items", "pearl_group", "pearl_gate")
 
 
 def load_trainer_state(ckpt, policy, optimizer, args):
@@ -1373,6 +1424,8 @@ def main(argv=None):
     assert args.judge != "none" or args.reward not in NEEDS_VIS | NEEDS_COV, f"--reward {args.reward} needs a judge"
     assert args.reward != "vision_sr1" or args.vllm_tp == 1, "--reward vision_sr1: its text-only pass runs per rank"
     assert not (args.vppo and args.credit == "token"), "--vppo and --credit token both set per-token advantages"
+    assert args.pearl_items >= 1 and args.pearl_group >= 2 and 0 <= args.pearl_gate <= 1, \
+        "--pearl-items >= 1, --pearl-group >= 2 (a group of one has no advantage), --pearl-gate in [0, 1]"
     assert 0 < args.vppo_top_k <= 1 and 0 <= args.vppo_mask_prob <= 1 and 0 <= args.vppo_beta_min <= 1, \
         "--vppo-top-k in (0, 1], --vppo-mask-prob and --vppo-beta-min in [0, 1]"
     out = Path(args.out)
@@ -1441,20 +1494,34 @@ def main(argv=None):
         s_self = self_rewards(engine, processor, rows, args, step, rank, prefill) \
             if args.reward == "vision_sr1" else None  # a second, text-only rollout per completion
         t_self = time.time() - t_self
+        t_pearl = time.time()
+        pearl = pearl_checks(engine, processor, mine, args, step, rank, prefill) if args.reward == "pearl" else None
+        t_pearl = time.time() - t_pearl  # the checklist's auxiliary rollouts, counted in t_rollout
         engine.sleep()
         t1 = time.time()
         # reward and advantage (advantages over the gathered global batch; a group never spans ranks)
-        rewards, parts, judge_stats, located = compute_rewards(judge, rows, args.reward, prefill, s_self)
+        s_perc = [pearl[3][s.id] for s, _ in rows] if pearl else None
+        rewards, parts, judge_stats, located = compute_rewards(judge, rows, args.reward, prefill, s_self, s_perc,
+                                                               args.pearl_gate)
         wrong = [span_tokens(processor.tokenizer, c.token_ids, sp) for (_, c), sp in zip(rows, located)] \
             if args.credit == "token" else None  # only token credit needs the spans as tokens
         gathered = [torch.zeros_like(rewards) for _ in range(world)]
         dist.all_gather(gathered, rewards) if dist.is_initialized() else gathered.__setitem__(0, rewards)
         all_adv = group_advantages(torch.cat(gathered), args.group_size, args.adv_scale)
         advantages = all_adv.view(world, -1)[rank]
+        train_rows, train_encoded, train_adv, train_wrong = rows, encoded, advantages, wrong
+        if pearl:  # the checklist groups train too, each after its prompt's group (equal counts on every rank)
+            check_rows, check_encoded, check_rewards, _ = pearl
+            got = [torch.zeros_like(check_rewards) for _ in range(world)]
+            dist.all_gather(got, check_rewards) if dist.is_initialized() else got.__setitem__(0, check_rewards)
+            check_adv = group_advantages(torch.cat(got), args.pearl_group, args.adv_scale).view(world, -1)[rank]
+            train_rows, train_adv, train_wrong = interleave_checks(rows, advantages, wrong, check_rows, check_adv,
+                                                                   len(mine))
+            train_encoded = {**encoded, **check_encoded}
         t2 = time.time()
         # optimisation
-        stats = train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device,
-                                  wrong, step=step)
+        stats = train_on_rollouts(policy, reference, optimizer, processor, train_rows, train_encoded, train_adv, args,
+                                  device, train_wrong, step=step)
         t_sync = time.time()
         engine.load_weights(full_parameters(policy))  # vLLM: stream the new weights; HF: shares the module
         t3 = time.time()
@@ -1474,6 +1541,12 @@ def main(argv=None):
                  # located errors: rollouts with one (and with token credit, the share of tokens marked)
                  "credit/located": torch.tensor(float(sum(bool(sp) for sp in located))),
                  "judge/unmatched": torch.tensor(float(judge_stats.get("unmatched", 0)))}
+        if pearl:
+            local.update({"pearl/perception": torch.tensor(float(sum(s_perc))),
+                          "pearl/gated": torch.tensor(float(sum(p < args.pearl_gate for p in s_perc))),
+                          # checklist rollouts and their generated tokens per reasoning rollout: the extra cost
+                          "pearl/rollouts": torch.tensor(float(len(pearl[0]))),
+                          "pearl/tokens": torch.tensor(float(sum(len(c.token_ids) for _, c in pearl[0])))})
         if wrong is not None:
             local["credit/wrong_tokens"] = torch.tensor(float(sum(len(w) / max(1, len(c.token_ids))
                                                                   for w, (_, c) in zip(wrong, rows))))
@@ -1489,11 +1562,15 @@ def main(argv=None):
                        **stats, t_rollout=t1 - t0 - t_self, t_reward=t2 - t1 + t_self, t_train=t3 - t2)
         if s_self is not None:
             metrics["t_self_reward"] = t_self  # the text-only pass, counted in t_reward
+        if pearl:
+            metrics["t_pearl"] = t_pearl  # the checklist rollouts, counted in t_rollout
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             print(f"step {step + 1}/{args.max_steps} | reward {metrics['reward']:.3f} (fmt {metrics['reward/fmt']:.2f} "
-                  f"ans {metrics['reward/ans']:.2f} vis {metrics['reward/vis']:.2f}) | ent {metrics['entropy']:.2f} adv_std {metrics['adv_std']:.2f} "
+                  f"ans {metrics['reward/ans']:.2f} vis {metrics['reward/vis']:.2f}"
+                  + (f" perc {metrics['pearl/perception']:.2f}" if pearl else "")
+                  + f") | ent {metrics['entropy']:.2f} adv_std {metrics['adv_std']:.2f} "
                   f"zero_var {metrics['zero_var_groups']:.2f} | kl {metrics['kl']:.4f} clip {metrics['clip_frac']:.3f} "
                   f"| len {metrics['completion_len']:.1f} | judge failed {metrics['judge/failed']:.2f} gated "
                   f"{metrics['judge/gated_zero']:.2f} | gen {metrics['t_rollout']:.1f}s rew {metrics['t_reward']:.1f}s train {t3 - t2:.1f}s",

@@ -14,9 +14,10 @@ from fractions import Fraction
 
 from palmr import CHOICE_LETTERS, parse_description, parse_response
 
-SCHEMES = ("palmr", "grpo", "bonus", "mix", "perception_r1", "vision_sr1")
+SCHEMES = ("palmr", "grpo", "bonus", "mix", "perception_r1", "vision_sr1", "pearl")
 NEEDS_VIS = {"palmr", "bonus", "mix"}      # schemes that read S_vis
 NEEDS_COV = {"perception_r1"}              # schemes that read the point-wise coverage r_cov
+PEARL_GATE = 0.5                            # PEARL: the checklist pass rate a prompt needs (ours: not published)
 
 # -----------------------------------------------------------------------------
 # S_fmt
@@ -153,9 +154,10 @@ def grade_answer(pred, gold, choices=None):
 # Fusion
 
 
-def fuse(scheme, s_fmt, s_ans, s_vis, r_cov=0.0, s_self=0.0):
+def fuse(scheme, s_fmt, s_ans, s_vis, r_cov=0.0, s_self=0.0, s_perc=0.0, gate=PEARL_GATE):
     """The fusion arithmetic alone (METHOD.md section 2). s_self: Vision-SR1's self-reward (1 when the policy,
-    shown only its own description and the question, answered right)."""
+    shown only its own description and the question, answered right). s_perc: PEARL's perception score of the
+    prompt (its checklist pass rate, in [0, 1]); below `gate` the reasoning reward is 0 (the gate is ours)."""
     if scheme == "palmr":          # hierarchical: a hallucinating rollout gets 0 whatever its answer
         return s_vis * (0.9 * s_ans + 0.1 * s_fmt)
     if scheme == "grpo":           # outcome only
@@ -168,18 +170,109 @@ def fuse(scheme, s_fmt, s_ans, s_vis, r_cov=0.0, s_self=0.0):
         return 0.9 * s_ans + 0.1 * s_fmt + 0.7 * r_cov
     if scheme == "vision_sr1":     # official code (see_think_selfReward.py): 0.9 acc + 0.1 format + the self-reward
         return 0.9 * s_ans + 0.1 * s_fmt + s_self
+    if scheme == "pearl":          # the checklist gates the outcome reward (arXiv 2511.18437; gate and weights ours)
+        return (0.9 * s_ans + 0.1 * s_fmt) if s_perc >= gate else 0.0
     raise ValueError(f"unknown reward scheme {scheme!r}; expected one of {SCHEMES}")
 
 
-def score_completion(scheme, text, gold, choices=None, s_vis=1.0, r_cov=0.0, s_self=None):
+def score_completion(scheme, text, gold, choices=None, s_vis=1.0, r_cov=0.0, s_self=None, s_perc=None,
+                     gate=PEARL_GATE):
     """-> (total, parts) for one completion; parts are logged as reward/<name>. vision_sr1 grades its own
-    format (palmr.parse_description) and adds the part `self` (s_self, required for that scheme)."""
+    format (palmr.parse_description) and adds the part `self` (s_self, required for that scheme); pearl adds
+    the part `perc` (s_perc, the prompt's checklist pass rate, required for that scheme)."""
     _, answer, well_formed = parse_response(text)
     if scheme == "vision_sr1":
         assert s_self is not None, "vision_sr1 needs the self-reward (grpo.self_rewards)"
         well_formed = parse_description(text)[1]
+    assert scheme != "pearl" or s_perc is not None, "pearl needs the checklist pass rate (grpo.pearl_checks)"
     parts = {"fmt": 1.0 if well_formed else 0.0, "ans": 1.0 if grade_answer(answer, gold, choices) else 0.0,
              "vis": float(s_vis), "cov": float(r_cov)}
     if s_self is not None:
         parts["self"] = float(s_self)
-    return fuse(scheme, parts["fmt"], parts["ans"], parts["vis"], parts["cov"], parts.get("self", 0.0)), parts
+    if s_perc is not None:
+        parts["perc"] = float(s_perc)
+    return fuse(scheme, parts["fmt"], parts["ans"], parts["vis"], parts["cov"], parts.get("self", 0.0),
+                parts.get("perc", 0.0), gate), parts
+
+
+# -----------------------------------------------------------------------------
+# PEARL's perception checklist. Source of the idea: "Perceptual-Evidence Anchored Reinforced Learning for
+# Multimodal Reasoning" (arXiv 2511.18437). Its checklist rule is not public; this rule is ours.
+
+
+COLOUR_WORDS = {"red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey",
+                "gray", "cyan", "magenta"}  # basic colour terms: an object has one, so another is a checkable absence
+
+
+def plural_noun(name):
+    """English plural of a lower-case noun phrase's last word by the regular rules (box -> boxes, berry ->
+    berries, circle -> circles). Irregular nouns (person, mouse) come out regular: the question stays readable
+    and its answer is unaffected."""
+    head, _, last = name.rpartition(" ")
+    if re.search(r"(s|x|z|ch|sh)$", last):
+        last += "es"
+    elif re.search(r"[^aeiou]y$", last):
+        last = last[:-1] + "ies"
+    else:
+        last += "s"
+    return f"{head} {last}" if head else last
+
+
+def _count(value):
+    """A facts count as an int >= 0, or None (a missing or non-integer count makes no checklist item)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def pearl_checklist(facts, question, k, key):
+    """PEARL checklist of one item: exactly k (question, answer) pairs, answers checked by grade_answer.
+
+    Rule (ours; the paper's is not public), from the structured facts of METHOD.md section 1.3 (the synthetic
+    shapes write the same schema):
+    - present groups: for each object entry with a name and a count >= 1,
+      "How many {attributes} {plural name} are there?" -> its count;
+    - one absent probe when the facts allow it: an entry's name with a colour (COLOUR_WORDS) that another entry
+      has and no entry of that name has, "How many {colour} {plural name} are there?" -> "0" (the schema lists
+      every kind of object, and colours exclude each other; other attributes do not, so they make no probe);
+    - order: entries whose name or attribute words occur in the question first (the question's own evidence),
+      the rest shuffled by `key`; the absent probe last; an item worded exactly as the question is left out
+      (that would reward the answer twice);
+    - fewer than k distinct items are repeated in order to make k, so every prompt costs the same rollouts.
+    Relations and text are not checked (their answers cannot be verified by rule). -> [] when the facts have
+    no usable entry (the trainer drops such items at load).
+    """
+    import random
+    entries, seen = [], set()
+    for o in (facts or {}).get("objects") or []:
+        if not isinstance(o, dict):
+            continue
+        name = str(o.get("name") or "").strip().lower()
+        attrs = tuple(str(a).strip().lower() for a in (o.get("attributes") or []) if str(a).strip())
+        n = _count(o.get("count"))
+        if name and n is not None and n >= 1 and (attrs, name) not in seen:
+            seen.add((attrs, name))
+            entries.append((attrs, name, n))
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    phrase = lambda attrs, name: " ".join(attrs + (plural_noun(name),))  # noqa: E731
+    ask = lambda attrs, name: f"How many {phrase(attrs, name)} are there?"  # noqa: E731
+    relevant = lambda attrs, name: bool(words & set(" ".join(attrs + (name, plural_noun(name))).split()))  # noqa: E731
+    rng = random.Random(key)
+    order = list(range(len(entries)))
+    rng.shuffle(order)
+    order.sort(key=lambda i: not relevant(*entries[i][:2]))  # stable: relevant first, each part shuffled
+    target = question.strip().lower()
+    items = [(q, str(entries[i][2])) for i in order if (q := ask(*entries[i][:2])).lower() != target]
+    colours = {a for attrs, _, _ in entries for a in attrs if a in COLOUR_WORDS}
+    absent = sorted({((c,), name) for _, name, _ in entries for c in colours
+                     if not any(c in attrs for attrs, other, _ in entries if other == name)})
+    absent = [p for p in absent if ask(*p).lower() != target]
+    if absent:
+        rng.shuffle(absent)
+        absent.sort(key=lambda p: not relevant(*p))
+        items = items[:max(k - 1, 1)] + [(ask(*absent[0]), "0")]
+    return [items[i % len(items)] for i in range(k)] if items else []

@@ -5,7 +5,7 @@
 #   bash runs/shapes_study.sh [OUT]            # default OUT=out/shapes_study; ~40 min on 2 CPU cores
 #   SEEDS="0 1 2 3" STEPS=60 bash runs/shapes_study.sh out/study2
 #   VARIANTS="grpo palmr" LONG_SEEDS="" bash runs/shapes_study.sh      # the two-row study, ~11 min
-#   VARIANTS="grpo vppo vision_sr1" LONG_SEEDS="" bash runs/shapes_study.sh out/variants   # other methods
+#   VARIANTS="grpo vppo vision_sr1 pearl" LONG_SEEDS="" bash runs/shapes_study.sh out/variants   # other methods
 #
 # 1. builds (or finds) the cached warm start: SFT on shapes traces, a share of them misread on purpose;
 # 2. from it, for every seed, trains each of VARIANTS for STEPS steps with the same budget and flags:
@@ -18,6 +18,8 @@
 #      vppo             --reward grpo --credit sequence --vppo                 (VPPO on the answer reward)
 #      vision_sr1       --reward vision_sr1 --credit sequence                  (self-reward; the rule judge
 #                                                                               only logs S_vis)
+#      pearl            --reward pearl --credit sequence                       (checklist gate and checklist
+#                                                                               groups; the rule judge only logs)
 # 3. continues the LONG_VARIANTS runs of LONG_SEEDS to LONG_STEPS (a --resume of the same run);
 # 4. evaluates the start and every checkpoint on the held-out shapes split (greedy): answer accuracy,
 #    perception, complete perception and process-hallucination rate, all exact (rule judge);
@@ -50,7 +52,8 @@ flags() {  # the trainer flags of a variant
         palmr+both) echo "--reward palmr --judge-omissions --credit token" ;;
         vppo) echo "--reward grpo --credit sequence --vppo" ;;
         vision_sr1) echo "--reward vision_sr1 --credit sequence" ;;
-        *) echo "unknown variant $1 (grpo palmr palmr+omissions palmr+token palmr+both vppo vision_sr1)" >&2
+        pearl) echo "--reward pearl --credit sequence" ;;
+        *) echo "unknown variant $1 (grpo palmr palmr+omissions palmr+token palmr+both vppo vision_sr1 pearl)" >&2
            return 2 ;;
     esac
 }
