@@ -181,6 +181,8 @@ FUSE_CASES = [  # (scheme, s_fmt, s_ans, s_vis, r_cov, expected)
     ("palmr", 0, 1, 1, 0.0, 0.9),
     # palmr ignores r_cov
     ("palmr", 1, 1, 1, 1.0, 1.0),
+    # pearl: no checklist pass rate given (s_perc 0) fails the gate whatever the answer (gate cases: test_pearl)
+    ("pearl", 1, 1, 1, 0.0, 0.0),
     # grpo: outcome only, s_vis ignored
     ("grpo", 1, 1, 0, 0.0, 1.0),
     # grpo: format only
