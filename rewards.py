@@ -14,7 +14,7 @@ from fractions import Fraction
 
 from palmr import CHOICE_LETTERS, parse_description, parse_response
 
-SCHEMES = ("palmr", "grpo", "bonus", "mix", "perception_r1", "vision_sr1", "pearl")
+SCHEMES = ("palmr", "grpo", "bonus", "mix", "perception_r1", "vision_sr1", "pearl", "vicrit")
 NEEDS_VIS = {"palmr", "bonus", "mix"}      # schemes that read S_vis
 NEEDS_COV = {"perception_r1"}              # schemes that read the point-wise coverage r_cov
 PEARL_GATE = 0.5                            # PEARL: the checklist pass rate a prompt needs (ours: not published)
@@ -170,22 +170,30 @@ def fuse(scheme, s_fmt, s_ans, s_vis, r_cov=0.0, s_self=0.0, s_perc=0.0, gate=PE
         return 0.9 * s_ans + 0.1 * s_fmt + 0.7 * r_cov
     if scheme == "vision_sr1":     # official code (see_think_selfReward.py): 0.9 acc + 0.1 format + the self-reward
         return 0.9 * s_ans + 0.1 * s_fmt + s_self
+    if scheme == "vicrit":         # ViCrit (arXiv 2506.10128 section 3.2): s_ans is the corrupted-phrase match
+        return 0.9 * s_ans + 0.1 * s_fmt
     if scheme == "pearl":          # the checklist gates the outcome reward (arXiv 2511.18437; gate and weights ours)
         return (0.9 * s_ans + 0.1 * s_fmt) if s_perc >= gate else 0.0
     raise ValueError(f"unknown reward scheme {scheme!r}; expected one of {SCHEMES}")
 
 
 def score_completion(scheme, text, gold, choices=None, s_vis=1.0, r_cov=0.0, s_self=None, s_perc=None,
-                     gate=PEARL_GATE):
+                     gate=PEARL_GATE, description=None):
     """-> (total, parts) for one completion; parts are logged as reward/<name>. vision_sr1 grades its own
     format (palmr.parse_description) and adds the part `self` (s_self, required for that scheme); pearl adds
-    the part `perc` (s_perc, the prompt's checklist pass rate, required for that scheme)."""
+    the part `perc` (s_perc, the prompt's checklist pass rate, required for that scheme); vicrit grades the
+    answer with vicrit_match against the item's description (required for that scheme)."""
     _, answer, well_formed = parse_response(text)
     if scheme == "vision_sr1":
         assert s_self is not None, "vision_sr1 needs the self-reward (grpo.self_rewards)"
         well_formed = parse_description(text)[1]
     assert scheme != "pearl" or s_perc is not None, "pearl needs the checklist pass rate (grpo.pearl_checks)"
-    parts = {"fmt": 1.0 if well_formed else 0.0, "ans": 1.0 if grade_answer(answer, gold, choices) else 0.0,
+    if scheme == "vicrit":
+        assert description is not None, "vicrit needs the item's description (data.py vicrit: meta.description)"
+        right = vicrit_match(answer, gold, description)
+    else:
+        right = grade_answer(answer, gold, choices)
+    parts = {"fmt": 1.0 if well_formed else 0.0, "ans": 1.0 if right else 0.0,
              "vis": float(s_vis), "cov": float(r_cov)}
     if s_self is not None:
         parts["self"] = float(s_self)
@@ -204,12 +212,22 @@ COLOUR_WORDS = {"red", "green", "blue", "yellow", "orange", "purple", "pink", "b
                 "gray", "cyan", "magenta"}  # basic colour terms: an object has one, so another is a checkable absence
 
 
+IRREGULAR_PLURALS = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
+                     "goose": "geese", "foot": "feet", "tooth": "teeth", "sheep": "sheep", "fish": "fish",
+                     "deer": "deer", "people": "people", "men": "men", "women": "women", "children": "children"}
+
+
 def plural_noun(name):
-    """English plural of a lower-case noun phrase's last word by the regular rules (box -> boxes, berry ->
-    berries, circle -> circles). Irregular nouns (person, mouse) come out regular: the question stays readable
-    and its answer is unaffected."""
+    """English plural of a lower-case noun phrase's last word (box -> boxes, berry -> berries, person ->
+    people). A word already plural by the regular rule ('glasses', 'scissors': a final s not after s, u or
+    i) is left as it is; so is any word the rules get wrong, which leaves the question readable and its
+    answer unaffected."""
     head, _, last = name.rpartition(" ")
-    if re.search(r"(s|x|z|ch|sh)$", last):
+    if last in IRREGULAR_PLURALS:
+        last = IRREGULAR_PLURALS[last]
+    elif re.search(r"[^siu]s$", last):
+        pass
+    elif re.search(r"(s|x|z|ch|sh)$", last):
         last += "es"
     elif re.search(r"[^aeiou]y$", last):
         last = last[:-1] + "ies"
@@ -233,30 +251,43 @@ def pearl_checklist(facts, question, k, key):
     """PEARL checklist of one item: exactly k (question, answer) pairs, answers checked by grade_answer.
 
     Rule (ours; the paper's is not public), from the structured facts of METHOD.md section 1.3 (the synthetic
-    shapes write the same schema):
-    - present groups: for each object entry with a name and a count >= 1,
-      "How many {attributes} {plural name} are there?" -> its count;
-    - one absent probe when the facts allow it: an entry's name with a colour (COLOUR_WORDS) that another entry
-      has and no entry of that name has, "How many {colour} {plural name} are there?" -> "0" (the schema lists
-      every kind of object, and colours exclude each other; other attributes do not, so they make no probe);
-    - order: entries whose name or attribute words occur in the question first (the question's own evidence),
+    shapes write the same schema), which list every kind of object with its count; attributes other than
+    colour are not exhaustive (a 'red bus' entry may be double-decker too), colours exclude each other:
+    - present groups: per object name, "How many {attributes} {plural name} are there?" -> the count of the
+      entries with exactly those attributes (summed when the facts repeat an entry). A name with several
+      distinct attribute sets is asked about only when each set holds exactly one colour and the colours
+      differ (else a group could include another); a name with an unreadable count is not asked about;
+    - one absent probe when the facts allow it: a name whose entries all carry exactly one colour, with a
+      colour another entry has and none of that name has, "How many {colour} {plural name} are there?" -> "0";
+    - order: items whose name or attribute words occur in the question first (the question's own evidence),
       the rest shuffled by `key`; the absent probe last; an item worded exactly as the question is left out
       (that would reward the answer twice);
     - fewer than k distinct items are repeated in order to make k, so every prompt costs the same rollouts.
-    Relations and text are not checked (their answers cannot be verified by rule). -> [] when the facts have
-    no usable entry (the trainer drops such items at load).
+    Relations and text are not checked (their answers cannot be verified by rule). -> [] when the facts give
+    no present item (probes alone would be passed by always answering 0); the trainer drops such items at load.
     """
     import random
-    entries, seen = [], set()
+    by_name, shown = {}, {}  # name -> {sorted attributes: summed count, or None when a count is unreadable}
     for o in (facts or {}).get("objects") or []:
-        if not isinstance(o, dict):
+        if not isinstance(o, dict) or not str(o.get("name") or "").strip():
             continue
-        name = str(o.get("name") or "").strip().lower()
-        attrs = tuple(str(a).strip().lower() for a in (o.get("attributes") or []) if str(a).strip())
-        n = _count(o.get("count"))
-        if name and n is not None and n >= 1 and (attrs, name) not in seen:
-            seen.add((attrs, name))
-            entries.append((attrs, name, n))
+        name = str(o["name"]).strip().lower()
+        said = tuple(str(a).strip().lower() for a in (o.get("attributes") or []) if str(a).strip())
+        attrs = tuple(sorted(said))
+        shown.setdefault((attrs, name), said)  # the facts' own word order, for the question
+        n, groups = _count(o.get("count")), by_name.setdefault(name, {})
+        groups[attrs] = None if n is None or groups.get(attrs, 0) is None else groups.get(attrs, 0) + n
+    colour_of = lambda attrs: [a for a in attrs if a in COLOUR_WORDS]  # noqa: E731
+    usable = set()
+    for name, groups in by_name.items():
+        colours = [colour_of(a) for a in groups]
+        if any(n is None for n in groups.values()):
+            continue  # an unreadable count: this name's totals are unknown
+        if len(groups) > 1 and not (all(len(c) == 1 for c in colours) and len({c[0] for c in colours}) == len(groups)):
+            continue  # overlapping groups: one could include another
+        usable.add(name)
+    entries = [(said, name, by_name[name][attrs]) for (attrs, name), said in shown.items()  # in the facts' order
+               if name in usable and by_name[name][attrs] >= 1]
     words = set(re.findall(r"[a-z]+", question.lower()))
     phrase = lambda attrs, name: " ".join(attrs + (plural_noun(name),))  # noqa: E731
     ask = lambda attrs, name: f"How many {phrase(attrs, name)} are there?"  # noqa: E731
@@ -267,10 +298,13 @@ def pearl_checklist(facts, question, k, key):
     order.sort(key=lambda i: not relevant(*entries[i][:2]))  # stable: relevant first, each part shuffled
     target = question.strip().lower()
     items = [(q, str(entries[i][2])) for i in order if (q := ask(*entries[i][:2])).lower() != target]
-    colours = {a for attrs, _, _ in entries for a in attrs if a in COLOUR_WORDS}
-    absent = sorted({((c,), name) for _, name, _ in entries for c in colours
-                     if not any(c in attrs for attrs, other, _ in entries if other == name)})
+    every = {c for groups in by_name.values() for attrs in groups for c in colour_of(attrs)}
+    absent = sorted({((c,), name) for name, groups in by_name.items()
+                     if all(len(colour_of(a)) == 1 for a in groups)
+                     for c in every - {colour_of(a)[0] for a in groups}})
     absent = [p for p in absent if ask(*p).lower() != target]
+    if not items:  # probes alone would be answered by always saying 0
+        return []
     if absent:
         rng.shuffle(absent)
         absent.sort(key=lambda p: not relevant(*p))

@@ -26,7 +26,9 @@ def obj(name, count, *attributes):
 
 @pytest.mark.parametrize("name,plural", [("circle", "circles"), ("bus", "buses"), ("box", "boxes"),
                                          ("church", "churches"), ("berry", "berries"), ("key", "keys"),
-                                         ("traffic light", "traffic lights"), ("glass", "glasses")])
+                                         ("traffic light", "traffic lights"), ("glass", "glasses"),
+                                         ("glasses", "glasses"), ("person", "people"), ("people", "people"),
+                                         ("cactus", "cactuses"), ("tennis racket", "tennis rackets")])
 def test_plural_noun(name, plural):
     assert plural_noun(name) == plural
 
@@ -57,17 +59,35 @@ def test_checklist_from_real_facts():
     # as data.py facts writes them (FACTS_SCHEMA): unusable entries are skipped, not guessed
     facts = {"objects": [obj("Bus", "3", "Red", " double-decker "), obj("person", 0, "standing"),
                          obj("", 2, "green"), obj("tree", "many", "green"), obj("tree", True), "not an object",
-                         obj("dog", 1, "brown"), obj("bus", 3, "red", "double-decker"),  # a repeat of the first
+                         obj("dog", 1, "brown"), obj("bus", 3, "red", "double-decker"),  # a second such group
                          obj("car", 2, "large")],
              "relations": ["the dog is left of the bus"], "text": ["STOP"],
              "global": {"scene": "street", "total_objects": 5}}
     items = pearl_checklist(facts, "What colour is the bus?", 3, "street-1")
-    # present: the bus first (the question names it), then dog and car in the key's shuffled order; absent:
-    # a colour another entry has and no entry of that name has: brown buses (named by the question) first;
-    # "large" is not a colour, so no probe says there are no large dogs
-    assert items[0] == ("How many red double-decker buses are there?", "3")
+    # present: the bus first (the question names it; its two equal entries summed), then dog or car in the
+    # key's shuffled order; trees have an unreadable count and person a count of 0: not asked. Absent: a
+    # colour another entry has (tree: green) that no entry of the name has, for names whose entries all have
+    # one colour (not car, person or tree: their colour is unknown), those named by the question first
+    assert items[0] == ("How many red double-decker buses are there?", "6")
     assert items[1] in [("How many brown dogs are there?", "1"), ("How many large cars are there?", "2")]
-    assert items[2] == ("How many brown buses are there?", "0")
+    assert items[2] in [("How many brown buses are there?", "0"), ("How many green buses are there?", "0")]
+
+
+def test_checklist_skips_groups_that_may_overlap():
+    # attributes other than colour are not exhaustive: the red bus may be double-decker too, so neither
+    # count is certain; distinct single colours exclude each other, so both counts are
+    overlapping = {"objects": [obj("bus", 1, "red"), obj("bus", 2, "red", "double-decker"), obj("tree", 2),
+                               obj("tree", 1, "green")]}
+    assert pearl_checklist(overlapping, "q", 2, "k") == []
+    exclusive = {"objects": [obj("bus", 1, "red"), obj("bus", 2, "blue", "double-decker")]}
+    assert sorted(pearl_checklist(exclusive, "q", 2, "k")) == [("How many blue double-decker buses are there?", "2"),
+                                                              ("How many red buses are there?", "1")]
+    # an uncoloured name gets no absent probe (its colour is unknown); an entry with a bad count is not asked
+    # about, but its colour still blocks the probe of its own name (green buses exist, however many)
+    probes = {"objects": [obj("car", 2, "large"), obj("dog", 1, "brown"), obj("bus", "many", "green")]}
+    items = pearl_checklist(probes, "q", 3, "k")
+    assert items[2] in [("How many brown buses are there?", "0"), ("How many green dogs are there?", "0")]
+    assert sorted(items[:2]) == [("How many brown dogs are there?", "1"), ("How many large cars are there?", "2")]
     assert pearl_checklist(None, "q", 3, "k") == [] and pearl_checklist({"objects": []}, "q", 3, "k") == []
 
 
@@ -165,6 +185,18 @@ def test_trainer_step_with_the_real_engine(tmp_path, tiny_ckpt, shapes_file):
     assert m["tokens"] == pytest.approx((m["completion_len"] + m["pearl/tokens"]) * 4, rel=1e-6)
 
 
+def test_trainer_gate_closes_every_group(tmp_path, tiny_ckpt, shapes_file):
+    # a gate of 1.0 passes only prompts whose 6 checklist rollouts are all right: the random tiny policy has
+    # none, so every reasoning reward is 0 while the checklist groups still train (tokens > the reasoning rows')
+    grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path), "--max-steps", "1",
+               "--reward", "pearl", "--judge", "none", "--rollout-batch", "2", "--update-batch", "2",
+               "--group-size", "2", "--max-new-tokens", "12", "--pearl-items", "2", "--pearl-group", "3",
+               "--pearl-gate", "1.0", "--save-every", "100", "--log-rollouts-every", "0"])
+    m = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert m["pearl/perception"] < 1.0 and m["pearl/gated"] == 1.0 and m["reward"] == 0.0
+    assert m["tokens"] > m["completion_len"] * 4
+
+
 @pytest.mark.slow
 def test_pearl_under_torchrun_two_ranks(tmp_path, tiny_ckpt, shapes_file):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "grpo.py"),
@@ -176,7 +208,7 @@ def test_pearl_under_torchrun_two_ranks(tmp_path, tiny_ckpt, shapes_file):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(m["pearl/rollouts"] == pytest.approx(2.0) and m["t_pearl"] > 0 for m in metrics)
-    for m in metrics:  # the gate, seen from the logged means: a gated prompt's rollouts all earn 0
-        assert 0.0 <= m["pearl/gated"] <= 1.0 and m["reward"] <= 0.9 * m["reward/ans"] + 0.1 * m["reward/fmt"] + 1e-6
+    for m in metrics:  # the gate, seen from the logged means: a gated prompt's rollouts all earn 0, others <= 1
+        assert m["reward"] <= 1.0 - m["pearl/gated"] + 1e-6
     saved = json.loads((tmp_path / "args.json").read_text())
     assert saved["reward"] == "pearl" and saved["pearl_items"] == 2 and saved["pearl_group"] == 2
