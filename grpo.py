@@ -114,6 +114,10 @@ def get_args(argv=None):
                     "trained as their own groups (ours)")
     ap.add_argument("--pearl-gate", type=float, default=0.5, help="PEARL: checklist pass rate a prompt needs for "
                     "its reasoning reward (ours)")
+    ap.add_argument("--vicrit-data", default=None, help="ViCrit items (data.py vicrit) mixed into every step; they "
+                    "earn ViCrit's reward whatever --reward is")
+    ap.add_argument("--vicrit-ratio", type=float, default=0.25, help="share of each step's prompts drawn from "
+                    "--vicrit-data (ours; the paper trains on ViCrit alone: --reward vicrit --data FILE)")
     # optimisation
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (tiny default; paper: 1e-6 for 7B)")
     ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
@@ -161,9 +165,15 @@ def get_args(argv=None):
 # Data: every rank loads the same filtered list; prompt k of the run is a pure function of (seed, k)
 
 
-def load_dataset(args, processor):
-    """Samples that can be trained on: readable image, prompt within budget, a reference where S_vis needs one."""
-    samples, kept, dropped = read_jsonl(args.data), [], {}
+def is_vicrit(sample):
+    return sample.source.startswith("vicrit/")
+
+
+def load_dataset(args, processor, path=None):
+    """Samples that can be trained on: readable image, prompt within budget, a reference where S_vis needs one,
+    a description where ViCrit's reward needs one (ViCrit items only, under --reward vicrit)."""
+    path = path or args.data
+    samples, kept, dropped = read_jsonl(path), [], {}
     need_reference = args.reward in NEEDS_VIS and args.judge not in ("none", "rule")  # rule judges facts alone
     for s in tqdm(samples, desc="checking data", disable=palmr.get_rank() != 0, mininterval=2):
         try:
@@ -173,8 +183,15 @@ def load_dataset(args, processor):
             n_image = processor.image_processor.get_number_of_image_patches(image.height, image.width, {}) \
                 // processor.image_processor.merge_size ** 2
             n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + n_image
+            if args.reward == "pearl":  # the checklist's prompts show the same image with another question
+                n = max([n] + [len(processor.tokenizer(palmr.render_prompt(processor, q), add_special_tokens=False)
+                                   ["input_ids"]) + n_image for q, _ in pearl_checklist(s.facts, s.question,
+                                                                                        args.pearl_items, s.id)])
             reason = "prompt too long" if n > args.max_prompt_tokens else None
-            reason = reason or ("no reference trace" if need_reference and not s.reference else None)
+            vicrit = is_vicrit(s) or (args.reward == "vicrit" and path == args.data)
+            reason = reason or ("no reference trace" if need_reference and not s.reference and not vicrit else None)
+            reason = reason or ("not a ViCrit item (data.py vicrit)" if vicrit and not (is_vicrit(s) and
+                                isinstance(s.meta.get("description"), str)) else None)
             reason = reason or ("no checkable facts for a PEARL checklist" if args.reward == "pearl" and not
                                 pearl_checklist(s.facts, s.question, args.pearl_items, s.id) else None)
         except ValueError as e:
@@ -183,9 +200,24 @@ def load_dataset(args, processor):
             dropped[reason] = dropped.get(reason, 0) + 1
         else:
             kept.append(s)
-    print0(f"data: {len(kept)} of {len(samples)} items kept from {args.data}; dropped: {dropped or 'none'}")
-    assert kept, f"no trainable items in {args.data}"
+    print0(f"data: {len(kept)} of {len(samples)} items kept from {path}; dropped: {dropped or 'none'}")
+    assert kept, f"no trainable items in {path}"
     return kept
+
+
+def mixed_step_items(n_items, n_extra, step, rollout_batch, extra_per_step, seed, rank, world):
+    """Like step_items, with `extra_per_step` of the global batch's prompts drawn from a second dataset of
+    n_extra items (ViCrit), spread evenly over the batch positions: -> [(0, index) or (1, extra index)]. Each
+    source is shuffled per epoch on its own, so prompt k of either is a pure function of (seed, k)."""
+    out, main_per_step = [], rollout_batch - extra_per_step
+    for j in range(rank, rollout_batch, world):
+        before = j * extra_per_step // rollout_batch  # extra positions among 0..j-1
+        extra = (j + 1) * extra_per_step // rollout_batch > before
+        n, k, key = (n_extra, step * extra_per_step + before, seed + 7_919) if extra else \
+            (n_items, step * main_per_step + j - before, seed)
+        order = np.random.default_rng([key, k // n]).permutation(n)
+        out.append((int(extra), int(order[k % n])))
+    return out
 
 
 def step_items(n_items, step, rollout_batch, seed, rank, world):
@@ -325,28 +357,34 @@ def compute_rewards(judge, rows, scheme, prefill="", s_self=None, s_perc=None, g
     n = len(rows)
     s_vis, r_cov, failed, stats, stats_ties, spans = [1.0] * n, [0.0] * n, 0, {}, 0, [[] for _ in rows]
     unmatched = 0
-    if judge is not None:
-        items = [JudgeItem(s.question, s.facts, prefill + c.text, s.reference) for s, c in rows]
+    judged = [i for i, (s, _) in enumerate(rows) if not is_vicrit(s)]  # ViCrit items have their own exact reward
+    if judge is not None and judged:
+        items = [JudgeItem(rows[i][0].question, rows[i][0].facts, prefill + rows[i][1].text, rows[i][0].reference)
+                 for i in judged]
         judge.stats = {}
         try:
             verdicts = judge.judge(items)
-            s_vis, failed = [v.s_vis for v in verdicts], sum(v.failed for v in verdicts)
+            failed = sum(v.failed for v in verdicts)
             stats_ties = sum(v.preference == "tie" for v in verdicts)
             unmatched = sum(v.unmatched for v in verdicts)
             k = len(prefill)
-            spans = [[(max(a - k, 0), b - k) for a, b in v.spans if b > k] for v in verdicts]
+            for i, v in zip(judged, verdicts):
+                s_vis[i], spans[i] = v.s_vis, [(max(a - k, 0), b - k) for a, b in v.spans if b > k]
             if scheme in NEEDS_COV:
-                r_cov = judge.coverage(items)
+                for i, c in zip(judged, judge.coverage(items)):
+                    r_cov[i] = c
         except Exception as e:  # noqa: BLE001 -- a judge outage must not kill a multi-day run
             print(f"[rank {palmr.get_rank()}] judge failed on this batch, counted as no preference: "
                   f"{type(e).__name__}: {e}", flush=True)
-            failed = n
+            failed = len(judged)
         stats = dict(judge.stats, unmatched=unmatched)
     totals, parts = [], {}
     for i, ((s, c), vis, cov) in enumerate(zip(rows, s_vis, r_cov)):
-        total, p = score_completion(scheme, prefill + c.text, s.answer, s.choices, s_vis=vis, r_cov=cov,
-                                    s_self=None if s_self is None else s_self[i],
-                                    s_perc=None if s_perc is None else s_perc[i], gate=gate)
+        vicrit = is_vicrit(s)
+        total, p = score_completion("vicrit" if vicrit else scheme, prefill + c.text, s.answer, s.choices, s_vis=vis,
+                                    r_cov=cov, s_self=None if s_self is None else s_self[i],  # logged, not fused
+                                    s_perc=None if s_perc is None else s_perc[i], gate=gate,
+                                    description=s.meta.get("description") if vicrit else None)
         totals.append(total)
         for k, v in p.items():
             parts.setdefault(k, []).append(v)
@@ -1383,7 +1421,8 @@ def save_checkpoint(policy, optimizer, args, step):
 
 RESUME_MUST_MATCH = ("model", "data", "seed", "group_size", "rollout_batch", "update_batch", "reward", "judge",
                      "lr", "beta", "temperature", "max_new_tokens", "judge_omissions", "credit", "credit_c",
-                     "vppo", "vppo_top_k", "vppo_beta_min", "vppo_mask_prob", "pearl_items", "pearl_group", "pearl_gate")
+                     "vppo", "vppo_top_k", "vppo_beta_min", "vppo_mask_prob", "pearl_items", "pearl_group", "pearl_gate",
+                     "vicrit_data", "vicrit_ratio")
 
 
 def load_trainer_state(ckpt, policy, optimizer, args):
@@ -1424,6 +1463,7 @@ def main(argv=None):
     assert args.judge != "none" or args.reward not in NEEDS_VIS | NEEDS_COV, f"--reward {args.reward} needs a judge"
     assert args.reward != "vision_sr1" or args.vllm_tp == 1, "--reward vision_sr1: its text-only pass runs per rank"
     assert not (args.vppo and args.credit == "token"), "--vppo and --credit token both set per-token advantages"
+    assert 0 <= args.vicrit_ratio <= 1, "--vicrit-ratio in [0, 1]"
     assert args.pearl_items >= 1 and args.pearl_group >= 2 and 0 <= args.pearl_gate <= 1, \
         "--pearl-items >= 1, --pearl-group >= 2 (a group of one has no advantage), --pearl-gate in [0, 1]"
     assert 0 < args.vppo_top_k <= 1 and 0 <= args.vppo_mask_prob <= 1 and 0 <= args.vppo_beta_min <= 1, \
@@ -1477,6 +1517,8 @@ def main(argv=None):
         max_retries=args.judge_retries, max_tokens=args.judge_max_tokens, reasoning=not args.judge_no_reasoning,
         seed=args.seed, omissions=args.judge_omissions, locate=args.credit == "token")
     samples = load_dataset(args, processor)
+    vicrit = load_dataset(args, processor, args.vicrit_data) if args.vicrit_data else []
+    n_vicrit = round(args.vicrit_ratio * args.rollout_batch) if vicrit else 0  # ViCrit prompts per step
     prefill = palmr.generation_prefill(palmr.render_prompt(processor, ""))  # '' for Qwen2.5-VL's own template
     if rank == 0:
         (out / "args.json").write_text(json.dumps({**vars(args), "versions": palmr.versions()}, indent=2))
@@ -1487,7 +1529,8 @@ def main(argv=None):
     for step in range(start, args.max_steps):
         t0 = time.time()
         # rollout
-        mine = [samples[i] for i in step_items(len(samples), step, args.rollout_batch, args.seed, rank, world)]
+        mine = [(vicrit if src else samples)[i] for src, i in mixed_step_items(
+            len(samples), len(vicrit), step, args.rollout_batch, n_vicrit, args.seed, rank, world)]
         engine.wake()
         rows, encoded = rollout(engine, processor, mine, args, step, rank)
         t_self = time.time()
@@ -1541,6 +1584,9 @@ def main(argv=None):
                  # located errors: rollouts with one (and with token credit, the share of tokens marked)
                  "credit/located": torch.tensor(float(sum(bool(sp) for sp in located))),
                  "judge/unmatched": torch.tensor(float(judge_stats.get("unmatched", 0)))}
+        if args.vicrit_data or args.reward == "vicrit":  # decided by flags: every rank reduces the same keys
+            vic = torch.tensor([is_vicrit(s) for s, _ in rows], dtype=torch.bool)
+            local.update({"vicrit/rows": vic.float().sum(), "vicrit/correct": (parts["ans"] * vic).sum()})
         if pearl:
             local.update({"pearl/perception": torch.tensor(float(sum(s_perc))),
                           "pearl/gated": torch.tensor(float(sum(p < args.pearl_gate for p in s_perc))),
@@ -1557,6 +1603,8 @@ def main(argv=None):
                                            dtype=torch.float64))
             metrics.update({"judge/latency": float(sums[0] / sums[1].clamp(min=1)), "judge/tokens": float(sums[2]),
                             "judge/cache_hits": float(sums[3])})
+        if "vicrit/rows" in metrics:  # ViCrit's answer accuracy over its own rows
+            metrics["vicrit/acc"] = metrics.pop("vicrit/correct") / metrics["vicrit/rows"] if metrics["vicrit/rows"] else 0.0
         metrics.update(step=step + 1, adv_std=float(all_adv.std()),
                        zero_var_groups=float((groups.std(dim=1) == 0).float().mean()),
                        **stats, t_rollout=t1 - t0 - t_self, t_reward=t2 - t1 + t_self, t_train=t3 - t2)

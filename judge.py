@@ -4,6 +4,8 @@
     python grpo.py --judge openai --judge-base-url http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen3-30B-A3B
     python judge.py agree --pairs examples/judge_pairs.jsonl --backend openai \
         --base-url http://127.0.0.1:8000/v1 --model Qwen/Qwen3-30B-A3B --out agree.json
+    python judge.py pairs --in data/train.jsonl --out pairs.jsonl         # labelled pairs from facts
+    python judge.py agree --pairs pairs.jsonl --backend rule --out agree_rule.json   # per error type
 
 The trainer sees one narrow interface: `judge.judge(items) -> list[Verdict]` (S_vis) and
 `judge.coverage(items) -> list[float]` (the perception_r1 r_cov). Backends:
@@ -631,6 +633,239 @@ def make_judge(name, base_url=None, model=None, api_key_env="OPENAI_API_KEY", pr
 
 
 # -----------------------------------------------------------------------------
+# `python judge.py pairs`: labelled pairs without human labels, from any data with facts and references.
+# The four error types are SceneAlign's failure modes (arXiv 2601.05600: hallucinated entities, mis-grounded
+# relations, skipped steps, over-specified reasoning); the paper builds its negatives from scene graphs, and
+# its code and templates are not public, so the rules below are ours.
+
+ERROR_TYPES = ("hallucinated_entity", "misgrounded", "skipped_step", "over_specified")
+FAITHFUL = ("paraphrase", "reordered")  # variants that must not be gated: error_type "faithful"
+SHAPE_COLOURS = ("red", "green", "blue", "yellow")  # data.COLORS: the colours a shapes scene can have
+SHAPE_KINDS = ("circle", "square", "triangle")
+DISTRACTORS = ("dog", "umbrella", "bicycle", "clock", "bottle", "chair", "kite", "bird")  # absent objects, real data
+DETAILS = ("striped", "shiny", "dotted", "wooden")  # details no facts entry states
+PARAPHRASES = (("I see ", "The image shows "), ("So there are ", "That makes "), ("There is no ", "The image has no "),
+               ("There is a ", "The image has a "), ("There are ", "The image has "))
+OPPOSITES = {"left": "right", "right": "left", "above": "below", "below": "above", "top": "bottom",
+             "bottom": "top", "over": "under", "under": "over", "inside": "outside", "outside": "inside"}
+_THINK = re.compile(r"^(\s*<think>)(.*?)(</think>.*)$", re.DOTALL)
+_LIST = re.compile(r"^(.*?\b(?:see|shows|has|contains)\s+)(.+)\.$")
+
+
+def _entries(facts):
+    """(colours, name, count) per object entry with a name (colours: its attributes that are colour words)."""
+    from rewards import COLOUR_WORDS
+    out = []
+    for o in (facts or {}).get("objects") or []:
+        if isinstance(o, dict) and str(o.get("name") or "").strip():
+            attrs = [str(a).strip().lower() for a in o.get("attributes") or []]
+            out.append(([a for a in attrs if a in COLOUR_WORDS], str(o["name"]).strip().lower(), o.get("count")))
+    return out
+
+
+def _sentences(think):
+    return [x for x in re.split(r"(?<=[.!?])\s+", think.strip()) if x]
+
+
+def _list_items(sentence):
+    """'I see 2 red circles, 1 blue square and 1 yellow circle.' -> ('I see ', [3 items]) or None."""
+    m = _LIST.match(sentence)
+    if not m:
+        return None
+    items = re.split(r",\s+|\s+and\s+", m.group(2))
+    return (m.group(1), items) if len(items) >= 1 and all(items) else None
+
+
+def _join(items):
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _mentions(think, facts, question):
+    """Colour-and-name mentions of the facts' entries in the text, those not named by the question first:
+    [(match of the colour word, colour, name)]."""
+    from rewards import plural_noun
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    found = []
+    for colours, name, _ in _entries(facts):
+        for c in colours:
+            pat = rf"\b{re.escape(c)}\b(?=(?:\s+[\w-]+){{0,2}}?\s+(?:{re.escape(plural_noun(name))}|{re.escape(name)})\b)"
+            for m in re.finditer(pat, think, re.IGNORECASE):
+                found.append((bool({c, name, plural_noun(name)} & words), m.start(), m, c, name))
+    return [(m, c, name) for _, _, m, c, name in sorted(found, key=lambda f: (f[0], f[1]))]
+
+
+def perturb(kind, reference, facts, question, rng):
+    """One variant of a reference trace: -> (candidate, detail) or (None, why not).
+
+    kind: an ERROR_TYPES member (the candidate must be gated) or a FAITHFUL member (it must not be). Only
+    the <think> block changes, so the final answer stays the reference's. Rules (ours):
+    - hallucinated_entity: adds an object the facts do not have, named by neither the facts nor the
+      question (shapes: '1 {colour} {kind}' into the observation list; other data: 'There is also a
+      {colour} {DISTRACTORS member}.' after the first sentence);
+    - misgrounded: a stated colour of an entry becomes a colour no entry of that name has (entries the
+      question names last); without one, a spatial word of a facts relation becomes its opposite;
+    - skipped_step: the first sentence (the observation) is left out, when another one remains and the
+      first names an object or colour of the facts that the rest does not;
+    - over_specified: a detail no entry has (DETAILS) is put before the first colour mention;
+    - paraphrase: fixed rewordings (PARAPHRASES); reordered: the observation list rotated by one.
+    """
+    m = _THINK.match(reference or "")
+    if not m:
+        return None, "the reference has no <think> block"
+    head, think, tail = m.groups()
+    sents = _sentences(think)
+    if not sents:
+        return None, "empty <think> block"
+    entries = _entries(facts)
+    if not entries:
+        return None, "no object entries in the facts"
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    out = detail = None
+    if kind == "hallucinated_entity":
+        names = {n for _, n, _ in entries}
+        if names <= set(SHAPE_KINDS):
+            have = {(c, n) for cs, n, _ in entries for c in cs}
+            options = [(c, k) for c in SHAPE_COLOURS for k in SHAPE_KINDS
+                       if (c, k) not in have and c not in words and k not in words and k + "s" not in words]
+            if options:
+                c, k = rng.choice(options)
+                listed = _list_items(sents[0])
+                if listed:
+                    sents[0] = listed[0] + _join(listed[1] + [f"1 {c} {k}"]) + "."
+                else:
+                    sents.insert(1, f"There is also 1 {c} {k}.")
+                detail = f"added 1 {c} {k}"
+        else:
+            from rewards import COLOUR_WORDS
+            options = [d for d in DISTRACTORS if d not in names and d not in words and d + "s" not in words]
+            if options:
+                d, c = rng.choice(options), rng.choice(sorted(COLOUR_WORDS - {"gray", "magenta", "cyan"}))
+                sents.insert(1, f"There is also a {c} {d}.")
+                detail = f"added a {c} {d}"
+    elif kind == "misgrounded":
+        from rewards import COLOUR_WORDS
+        palette = SHAPE_COLOURS if {n for _, n, _ in entries} <= set(SHAPE_KINDS) else sorted(COLOUR_WORDS - {"gray"})
+        body = " ".join(sents)
+        for hit, c, name in _mentions(body, facts, question):
+            taken = {x for cs, n, _ in entries if n == name for x in cs}
+            options = [x for x in palette if x not in taken]
+            if options:
+                new = rng.choice(options)
+                body = body[:hit.start()] + new + body[hit.end():]
+                sents, detail = [body], f"{c} {name} -> {new} {name}"
+                break
+        else:
+            if (facts or {}).get("relations"):
+                hit = re.search(rf"\b({'|'.join(OPPOSITES)})\b", body)
+                if hit:
+                    new = OPPOSITES[hit.group(1)]
+                    sents, detail = [body[:hit.start()] + new + body[hit.end():]], f"{hit.group(1)} -> {new}"
+    elif kind == "skipped_step":
+        from rewards import plural_noun
+        named = lambda text: {w for cs, n, _ in entries for w in cs + [n, plural_noun(n)]  # noqa: E731
+                              if re.search(rf"\b{re.escape(w)}\b", text, re.IGNORECASE)}
+        if len(sents) >= 2 and named(sents[0]) - named(" ".join(sents[1:])):  # it said something the rest does not
+            detail, sents = f"left out: {sents[0]}", sents[1:]
+    elif kind == "over_specified":
+        body = " ".join(sents)
+        taken = {str(a).lower() for o in (facts or {}).get("objects") or [] if isinstance(o, dict)
+                 for a in o.get("attributes") or []}
+        hits = _mentions(body, facts, question)
+        options = [d for d in DETAILS if d not in taken]
+        if hits and options:
+            hit, c, name = hits[0]
+            d = rng.choice(options)
+            sents, detail = [body[:hit.start()] + d + " " + body[hit.start():]], f"{c} {name} -> {d} {c} {name}"
+    elif kind == "paraphrase":
+        body = " ".join(sents)
+        new = body
+        for a, b in PARAPHRASES:
+            new = new.replace(a, b)
+        if new != body:
+            sents, detail = [new], "reworded"
+    elif kind == "reordered":
+        listed = _list_items(sents[0])
+        if listed and len(listed[1]) >= 2:
+            sents[0] = listed[0] + _join(listed[1][1:] + listed[1][:1]) + "."
+            detail = "observation list rotated"
+    else:
+        raise ValueError(f"unknown variant {kind!r}; expected one of {ERROR_TYPES + FAITHFUL}")
+    if detail is None:
+        return None, "the rule does not apply to this trace"
+    out = head + " ".join(sents) + tail
+    if parse_response(out)[1] != parse_response(reference)[1]:
+        return None, "the final answer changed"
+    return out, detail
+
+
+REWRITE = {  # the optional LLM rewriter's instruction per variant (ours)
+    "hallucinated_entity": "mentions one object that is NOT among the facts, stated as plainly as the others",
+    "misgrounded": "gets one attribute or spatial relation of an object wrong, contradicting the facts",
+    "skipped_step": "leaves out one step of its visual observation",
+    "over_specified": "adds one specific visual detail that the facts do not support",
+    "paraphrase": "says exactly the same things in different words",
+    "reordered": "states the same observations in a different order",
+}
+
+
+def rewrite_prompt(kind, question, facts, reference):
+    return (f"Image facts (ground truth):\n{json.dumps(facts, ensure_ascii=False)}\n\nQuestion: {question}\n\n"
+            f"[Response]\n{reference}\n[End of Response]\n\nRewrite the response so that it {REWRITE[kind]}. "
+            "Change nothing else: keep the <think>...</think> layout and the final \\boxed{} answer exactly. "
+            "Reply with the rewritten response only.")
+
+
+def make_pairs(samples, seed=0, rewriter=None, kinds=ERROR_TYPES + FAITHFUL):
+    """Labelled pairs from Samples with facts and a reference trace: -> (pairs, summary).
+
+    Each pair: id, source_id, question, facts, answer, candidate, reference, label ('reference' for the
+    error types: the reference is more faithful, the rollout must be gated; 'tie' for the faithful
+    variants), error_type (an ERROR_TYPES member or 'faithful'), variant, detail, made_by ('rule' or
+    'llm'). Deterministic per (seed, item id). With a rewriter (an OpenAIClient), a variant the rule
+    cannot make is asked of the LLM (thinking off: the reply is the rewritten trace, <think> block and
+    all); it is kept only when it differs from the reference and keeps the <think> format and the final
+    answer.
+    summary: per variant, made / rewritten / skipped reasons / rewriter failures.
+    """
+    pairs, summary, todo = [], {k: {"made": 0, "rewritten": 0, "rewriter_failed": 0, "skipped": {}} for k in kinds}, []
+    for s in samples:
+        for kind in kinds:
+            if not s.facts or not s.reference:
+                why = "no facts" if not s.facts else "no reference trace"
+                summary[kind]["skipped"][why] = summary[kind]["skipped"].get(why, 0) + 1
+                continue
+            cand, detail = perturb(kind, s.reference, s.facts, s.question, random.Random(f"pairs|{seed}|{s.id}|{kind}"))
+            if cand is None:
+                todo.append((s, kind, detail))
+                continue
+            pairs.append(_pair(s, kind, cand, detail, "rule"))
+            summary[kind]["made"] += 1
+    replies = rewriter.complete([[{"role": "user", "content": rewrite_prompt(k, s.question, s.facts, s.reference)}]
+                                 for s, k, _ in todo]) if rewriter is not None and todo else [None] * len(todo)
+    for (s, kind, why), reply in zip(todo, replies):
+        if reply is not None:
+            text = None if reply.truncated or reply.text is None else reply.text.strip()  # asked with thinking off
+            ok = (text and text != s.reference.strip() and parse_response(text)[2]
+                  and parse_response(text)[1] == parse_response(s.reference)[1])
+            if ok:
+                pairs.append(_pair(s, kind, text, "LLM rewrite", "llm"))
+                summary[kind]["made"] += 1
+                summary[kind]["rewritten"] += 1
+                continue
+            summary[kind]["rewriter_failed"] += 1
+            why = reply.error or "the rewrite changed the answer or the format, or changed nothing"
+        summary[kind]["skipped"][why] = summary[kind]["skipped"].get(why, 0) + 1
+    return pairs, summary
+
+
+def _pair(s, kind, candidate, detail, made_by):
+    faithful = kind in FAITHFUL
+    return {"id": f"{s.id}:{kind}", "source_id": s.id, "question": s.question, "facts": s.facts, "answer": s.answer,
+            "candidate": candidate, "reference": s.reference, "label": "tie" if faithful else "reference",
+            "error_type": "faithful" if faithful else kind, "variant": kind, "detail": detail, "made_by": made_by}
+
+
+# -----------------------------------------------------------------------------
 # `python judge.py agree`: judge-human agreement of the pairwise and point-wise protocols
 
 
@@ -658,32 +893,164 @@ def agreement_report(judge, pairs):
             "items": [{"label": l, "pairwise": p, "pointwise": q} for l, p, q in zip(labels, pair_pred, point_pred)]}
 
 
+def gate_report(judges, pairs):
+    """Per protocol and per error type: does the judge gate what it should? -> dict (JSON-able).
+
+    judges: {protocol name: judge} (e.g. pairwise, pairwise+swap, pointwise; rule, rule+omissions).
+    A pair should be gated when its label is 'reference' (the SceneAlign negatives); the faithful variants
+    (and 'candidate' / 'tie' labels) must not be. Per (protocol, error type): n, agreement (gate decision
+    right), gated (share gated), false_gate (faithful pairs gated, only for 'faithful'), failed (share
+    with no usable verdict), tokens per item, latency (mean seconds per request sent; LLM judges) and
+    seconds per item (wall time of the type's batch / n). Each type is one batch, so its counts are its own.
+    """
+    by_type = collections.defaultdict(list)
+    for p in pairs:
+        by_type[p.get("error_type") or ("faithful" if p["label"] != "reference" else "unspecified")].append(p)
+    report = {"n": len(pairs), "types": {t: len(v) for t, v in by_type.items()}, "protocols": {}}
+    for name, j in judges.items():
+        rows, overall = {}, {"n": 0, "right": 0, "failed": 0, "tokens": 0, "seconds": 0.0}
+        for t, group in by_type.items():
+            items = [JudgeItem(p["question"], p["facts"], p["candidate"],
+                               None if getattr(j, "protocol", "pairwise") == "pointwise" else p["reference"])
+                     for p in group]
+            j.stats, start = {}, time.time()
+            verdicts = j.judge(items)
+            seconds = time.time() - start
+            gated = [v.s_vis == 0.0 for v in verdicts]
+            should = [p["label"] == "reference" for p in group]
+            right = sum(g == w for g, w in zip(gated, should))
+            failed, tokens = sum(v.failed for v in verdicts), j.stats.get("tokens", 0)
+            n = len(group)
+            rows[t] = {"n": n, "agreement": right / n, "gated": sum(gated) / n,
+                       "false_gate": sum(gated) / n if t == "faithful" else None, "failed": failed / n,
+                       "tokens_per_item": tokens / n,
+                       "latency": j.stats.get("latency_sum", 0.0) / max(1, j.stats.get("sent", 0)),
+                       "seconds_per_item": seconds / n}
+            for k, v in (("n", n), ("right", right), ("failed", failed), ("tokens", tokens), ("seconds", seconds)):
+                overall[k] += v
+        n = max(1, overall["n"])
+        report["protocols"][name] = {"overall": {"agreement": overall["right"] / n, "failed": overall["failed"] / n,
+                                                 "tokens_per_item": overall["tokens"] / n,
+                                                 "seconds_per_item": overall["seconds"] / n}, "types": rows}
+    return report
+
+
+def gate_chart(report, path, w=130, h=200, pad=50):
+    """Bar chart of gate agreement (%) per error type, one bar per protocol; a plain PIL chart."""
+    from PIL import Image, ImageDraw
+    types, protocols = list(report["types"]), list(report["protocols"])
+    colours = [(40, 110, 200), (214, 96, 40), (40, 160, 80), (150, 70, 180), (120, 120, 120)]
+    img = Image.new("RGB", (pad * 2 + len(types) * w, h + 2 * pad + 20 * (1 + len(protocols))), "white")
+    draw = ImageDraw.Draw(img)
+    x0, y0 = pad, pad
+    draw.text((x0, 10), "gate agreement (%) per error type", fill="black")
+    draw.line([x0, y0 + h, x0 + len(types) * w, y0 + h], fill="black")
+    for frac in (0.0, 0.5, 1.0):
+        y = y0 + h - frac * h
+        draw.line([x0 - 4, y, x0, y], fill="black")
+        draw.text((x0 - 30, y - 6), f"{frac * 100:.0f}", fill="black")
+    bar = (w - 20) / max(1, len(protocols))
+    for i, t in enumerate(types):
+        for k, name in enumerate(protocols):
+            v = report["protocols"][name]["types"][t]["agreement"]
+            left = x0 + i * w + 10 + k * bar
+            draw.rectangle([left, y0 + h - v * h, left + bar - 2, y0 + h], fill=colours[k % len(colours)])
+        draw.text((x0 + i * w + 4, y0 + h + 4), t[:21], fill="black")
+    for k, name in enumerate(protocols):
+        y = y0 + h + 26 + 18 * k
+        draw.rectangle([x0, y, x0 + 14, y + 10], fill=colours[k % len(colours)])
+        draw.text((x0 + 20, y - 1), name, fill="black")
+    img.save(path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    ag = sub.add_parser("agree", help="agreement of the judge with human labels, pairwise vs point-wise")
-    ag.add_argument("--pairs", required=True, help="JSONL: question, facts, candidate, reference, label")
+    ag = sub.add_parser("agree", help="agreement of the judge with labels: pairwise vs point-wise, per error type")
+    ag.add_argument("--pairs", required=True, help="JSONL: question, facts, candidate, reference, label [, error_type]")
     ag.add_argument("--backend", default="openai", choices=list(JUDGES))
     ag.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     ag.add_argument("--model", help="served model name (openai) or local folder (hf)")
     ag.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     ag.add_argument("--swap", action="store_true", help="ask both A/B orders; the reference must win both")
     ag.add_argument("--no-reasoning", action="store_true", help="turn the judge's thinking off")
+    ag.add_argument("--omissions", action="store_true", help="stating fewer facts than the reference is also "
+                    "less faithful (the trainer's --judge-omissions)")
+    ag.add_argument("--protocols", default=None, help="comma-separated, for the per-type gate report: pairwise, "
+                    "pairwise+swap, pointwise (LLM backends; default all three) or rule, rule+omissions (rule)")
     ag.add_argument("--concurrency", type=int, default=32)
     ag.add_argument("--timeout", type=float, default=120.0)
-    ag.add_argument("--out", required=True, help="JSON report path")
+    ag.add_argument("--out", required=True, help="JSON report path (the chart goes next to it, .png)")
+    pa = sub.add_parser("pairs", help="labelled pairs from Samples with facts and references (SceneAlign-style "
+                        "negatives and faithful variants)")
+    pa.add_argument("--in", dest="inp", required=True, help="Samples JSONL with facts and reference")
+    pa.add_argument("--out", required=True, help="pairs JSONL (a .summary.json goes next to it)")
+    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--variants", default=",".join(ERROR_TYPES + FAITHFUL), help="comma-separated subset")
+    pa.add_argument("--rewriter-base-url", help="optional OpenAI-compatible LLM for variants the rule cannot make")
+    pa.add_argument("--rewriter-model")
+    pa.add_argument("--rewriter-api-key-env", default="OPENAI_API_KEY")
+    pa.add_argument("--concurrency", type=int, default=32)
+    pa.add_argument("--timeout", type=float, default=120.0)
     a = ap.parse_args(argv)
+    if a.cmd == "pairs":
+        return _pairs_cli(a)
     pairs = [json.loads(line) for line in open(a.pairs) if line.strip()]
-    if a.backend == "rule":
-        raise SystemExit("agree compares LLM protocols: use --backend openai or hf")
-    judge = make_judge(a.backend, a.base_url, a.model, a.api_key_env, swap=a.swap, concurrency=a.concurrency,
-                       timeout=a.timeout, reasoning=not a.no_reasoning)
-    report = agreement_report(judge, pairs)
+    rule = a.backend == "rule"
+    names = (a.protocols or ("rule,rule+omissions" if rule else "pairwise,pairwise+swap,pointwise")).split(",")
+    if rule:
+        assert set(names) <= {"rule", "rule+omissions"}, f"--backend rule has protocols rule, rule+omissions: {names}"
+        judges = {n: RuleJudge(omissions=n.endswith("omissions")) for n in names}
+        report = {"judge": "rule"}
+    else:
+        assert set(names) <= {"pairwise", "pairwise+swap", "pointwise"}, f"unknown protocols {names}"
+        base = make_judge(a.backend, a.base_url, a.model, a.api_key_env, swap=a.swap, concurrency=a.concurrency,
+                          timeout=a.timeout, reasoning=not a.no_reasoning, omissions=a.omissions)
+        report = agreement_report(base, pairs)  # the three-way labels: pairwise and point-wise agreement
+        # a client (and cache) per protocol, so that each one's tokens and latency are its own
+        judges = {n: make_judge(a.backend, a.base_url, a.model, a.api_key_env, swap=n == "pairwise+swap",
+                                protocol="pointwise" if n == "pointwise" else "pairwise", concurrency=a.concurrency,
+                                timeout=a.timeout, reasoning=not a.no_reasoning, omissions=a.omissions)
+                  for n in names}
+    report["gate"] = gate_report(judges, pairs)
     with open(a.out, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"n {report['n']} | pairwise agreement {report['agreement']:.3f} (failed {report['failed']}) | "
-          f"point-wise agreement {report['pointwise_agreement']:.3f} -> {a.out}", file=sys.stderr)
+    chart = os.path.splitext(a.out)[0] + ".png"
+    gate_chart(report["gate"], chart)
+    head = "" if rule else (f"pairwise agreement {report['agreement']:.3f} (failed {report['failed']}) | "
+                            f"point-wise agreement {report['pointwise_agreement']:.3f} | ")
+    print(f"n {len(pairs)} | {head}gate agreement " + ", ".join(
+        f"{n} {r['overall']['agreement']:.3f}" for n, r in report["gate"]["protocols"].items())
+        + f" -> {a.out}, {chart}", file=sys.stderr)
+    for n, r in report["gate"]["protocols"].items():
+        print(f"  {n}: " + " | ".join(f"{t} {v['agreement']:.2f}" for t, v in r["types"].items()), file=sys.stderr)
     return report
+
+
+def _pairs_cli(a):
+    from data import read_jsonl
+    errors = []
+    samples = read_jsonl(a.inp, errors=errors)  # a bad row is named on stderr and skipped
+    kinds = tuple(k for k in a.variants.split(",") if k)
+    unknown = set(kinds) - set(ERROR_TYPES + FAITHFUL)
+    assert not unknown, f"unknown variants {sorted(unknown)}; expected {ERROR_TYPES + FAITHFUL}"
+    rewriter = None
+    if a.rewriter_base_url:
+        assert a.rewriter_model, "--rewriter-base-url needs --rewriter-model"
+        rewriter = OpenAIClient(a.rewriter_base_url, a.rewriter_model, a.rewriter_api_key_env, a.concurrency,
+                                a.timeout, reasoning=False, temperature=0.0)
+    pairs, summary = make_pairs(samples, a.seed, rewriter, kinds)
+    with open(a.out, "w") as f:
+        for p in pairs:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    summary = {"items": len(samples), "unreadable": len(errors), "pairs": len(pairs), "variants": summary}
+    with open(os.path.splitext(a.out)[0] + ".summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    for k, v in summary["variants"].items():
+        print(f"{k}: {v['made']} made ({v['rewritten']} by the rewriter, {v['rewriter_failed']} rewrites failed)"
+              + (f"; skipped {v['skipped']}" if v["skipped"] else ""), file=sys.stderr)
+    print(f"{len(pairs)} pairs from {len(samples)} items -> {a.out}", file=sys.stderr)
+    return summary
 
 
 if __name__ == "__main__":

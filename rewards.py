@@ -310,3 +310,25 @@ def pearl_checklist(facts, question, k, key):
         absent.sort(key=lambda p: not relevant(*p))
         items = items[:max(k - 1, 1)] + [(ask(*absent[0]), "0")]
     return [items[i % len(items)] for i in range(k)] if items else []
+
+
+# -----------------------------------------------------------------------------
+# ViCrit's answer check (arXiv 2506.10128 section 3.2)
+
+
+def _phrase_key(text):
+    """Lower case, LaTeX text wrappers and quotes removed, punctuation at the ends stripped, spaces collapsed."""
+    text = re.sub(_WRAPPERS, r"\1", str(text))
+    text = re.sub(r"[\"'\u201c\u201d\u2018\u2019`]", "", text.lower())
+    return " ".join(text.split()).strip(" .,;:!?")
+
+
+def vicrit_match(pred, span, description):
+    """True when the boxed answer names the corrupted phrase: equal to it after _phrase_key, or containing
+    it with only words copied from the description around it (the paper: extra words copied verbatim from
+    the caption before or after the span are not penalised). None (no answer) is False."""
+    if pred is None:
+        return False
+    p, t, d = _phrase_key(pred), _phrase_key(span), _phrase_key(description)
+    return bool(t) and (p == t or (re.search(rf"(?<!\w){re.escape(t)}(?!\w)", p) is not None
+                                   and re.search(rf"(?<!\w){re.escape(p)}(?!\w)", d) is not None))

@@ -183,6 +183,8 @@ FUSE_CASES = [  # (scheme, s_fmt, s_ans, s_vis, r_cov, expected)
     ("palmr", 1, 1, 1, 1.0, 1.0),
     # pearl: no checklist pass rate given (s_perc 0) fails the gate whatever the answer (gate cases: test_pearl)
     ("pearl", 1, 1, 1, 0.0, 0.0),
+    # vicrit: its own outcome reward (s_ans is the corrupted-phrase match: test_judge_bench), s_vis ignored
+    ("vicrit", 1, 1, 0, 0.0, 1.0),
     # grpo: outcome only, s_vis ignored
     ("grpo", 1, 1, 0, 0.0, 1.0),
     # grpo: format only

@@ -1,0 +1,309 @@
+"""Judge benchmark without human labels: SceneAlign-style perturbations (judge.py pairs), the per-type gate
+report (judge.py agree) on the rule judge and on a local OpenAI-compatible server, and the ViCrit task
+(data.py vicrit, rewards.vicrit_match, --vicrit-data / --reward vicrit)."""
+import json
+import random
+
+import pytest
+import torch
+
+import data
+import grpo
+import judge
+import palmr
+from chat_server import ChatServer, perfect_reply
+from data import Sample
+from rewards import score_completion, vicrit_match
+
+
+def obj(name, count, attributes, location=()):
+    return {"name": name, "count": count, "attributes": list(attributes), "location": list(location)}
+
+
+SHAPES = {"objects": [obj("circle", 2, ["red"], ["top left", "top right"]), obj("square", 1, ["blue"], ["middle centre"])],
+          "relations": [], "text": [], "global": {"scene": "synthetic shapes"}}
+REF = "<think>I see 2 red circles and 1 blue square. So there are 2 circles.</think> The answer is \\boxed{2}."
+Q = "How many circles are there?"
+
+
+def variant(kind, reference=REF, facts=SHAPES, question=Q, seed=0):
+    return judge.perturb(kind, reference, facts, question, random.Random(seed))
+
+
+def test_perturbations_on_shapes_by_hand():
+    # hallucinated entity: an absent group named by neither the facts nor the question, into the list
+    cand, detail = variant("hallucinated_entity")
+    m = __import__("re").fullmatch(r"<think>I see 2 red circles, 1 blue square and 1 (\w+) (\w+)\. So there are 2 "
+                                   r"circles\.</think> The answer is \\boxed\{2\}\.", cand)
+    assert m and m.group(2) in ("square", "triangle") and (m.group(1), m.group(2)) != ("blue", "square")
+    assert detail == f"added 1 {m.group(1)} {m.group(2)}"
+    # misgrounded: the square (the question names circles) takes a colour no square has
+    cand, detail = variant("misgrounded")
+    new = detail.split(" -> ")[1].split()[0]
+    assert new in ("red", "green", "yellow") and cand == REF.replace("1 blue square", f"1 {new} square")
+    # skipped step: the observation is left out
+    assert variant("skipped_step")[0] == "<think>So there are 2 circles.</think> The answer is \\boxed{2}."
+    # over-specified: a detail no entry has, before the first colour mention of the entry not asked about
+    cand, detail = variant("over_specified")
+    word = detail.split(" -> ")[1].split()[0]
+    assert word in judge.DETAILS and cand == REF.replace("1 blue square", f"1 {word} blue square")
+    # faithful: reworded, and the observation list rotated
+    assert variant("paraphrase")[0] == ("<think>The image shows 2 red circles and 1 blue square. That makes 2 "
+                                        "circles.</think> The answer is \\boxed{2}.")
+    assert variant("reordered")[0] == ("<think>I see 1 blue square and 2 red circles. So there are 2 circles."
+                                       "</think> The answer is \\boxed{2}.")
+
+
+def test_perturbations_that_cannot_apply_say_why():
+    one = "<think>I see 2 red circles and 1 blue square.</think> The answer is \\boxed{2}."
+    assert variant("skipped_step", one) == (None, "the rule does not apply to this trace")
+    assert variant("reordered", "<think>Two circles.</think> \\boxed{2}") == (None, "the rule does not apply to this trace")
+    assert variant("misgrounded", "no think block \\boxed{2}") == (None, "the reference has no <think> block")
+    assert variant("paraphrase", REF, {"objects": []}) == (None, "no object entries in the facts")
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant("typo")
+
+
+def test_perturbations_on_real_facts():
+    facts = {"objects": [obj("bus", 1, ["red", "double-decker"]), obj("dog", 1, ["brown"])],
+             "relations": ["the dog is left of the bus"], "text": ["STOP"]}
+    ref = "<think>A red double-decker bus is on the road. The dog is to the left of the bus.</think> \\boxed{red}"
+    q = "What colour is the bus?"
+    cand, detail = variant("hallucinated_entity", ref, facts, q)
+    added = detail.split("added a ")[1]
+    assert cand == ref.replace("road. ", f"road. There is also a {added}. ") and added.split()[1] in judge.DISTRACTORS
+    # the bus is named by the question, so the dog's colour would be changed first; the trace never says
+    # "brown dog", so the bus's colour changes
+    cand, detail = variant("misgrounded", ref, facts, q)
+    assert detail.startswith("red bus -> ") and cand == ref.replace("red double", detail.split()[-2] + " double")
+    # no colour mention at all: a spatial word of a relation flips
+    plain = "<think>A bus is on the road. The dog is to the left of the bus.</think> \\boxed{red}"
+    assert variant("misgrounded", plain, facts, q) == (plain.replace("left", "right"), "left -> right")
+    assert variant("over_specified", plain, facts, q) == (None, "the rule does not apply to this trace")
+
+
+def _samples(tmp_path):
+    return [Sample(id="a", image="a.png", question=Q, answer="2", facts=SHAPES, reference=REF),
+            Sample(id="b", image="b.png", question=Q, answer="2", facts=SHAPES,
+                   reference="<think>I see 2 red circles and 1 blue square.</think> The answer is \\boxed{2}."),
+            Sample(id="c", image="c.png", question=Q, answer="2", facts=None, reference=REF)]
+
+
+def test_make_pairs_labels_and_summary(tmp_path):
+    pairs, summary = judge.make_pairs(_samples(tmp_path), seed=3)
+    again, _ = judge.make_pairs(_samples(tmp_path), seed=3)
+    assert pairs == again, "deterministic per (seed, id)"
+    by_id = {p["id"]: p for p in pairs}
+    assert by_id["a:misgrounded"]["label"] == "reference" and by_id["a:misgrounded"]["error_type"] == "misgrounded"
+    assert by_id["a:paraphrase"]["label"] == "tie" and by_id["a:paraphrase"]["error_type"] == "faithful"
+    assert all(p["reference"] != p["candidate"] and p["made_by"] == "rule" for p in pairs)
+    assert len(pairs) == 6 + 5  # b has no second sentence to skip
+    assert summary["skipped_step"] == {"made": 1, "rewritten": 0, "rewriter_failed": 0,
+                                       "skipped": {"no facts": 1, "the rule does not apply to this trace": 1}}
+
+
+def test_rewriter_fills_gaps_and_its_failures_are_counted(tmp_path):
+    def reply(messages):
+        text = messages[-1]["content"]
+        ref = text.split("[Response]\n")[1].split("\n[End of Response]")[0]
+        if "leaves out one step" in text:  # a good rewrite
+            return ref.replace("I see 2 red circles and ", "I see ")
+        return ref.replace("\\boxed{2}", "\\boxed{3}")  # changes the answer: must be rejected
+    server = ChatServer(reply=reply)
+    try:
+        client = judge.OpenAIClient(server.base_url, "rewriter", concurrency=4, timeout=5, max_retries=0)
+        one = _samples(tmp_path)[1]  # one sentence: the rule cannot skip a step, but can reword it
+        pairs, summary = judge.make_pairs([one], rewriter=client, kinds=("skipped_step", "paraphrase"))
+        assert [(p["variant"], p["made_by"]) for p in pairs] == [("paraphrase", "rule"), ("skipped_step", "llm")]
+        assert pairs[1]["candidate"] == "<think>I see 1 blue square.</think> The answer is \\boxed{2}."
+        assert pairs[1]["label"] == "reference" and summary["skipped_step"]["rewritten"] == 1
+        # no colour, no relation, no list: the rule makes nothing; a rewrite that changes the answer is refused
+        bare = Sample(id="x", image="x.png", question="q", answer="2", facts=SHAPES, reference="<think>Two.</think> \\boxed{2}")
+        pairs, summary = judge.make_pairs([bare], rewriter=client, kinds=("misgrounded",))
+        assert pairs == [] and summary["misgrounded"]["rewriter_failed"] == 1
+        assert "changed the answer" in next(iter(summary["misgrounded"]["skipped"]))
+        # a server error is counted with its cause, and the item is skipped
+        server.inject("says exactly the same", "500")
+        pairs, summary = judge.make_pairs([bare], rewriter=client, kinds=("paraphrase",))
+        assert pairs == [] and summary["paraphrase"]["rewriter_failed"] == 1
+        assert "HTTP 500" in next(iter(summary["paraphrase"]["skipped"]))
+    finally:
+        server.close()
+
+
+def _shapes_pairs(n=40):
+    samples = data.read_jsonl(data.make_shapes(n, data.Path(__import__("tempfile").mkdtemp()), seed=5))
+    return judge.make_pairs(samples, seed=0)[0]
+
+
+def test_gate_report_rule_judge_by_type():
+    pairs = _shapes_pairs()
+    report = judge.gate_report({"rule": judge.RuleJudge(), "rule+omissions": judge.RuleJudge(omissions=True)}, pairs)
+    rule = report["protocols"]["rule"]["types"]
+    # contradictions only: added and recoloured groups are caught, a skipped observation and an unsupported
+    # detail are not (no claim is wrong), faithful variants are never gated
+    assert rule["hallucinated_entity"]["agreement"] == 1.0 and rule["misgrounded"]["agreement"] == 1.0
+    assert rule["skipped_step"]["agreement"] == 0.0 and rule["over_specified"]["agreement"] == 0.0
+    assert rule["faithful"]["agreement"] == 1.0 and rule["faithful"]["false_gate"] == 0.0
+    assert rule["misgrounded"]["false_gate"] is None and rule["faithful"]["failed"] == 0.0
+    omissions = report["protocols"]["rule+omissions"]["types"]
+    assert omissions["skipped_step"]["agreement"] > 0.9 and omissions["faithful"]["false_gate"] == 0.0
+    n = sum(report["types"].values())
+    assert report["n"] == n == len(pairs) and report["types"]["faithful"] > report["types"]["misgrounded"]
+
+
+def test_agree_cli_per_type_on_a_local_server(tmp_path):
+    pairs = _shapes_pairs(12)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    server = ChatServer(reply=perfect_reply)
+    try:
+        out = tmp_path / "agree.json"
+        judge.main(["agree", "--pairs", str(path), "--backend", "openai", "--base-url", server.base_url,
+                    "--model", "judge", "--out", str(out), "--timeout", "5"])
+    finally:
+        server.close()
+    report = json.loads(out.read_text())
+    gate = report["gate"]["protocols"]
+    assert set(gate) == {"pairwise", "pairwise+swap", "pointwise"}
+    for name in gate:  # the server judges by contradictions alone, like the rule judge
+        types = gate[name]["types"]
+        assert types["hallucinated_entity"]["agreement"] == 1.0 and types["misgrounded"]["agreement"] == 1.0
+        assert types["skipped_step"]["agreement"] == 0.0 and types["faithful"]["false_gate"] == 0.0
+        assert types["faithful"]["failed"] == 0.0 and types["misgrounded"]["tokens_per_item"] > 0
+    # swap asks twice per pair: twice the tokens
+    assert gate["pairwise+swap"]["overall"]["tokens_per_item"] == pytest.approx(
+        2 * gate["pairwise"]["overall"]["tokens_per_item"], rel=0.05)
+    from PIL import Image
+    assert Image.open(tmp_path / "agree.png").size[0] > 400
+
+
+def test_pairs_cli_writes_pairs_and_summary(tmp_path):
+    src = data.make_shapes(6, tmp_path / "s", seed=2)
+    with open(src, "a") as f:
+        f.write("{not json\n")
+    summary = judge.main(["pairs", "--in", src, "--out", str(tmp_path / "p.jsonl"), "--variants", "misgrounded,paraphrase"])
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert summary["items"] == 6 and summary["unreadable"] == 1 and summary["pairs"] == len(lines) == 12
+    assert json.loads((tmp_path / "p.summary.json").read_text())["variants"]["misgrounded"]["made"] == 6
+
+
+# -----------------------------------------------------------------------------
+# ViCrit
+
+def test_vicrit_count_corruption_by_hand():
+    facts = {"objects": [obj("circle", 1, ["red"], ["top left"])], "relations": ["the circle is alone"], "text": []}
+    description, old, new = data._vicrit_description(
+        [{"n": 1, "attrs": ["red"], "name": "circle", "locs": ["top left"]}], [], facts, "count", 0, True, random.Random(0))
+    assert (old, new) == ("one red circle", "two red circles")  # one -> always one more
+    assert description == "There are two red circles at top left. The circle is alone."
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_vicrit_items_change_exactly_one_phrase(seed):
+    rng = random.Random(seed)
+    objects = [{"kind": rng.choice(data.KINDS), "color": rng.choice(list(data.COLORS)), "cell": [r, c]}
+               for r, c in rng.sample([(r, c) for r in range(3) for c in range(3)], rng.randint(1, 5))]
+    facts = data.scene_facts(objects)
+    facts["text"] = ["EXIT 4"] if seed % 3 == 0 else []
+    s = Sample(id=f"s{seed}", image="x.png", question="q", answer="a", facts=facts)
+    item, why = data.vicrit_item(s, random.Random(seed))
+    assert why is None and item.answer in item.meta["description"] and item.answer != item.meta["original"]
+    kind = item.meta["error_type"]
+    assert item.source == f"vicrit/{kind}" and item.question == data.VICRIT_PROMPT.format(description=item.meta["description"])
+    truth = item.meta["description"].replace(item.answer, item.meta["original"], 1)
+    assert item.meta["description"].count(item.answer) == 1, "the corrupted phrase is unambiguous"
+    for sentence in truth.split(". "):  # with the corruption undone, every sentence is true of the scene
+        if sentence.startswith("There "):
+            words = sentence.split()
+            n, color, kind_word = data.NUMBER_WORDS.index(words[2]), words[3], words[4]
+            assert n == data.count_of(objects, color, kind_word if n == 1 else kind_word[:-1]), truth
+    cells = [f"{data.ROWS[o['cell'][0]]} {data.COLS[o['cell'][1]]}" for o in objects]
+    if kind == "count":
+        old, new = (data.NUMBER_WORDS.index(x.split()[0]) for x in (item.meta["original"], item.answer))
+        assert abs(old - new) == 1
+    if kind in ("colour", "object"):
+        n, color, kind_word = item.answer.split()
+        assert data.count_of(objects, color, kind_word if n == "one" else kind_word[:-1]) == 0
+    if kind == "location":
+        assert item.answer in data.CELLS and item.answer not in cells
+    if kind == "text":
+        assert item.meta["original"] == "EXIT 4" and len(item.answer) == 6 and item.answer != "EXIT 4"
+
+
+def test_vicrit_item_without_facts():
+    assert data.vicrit_item(Sample(id="z", image="x", question="q", answer="a", facts={"objects": []}),
+                            random.Random(0)) == (None, "no object entries or visible text in the facts")
+
+
+@pytest.mark.parametrize("pred,ok", [
+    ("two blue squares", True), ("Two Blue Squares.", True), ("\"two blue squares\"", True),
+    ("\\text{two blue squares}", True),
+    ("are two blue squares at bottom", True),   # words copied from the description around the span: allowed
+    ("two blue squares at top", False),          # ... but not words the description does not have there
+    ("blue squares", False), ("one blue circle", False), (None, False), ("", False),
+])
+def test_vicrit_match(pred, ok):
+    d = "There is one blue circle at bottom right. There are two blue squares at bottom left."
+    assert vicrit_match(pred, "two blue squares", d) is ok
+
+
+def test_vicrit_reward_by_hand():
+    d = "There are two blue squares at bottom left."
+    total, parts = score_completion("vicrit", "<think>the squares</think> \\boxed{two blue squares}", "two blue squares",
+                                    description=d)
+    assert total == pytest.approx(1.0) and parts["ans"] == 1.0
+    total, _ = score_completion("vicrit", "\\boxed{two blue squares}", "two blue squares", description=d)
+    assert total == pytest.approx(0.9)  # right phrase, no <think>
+    total, _ = score_completion("vicrit", "<think>x</think> \\boxed{bottom left}", "two blue squares", description=d)
+    assert total == pytest.approx(0.1)
+    with pytest.raises(AssertionError, match="description"):
+        score_completion("vicrit", "\\boxed{x}", "x")
+
+
+def test_vicrit_rows_skip_the_judge():
+    class Recording:
+        stats = {}
+
+        def judge(self, items):
+            self.seen = [it.question for it in items]
+            return [judge.Verdict(0.0, preference="reference") for _ in items]
+    vic = Sample(id="v-vicrit", image="x", question="find it", answer="two blue squares", source="vicrit/count",
+                 meta={"description": "There are two blue squares."})
+    plain = Sample(id="p", image="x", question="how many?", answer="2", facts=SHAPES, reference=REF)
+    c = lambda t: palmr.Completion([1], t, [0.0], True)  # noqa: E731
+    j = Recording()
+    rewards, parts, stats, _ = grpo.compute_rewards(j, [(vic, c("<think>x</think> \\boxed{two blue squares}")),
+                                                        (plain, c("<think>x</think> \\boxed{2}"))], "palmr")
+    assert j.seen == ["how many?"]  # the ViCrit row was not sent to the judge
+    assert rewards.tolist() == pytest.approx([1.0, 0.0]) and parts["vis"].tolist() == [1.0, 0.0]
+
+
+def test_mixed_step_items():
+    for step in range(3):  # no extra data: exactly step_items
+        for rank in range(2):
+            assert [i for _, i in grpo.mixed_step_items(50, 0, step, 8, 0, 7, rank, 2)] == \
+                grpo.step_items(50, step, 8, 7, rank, 2)
+    got = [grpo.mixed_step_items(50, 20, step, 8, 2, 7, rank, 2) for step in range(10) for rank in range(2)]
+    per_step = [sum(src for src, _ in got[2 * s] + got[2 * s + 1]) for s in range(10)]
+    assert per_step == [2] * 10  # 2 of the 8 global prompts come from the extra set, every step
+    extra = [i for g in got for src, i in g if src == 1]
+    assert sorted(extra) == list(range(20)), "one epoch of the extra set over 10 steps, each item once"
+
+
+@pytest.mark.slow
+def test_trainer_mixes_vicrit_items(tmp_path, tiny_ckpt, shapes_file):
+    vic = tmp_path / "vicrit.jsonl"
+    summary = data.vicrit_step(shapes_file, vic, seed=0)
+    assert summary["items"] == 64 and sum(summary["types"].values()) == 64
+    grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path / "run"), "--max-steps", "1",
+               "--vicrit-data", str(vic), "--vicrit-ratio", "0.5", "--rollout-batch", "4", "--update-batch", "4",
+               "--group-size", "2", "--max-new-tokens", "12", "--save-every", "100", "--log-rollouts-every", "0"])
+    m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert m["vicrit/rows"] == 0.5 and 0.0 <= m["vicrit/acc"] <= 1.0
+    grpo.main(["--model", tiny_ckpt, "--data", str(vic), "--reward", "vicrit", "--out", str(tmp_path / "only"),
+               "--max-steps", "1", "--rollout-batch", "2", "--update-batch", "2", "--group-size", "2",
+               "--max-new-tokens", "12", "--save-every", "100", "--log-rollouts-every", "0"])
+    m = json.loads((tmp_path / "only" / "metrics.jsonl").read_text())
+    assert m["vicrit/rows"] == 1.0
+    assert m["reward"] == pytest.approx(0.9 * m["reward/ans"] + 0.1 * m["reward/fmt"])
