@@ -870,8 +870,7 @@ def filter_step(in_path, out_path, engine, processor, k=8, min_pass=0.0, max_pas
 
 
 def pass_rate_report(log_path, md_path, png_path, k):
-    """Histogram of pass rates per source: a markdown table and a PNG bar chart (PIL only)."""
-    from PIL import Image, ImageDraw
+    """Histogram of pass rates per source: a markdown table and a PNG bar chart (when matplotlib is there)."""
     rows = [r for r in StepIO._recover(Path(log_path)) if "pass_rate" in r]
     bins = [i / k for i in range(k + 1)]
     table = {}
@@ -886,19 +885,18 @@ def pass_rate_report(log_path, md_path, png_path, k):
     for src, hist in sorted(table.items()):
         lines.append(f"| {src} | " + " | ".join(map(str, hist)) + f" | {kept.get(src, 0)} |")
     Path(md_path).write_text("Pass rate over k rollouts (columns: rate; cells: items)\n\n" + "\n".join(lines) + "\n")
-    # the chart: one row of bars per source
-    w, row_h, pad = 60 + 40 * (k + 1), 90, 10
-    img = Image.new("RGB", (w, max(1, len(table)) * row_h + 30), "white")
-    draw = ImageDraw.Draw(img)
-    for r, (src, hist) in enumerate(sorted(table.items())):
-        top, peak = r * row_h + pad, max(hist) or 1
-        draw.text((4, top), src[:14], fill="black")
-        for b, n in enumerate(hist):
-            x0 = 60 + 40 * b
-            h = int((row_h - 30) * n / peak)
-            draw.rectangle([x0, top + row_h - 20 - h, x0 + 30, top + row_h - 20], fill=(60, 110, 200))
-            draw.text((x0, top + row_h - 18), f"{bins[b]:.2f}", fill="black")
-    img.save(png_path)
+    plt = palmr.pyplot()  # the chart (matplotlib, optional): one panel of bars per source
+    if plt is not None and table:
+        fig, axes = plt.subplots(len(table), 1, figsize=(1.0 + 0.5 * (k + 1), 1.9 * len(table)), squeeze=False)
+        for ax, (src, hist) in zip(axes[:, 0], sorted(table.items())):
+            ax.bar(range(k + 1), hist, color="#3c6ec8")
+            ax.set_xticks(range(k + 1), [f"{b:.2f}" for b in bins], fontsize=7)
+            ax.set_title(src, fontsize=9)
+            ax.set_ylabel("items")
+        axes[-1, 0].set_xlabel(f"pass rate over {k} rollouts")
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=90)
+        plt.close(fig)
     return str(md_path)
 
 
@@ -1189,6 +1187,8 @@ def vicrit_item(sample, rng):
     else:
         return None, "no phrase can be corrupted"
     description, old_span, new_span = built
+    if description.count(new_span) != 1:  # the phrase must point at one place, and not be true elsewhere
+        return None, "the corrupted phrase is not unique in the description"
     reference = (f"<think>The description says {new_span}, but the image shows {old_span}.</think> "
                  f"The answer is \\boxed{{{new_span}}}.")
     return Sample(id=f"{sample.id}-vicrit", image=sample.image, question=VICRIT_PROMPT.format(description=description),
@@ -1208,7 +1208,9 @@ def _vicrit_description(entries, texts, facts, kind, i, shapes, rng):
             n = n + 1 if n == 1 or rng.random() < 0.5 else n - 1
         elif j == i and kind == "colour":
             c = next(a for a in attrs if a in COLOUR_WORDS)
-            palette = list(COLORS) if shapes else sorted(COLOUR_WORDS - {"gray"})
+            if any(x["name"] == name and not set(x["attrs"]) & COLOUR_WORDS for x in entries):
+                return None  # an entry of this name has no colour: any colour might be true of it
+            palette = list(COLORS) if shapes else sorted(COLOUR_WORDS - {"gray", "grey"})  # a synonym pair
             taken = {a for x in entries if x["name"] == name for a in x["attrs"]}
             free = [x for x in palette if x not in taken]
             if not free:
@@ -1217,7 +1219,7 @@ def _vicrit_description(entries, texts, facts, kind, i, shapes, rng):
         elif j == i and kind == "object":
             pool = KINDS if shapes else VICRIT_OBJECTS
             colours = {a for a in attrs if a in COLOUR_WORDS}
-            free = [k for k in pool if k != name and not any(x["name"] == k and colours & set(x["attrs"]) for x in entries)]
+            free = [k for k in pool if not any(x["name"] == k for x in entries)]  # a kind the facts do not have
             if not free:
                 return None
             name = rng.choice(free)
@@ -1245,6 +1247,8 @@ def _vicrit_description(entries, texts, facts, kind, i, shapes, rng):
             rep = str((int(ch) + 1) % 10) if ch.isdigit() else ("b" if ch.lower() == "a" else "a")
             rep = rep.upper() if ch.isupper() else rep
             old_span, new_span, t = t, t[:p] + rep + t[p + 1:], t[:p] + rep + t[p + 1:]
+            if new_span in texts:
+                return None  # another visible text: the corrupted one would be true
         sentences.append(f'The text "{t}" is visible.')
     return " ".join(sentences), old_span, new_span
 

@@ -444,6 +444,34 @@ def generate(engine, processor, bench, items, cache_path, args):
     return cache, problems
 
 
+def bench_scores(name, items, preds, judge=None, facts=None, path=""):
+    """Scores of one benchmark from {id: prediction}: the official aggregate, counts, and the perception /
+    hallucination columns (shapes: exact; others: with a judge and facts). A missing prediction (image
+    unreadable, generation failed, or absent from a predictions file) is scored as a wrong empty answer
+    and counted. Used by main() and by the trainer's validation (grpo.py --eval-every)."""
+    n_missing = sum(it["id"] not in preds for it in items)
+    preds = {**{it["id"]: "" for it in items}, **preds}
+    scores, right = aggregate(name, items, preds)
+    scores.update(n=len(items), missing_images=sum(it["image"] is None and not it["meta"].get("text_only") for it in items),
+                  text_only=sum(bool(it["meta"].get("text_only")) for it in items), missing_predictions=n_missing)
+    if name == "shapes":
+        scores.update(shapes_perception(items, preds))
+    elif judge is not None:
+        stem = Path(path).stem  # facts written by data.py carry ids namespaced by the file
+        facts = facts or {}
+        scores.update(hallucination(judge, items, preds, right,
+                                    {it["id"]: facts.get(it["id"]) or facts.get(f"{stem}/{it['id']}") for it in items}))
+    return scores
+
+
+def load_items(spec, limit=None):
+    """`shapes` or NAME=PATH -> (name, path, items, problems)."""
+    name, _, path = spec.partition("=")
+    assert name == "shapes" or path, f"--bench {name} needs a path: {name}=FILE"
+    items, problems = shapes_items(limit) if name == "shapes" else load_bench(name, path, limit)
+    return name, path, items, problems
+
+
 def shapes_items(limit):
     from data import ensure_shapes, load_image, read_jsonl
     path = ensure_shapes(n=200, split="test", seed=1)
@@ -491,11 +519,7 @@ def main(argv=None):
         label, _, path = c.partition("=")
         assert path and Path(path).is_dir(), f"--predictions {c}: expected LABEL=DIR with <bench>.predictions.jsonl files"
         made_elsewhere[label] = Path(path)
-    benches = {}
-    for b in a.bench:
-        name, _, path = b.partition("=")
-        assert name == "shapes" or path, f"--bench {name} needs a path: {name}=FILE"
-        benches[name] = path
+    benches = {b.partition("=")[0]: b.partition("=")[2] for b in a.bench}
     facts = {}
     if a.facts:
         for line in Path(a.facts).read_text().splitlines():
@@ -507,29 +531,17 @@ def main(argv=None):
                 "max_pixels": {b: (112 * 112 if b == "shapes" else a.max_pixels) for b in benches},
                 "limit": a.limit, "answer_extraction": "last \\boxed{}, else <answer>, else the benchmark's rule"}
     loaded = {}
-    for name, path in benches.items():
-        loaded[name] = shapes_items(a.limit) if name == "shapes" else load_bench(name, path, a.limit)
-        for p in loaded[name][1]:
+    for spec in a.bench:
+        name, _, items, problems = load_items(spec, a.limit)
+        loaded[name] = (items, problems)
+        for p in problems:
             print(p, file=sys.stderr)
     results = {"settings": settings, "checkpoints": {}}
 
     def score(label, name, items, preds, problems):
-        """Scores of one benchmark: a missing prediction (image unreadable, generation failed, or absent
-        from a predictions file) is scored as a wrong empty answer and counted."""
-        n_missing = sum(it["id"] not in preds for it in items)
-        preds = {**{it["id"]: "" for it in items}, **preds}
-        scores, right = aggregate(name, items, preds)
-        scores.update(n=len(items), missing_images=sum(it["image"] is None and not it["meta"].get("text_only") for it in items),
-                      text_only=sum(bool(it["meta"].get("text_only")) for it in items), missing_predictions=n_missing)
-        if name == "shapes":
-            scores.update(shapes_perception(items, preds))
-        elif judge is not None:
-            stem = Path(benches[name]).stem  # facts written by data.py carry ids namespaced by the file
-            scores.update(hallucination(judge, items, preds, right,
-                                        {it["id"]: facts.get(it["id"]) or facts.get(f"{stem}/{it['id']}") for it in items}))
         for p in problems:
             print(p, file=sys.stderr)
-        results["checkpoints"][label][name] = scores
+        results["checkpoints"][label][name] = bench_scores(name, items, preds, judge, facts, benches[name])
 
     for label, folder in made_elsewhere.items():
         results["checkpoints"][label] = {"path": str(folder), "predictions": "made elsewhere"}
@@ -668,34 +680,124 @@ def _study_color(variant):
     return STUDY_COLORS.get(variant.split("@")[0], (0, 0, 0))
 
 
-def study_plot(series, path, w=300, h=220, pad=40):
-    """One panel per series, both rewards on each, steps on x; a plain PIL line chart."""
-    from PIL import Image, ImageDraw
+def study_plot(series, path):
+    """One panel per series (reward, rollout accuracy, rollout hallucination rate), a line per variant, steps
+    on x (matplotlib; skipped with a message when it is not installed). -> path, or None."""
+    plt = palmr.pyplot()
+    if plt is None:
+        return None
     keys = list(next(iter(series.values())))
-    img = Image.new("RGB", (len(keys) * (w + pad) + pad, h + 2 * pad + 20), "white")
-    draw = ImageDraw.Draw(img)
-    for i, key in enumerate(keys):
-        x0, y0 = pad + i * (w + pad), pad
-        values = [v for s in series.values() for v in s[key]]
-        lo, hi = min(values + [0.0]), max(values + [1.0])
-        draw.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
-        draw.text((x0, y0 - 16), key, fill="black")
-        for frac in (0.0, 0.5, 1.0):
-            y = y0 + h - frac * h
-            draw.line([x0 - 4, y, x0, y], fill="black")
-            draw.text((x0 - 34, y - 6), f"{lo + frac * (hi - lo):.2f}", fill="black")
-        for reward, s in series.items():
-            ys = s[key]
-            pts = [(x0 + w * j / max(1, len(ys) - 1), y0 + h - h * (v - lo) / (hi - lo)) for j, v in enumerate(ys)]
-            draw.line(pts, fill=_study_color(reward), width=2)
-        n = len(next(iter(series.values()))[key])
-        draw.text((x0, y0 + h + 4), "1", fill="black")
-        draw.text((x0 + w - 20, y0 + h + 4), f"{n} steps", fill="black")
-    for j, reward in enumerate(series):
-        x = pad + j * 150
-        draw.line([x, h + 2 * pad + 8, x + 20, h + 2 * pad + 8], fill=_study_color(reward), width=3)
-        draw.text((x + 24, h + 2 * pad + 2), reward, fill="black")
-    img.save(path)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for variant, s in series.items():
+            ax.plot(range(1, len(s[key]) + 1), s[key], color=[c / 255 for c in _study_color(variant)], label=variant)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean over seeds (moving average)")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# The report of one training run (grpo.py writes it at the end; `python grpo.py --report --out DIR`)
+
+REPORT_PANELS = [  # (title, [(metric, label)]): the metrics a panel plots, when the run logged them
+    ("reward and its parts", [("reward", "reward"), ("reward/fmt", "S_fmt"), ("reward/ans", "S_ans"),
+                              ("reward/vis", "S_vis"), ("reward/perc", "PEARL checklist")]),
+    ("gated share", [("judge/gated_zero", "S_vis = 0"), ("pearl/gated", "PEARL gate closed"),
+                     ("judge/hallucinated_correct", "right answer, misread scene")]),
+    ("KL to the reference policy", [("kl", "k3 KL")]),
+    ("entropy", [("entropy", "token entropy")]),
+    ("completion length", [("completion_len", "tokens")]),
+    ("step time per phase", [("t_rollout", "rollout"), ("t_reward", "reward"), ("t_train", "train")]),
+]
+
+
+def read_metrics(out):
+    """metrics.jsonl of a run folder -> rows in step order (a resumed run's repeated steps: the last row)."""
+    path = Path(out) / "metrics.jsonl"
+    rows = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a torn last line of a running or killed run
+        rows.setdefault(r.get("step", 0), {}).update(r)  # validation rows share their step with the training row
+    return [rows[k] for k in sorted(rows)]
+
+
+def run_report(out):
+    """OUT/report.md (the final numbers, validation, the run's arguments) and OUT/report.png (reward parts,
+    gated shares, KL, entropy, completion length, step time per phase, validation curves) from
+    OUT/metrics.jsonl and OUT/args.json; works on a finished or a running run. -> (md path, png path or None)."""
+    out = Path(out)
+    rows = read_metrics(out)
+    assert rows, f"no metrics in {out / 'metrics.jsonl'}: nothing to report"
+    train = [r for r in rows if "reward" in r]
+    args = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
+    counts = ("/n", "/missing_images", "/missing_predictions", "/text_only", "/hallucination_n",
+              "/hallucination_failed", "/claims_per_reply")  # bookkeeping, not scores: left out of the report
+    val_keys = sorted({k for r in rows for k in r if k.startswith("val/") and isinstance(r[k], (int, float))
+                       and not k.endswith(counts)})
+    md = [f"# Run report: {out}", ""]
+    if train:
+        last, tail = train[-1], train[-5:]
+        md += [f"Step {last['step']} of {args.get('max_steps', '?')}. Last step, and the mean of the last "
+               f"{len(tail)} steps:", "", "| metric | last | mean |", "|---|---|---|"]
+        for _, series in REPORT_PANELS:
+            for key, label in series:
+                if key in last:
+                    mean = statistics.mean(r[key] for r in tail if key in r)
+                    md.append(f"| {label} (`{key}`) | {last[key]:.4g} | {mean:.4g} |")
+    if val_keys:
+        md += ["", "Validation (greedy):", "", "| step | " + " | ".join(k[4:] for k in val_keys) + " |",
+               "|---" * (len(val_keys) + 1) + "|"]
+        for r in rows:
+            if any(k in r for k in val_keys):
+                md.append(f"| {r.get('step', 0)} | " + " | ".join(
+                    f"{r[k]:.4g}" if isinstance(r.get(k), (int, float)) else "-" for k in val_keys) + " |")
+    if args:
+        md += ["", "Arguments:", "", "| argument | value |", "|---|---|"]
+        md += [f"| {k} | {json.dumps(v)[:120]} |" for k, v in sorted(args.items()) if k != "versions"]
+        if args.get("versions"):
+            md += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in args["versions"].items())]
+    png = None
+    plt = palmr.pyplot()
+    if plt is not None and train:
+        panels = [(t, [(k, lab) for k, lab in series if any(k in r for r in train)]) for t, series in REPORT_PANELS]
+        panels = [p for p in panels if p[1]]
+        if val_keys:
+            panels.append(("validation (greedy)", [(k, k[4:]) for k in val_keys]))
+        cols = 3
+        fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(4.4 * cols, 3.2 * ((len(panels) + cols - 1) // cols)),
+                                 squeeze=False)
+        for ax, (title, series) in zip(axes.flat, panels):
+            for key, label in series:
+                pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o" if len(pts) < 12 else None, markersize=3, label=label)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("step")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_ylabel("seconds" if title.startswith("step time") else "tokens" if "length" in title
+                          else "%" if title.startswith("validation") else "value")
+            ax.grid(alpha=0.3)
+            if len(series) > 1:
+                ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        fig.suptitle(f"{out.name}: {args.get('reward', '?')} reward, {len(train)} steps", fontsize=11)
+        fig.tight_layout()
+        png = out / "report.png"
+        fig.savefig(png, dpi=90)
+        plt.close(fig)
+        md[1:1] = ["", "![report](report.png)"]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out / "report.md", png
 
 
 def study_report(out):
@@ -719,8 +821,7 @@ def study_report(out):
             steps = [re.search(r"checkpoint-(\d+)", str(results[label].get("path", ""))) for label in runs[v].values()]
             cut = min((int(m.group(1)) for m in steps if m), default=None)
             series.update(study_curves(out, sorted(runs[v]), variants=[v], steps=cut))
-        if series:
-            study_plot(series, out / name)
+        if series and study_plot(series, out / name):
             md.append(f"![curves]({name})")
     (out / "results.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

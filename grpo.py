@@ -34,6 +34,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import types
 import zlib
@@ -158,6 +159,21 @@ def get_args(argv=None):
     ap.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk (oldest removed)")
     ap.add_argument("--log-rollouts-every", type=int, default=5, help="print a few decoded rollouts every N steps")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    ap.add_argument("--report-to", nargs="+", default=["none"], choices=["none", "tensorboard", "wandb"],
+                    help="also log every metric, the arguments and a few rollouts to TensorBoard (OUT/tb) and/or "
+                    "Weights & Biases (offline unless WANDB_API_KEY or WANDB_MODE says otherwise); optional "
+                    "packages: pip install -r requirements-report.txt / pip install wandb")
+    ap.add_argument("--wandb-project", default="palmr", help="W&B project name")
+    ap.add_argument("--eval-every", type=int, default=0, help="greedy validation every N steps (0: off), through "
+                    "the rollout engine and eval.py's scorers, logged as val/<bench>/<metric>")
+    ap.add_argument("--eval-bench", nargs="+", default=["shapes"], help="validation benchmarks: shapes (the "
+                    "held-out split) or NAME=FILE as eval.py takes them")
+    ap.add_argument("--eval-limit", type=int, default=50, help="validation: first K items of each benchmark")
+    ap.add_argument("--eval-max-new-tokens", type=int, default=None, help="validation reply budget "
+                    "(default: --max-new-tokens)")
+    ap.add_argument("--eval-before-train", action="store_true", help="validate the starting policy (step 0)")
+    ap.add_argument("--report", action="store_true", help="only write OUT/report.md and OUT/report.png for the "
+                    "run in --out (finished or running) and exit")
     return ap.parse_args(argv)
 
 
@@ -179,7 +195,7 @@ def load_dataset(args, processor, path=None):
         try:
             image = palmr.fit_pixels(load_image(s), args.max_pixels)
             text = palmr.render_prompt(processor, s.question, s.choices, instruction=palmr.SR1_INSTRUCTION
-                                       if args.reward == "vision_sr1" else palmr.INSTRUCTION)  # as rollout renders it
+                                       if args.reward == "vision_sr1" and not is_vicrit(s) else palmr.INSTRUCTION)
             n_image = processor.image_processor.get_number_of_image_patches(image.height, image.width, {}) \
                 // processor.image_processor.merge_size ** 2
             n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + n_image
@@ -267,7 +283,8 @@ def rollout(engine, processor, samples, args, step, rank, n=None, seed_offset=0)
         pooled = [s for part in gathered for s in part]
     prompts, encoded, own = [], {}, {s.id for s in samples}
     for s in pooled:
-        instruction = palmr.SR1_INSTRUCTION if args.reward == "vision_sr1" else palmr.INSTRUCTION
+        # ViCrit items keep PaLMR's format: their reward grades <think> then \boxed{}
+        instruction = palmr.SR1_INSTRUCTION if args.reward == "vision_sr1" and not is_vicrit(s) else palmr.INSTRUCTION
         text, image = palmr.render_prompt(processor, s.question, s.choices, instruction=instruction), load_image(s)
         if s.id in own:  # the trainer needs only its own prompts encoded
             encoded[s.id] = palmr.encode_prompt(processor, text, image, args.max_pixels)
@@ -1419,6 +1436,95 @@ def save_checkpoint(policy, optimizer, args, step):
     return out / f"checkpoint-{step:06d}"
 
 
+# -----------------------------------------------------------------------------
+# Run visibility: TensorBoard / W&B, validation during training (README "Watching a run")
+
+
+class RunLogger:
+    """Rank 0's mirror of metrics.jsonl in TensorBoard (OUT/tb) and/or Weights & Biases. The packages are
+    optional: a missing one stops the run at start with the command that installs it. W&B runs offline
+    (files under OUT/wandb, no account) unless WANDB_MODE or WANDB_API_KEY says otherwise; its key is read
+    by wandb itself from the environment and never passes through here. The arguments hold environment
+    variable names (--judge-api-key-env), never their values."""
+
+    def __init__(self, targets, out, args):
+        self.tb = self.wandb = None
+        targets = [t for t in targets if t != "none"]
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), list))}
+        if "tensorboard" in targets:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise SystemExit(f"--report-to tensorboard needs the tensorboard package ({e}): "
+                                 "pip install -r requirements-report.txt") from None
+            self.tb = SummaryWriter(log_dir=str(Path(out) / "tb"))
+            self.tb.add_text("args", "\n".join(f"    {k}: {json.dumps(v)}" for k, v in sorted(config.items())), 0)
+            self.tb.add_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()},
+                                {}, run_name=".")
+        if "wandb" in targets:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--report-to wandb needs the wandb package: pip install wandb") from None
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            self.wandb = wandb
+            self.run = wandb.init(project=args.wandb_project, name=Path(out).name, dir=str(out), config=config,
+                                  mode=mode, resume="allow" if args.resume else None)
+
+    def log(self, metrics, step):
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "step"}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def rollouts(self, records, step):
+        """A few decoded rollouts: [{id, question, answer, completion, reward}]."""
+        if self.tb is not None:
+            self.tb.add_text("rollouts", "\n\n".join(
+                f"**{r['id']}** Q: {r['question']} | gold {r['answer']} | R {r['reward']:.2f}\n\n    {r['completion']}"
+                for r in records), step)
+        if self.wandb is not None:
+            table = self.wandb.Table(columns=["id", "question", "answer", "completion", "reward"])
+            for r in records:
+                table.add_data(r["id"], r["question"], r["answer"], r["completion"], r["reward"])
+            self.wandb.log({"rollouts": table}, step=step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.run.finish()
+
+
+def validate(engine, processor, benches, args, step, out, rank):
+    """Greedy validation of the current policy through the rollout engine and eval.py's generation and
+    scorers (the same prompt, extraction and scoring as `python eval.py`). Every rank generates every item
+    (HF generate under FSDP keeps the ranks' forwards in step; keep --eval-limit small); rank 0 scores.
+    -> {val/<bench>/<metric>: number} on rank 0, {} elsewhere; predictions in OUT/val/step-NNNNNN/."""
+    import eval as evaluation
+    gen = types.SimpleNamespace(max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, temperature=0.0,
+                                top_p=1.0, batch=16, seed=args.seed)
+    folder = Path(out) / "val" / (f"step-{step:06d}" if rank == 0 else f".rank{rank}-step-{step:06d}")
+    metrics = {}
+    for name, path, items in benches:
+        cache = folder / f"{name}.predictions.jsonl"
+        cache.unlink(missing_ok=True)  # a resumed run revalidates this step with the weights it has now
+        preds, problems = evaluation.generate(engine, processor, name, items, cache, gen)
+        if rank == 0:
+            for p in problems:
+                print(p, file=sys.stderr)
+            scores = evaluation.bench_scores(name, items, preds, path=path)
+            metrics.update({f"val/{name}/{k}": float(v) for k, v in scores.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if rank != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    return metrics
+
+
 RESUME_MUST_MATCH = ("model", "data", "seed", "group_size", "rollout_batch", "update_batch", "reward", "judge",
                      "lr", "beta", "temperature", "max_new_tokens", "judge_omissions", "credit", "credit_c",
                      "vppo", "vppo_top_k", "vppo_beta_min", "vppo_mask_prob", "pearl_items", "pearl_group", "pearl_gate",
@@ -1456,6 +1562,15 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # no per-shard bars when loading and saving checkpoints
     args = get_args(argv)
+    if args.report:  # a finished or running run's report; loads no model
+        import eval as evaluation
+        md, png = evaluation.run_report(args.out)
+        print(f"{md}" + (f", {png}" if png else ""))
+        return None
+    for target, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):  # every rank stops, not just rank 0
+        if target in args.report_to and importlib.util.find_spec(module) is None:
+            raise SystemExit(f"--report-to {target} needs the {module} package: "
+                             + ("pip install -r requirements-report.txt" if module == "tensorboard" else "pip install wandb"))
     rank, world, device = palmr.init_dist()
     assert args.rollout_batch % world == 0, f"--rollout-batch {args.rollout_batch} must divide over {world} ranks"
     assert args.rollout_batch % args.update_batch == 0, "--rollout-batch must be a multiple of --update-batch"
@@ -1518,10 +1633,31 @@ def main(argv=None):
         seed=args.seed, omissions=args.judge_omissions, locate=args.credit == "token")
     samples = load_dataset(args, processor)
     vicrit = load_dataset(args, processor, args.vicrit_data) if args.vicrit_data else []
-    n_vicrit = round(args.vicrit_ratio * args.rollout_batch) if vicrit else 0  # ViCrit prompts per step
+    n_vicrit = int(args.vicrit_ratio * args.rollout_batch + 0.5) if vicrit else 0  # ViCrit prompts per step
+    if vicrit:
+        print0(f"vicrit: {n_vicrit} of the {args.rollout_batch} prompts of every step come from {args.vicrit_data}"
+               + (" (none: raise --vicrit-ratio or --rollout-batch)" if n_vicrit == 0 else ""))
     prefill = palmr.generation_prefill(palmr.render_prompt(processor, ""))  # '' for Qwen2.5-VL's own template
     if rank == 0:
         (out / "args.json").write_text(json.dumps({**vars(args), "versions": palmr.versions()}, indent=2))
+    logger = RunLogger(args.report_to, out, args) if rank == 0 else None
+    val_benches = []
+    if args.eval_every > 0 or args.eval_before_train:
+        import eval as evaluation
+        for spec in args.eval_bench:
+            name, path, items, problems = evaluation.load_items(spec, args.eval_limit)
+            val_benches.append((name, path, items))
+            for p in problems if rank == 0 else []:
+                print(p, file=sys.stderr)
+    if args.eval_before_train and start == 0:
+        engine.wake()
+        val = validate(engine, processor, val_benches, args, 0, out, rank)
+        engine.sleep()
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": 0, **val}) + "\n")
+            logger.log(val, 0)
+            print("validation at step 0: " + " ".join(f"{k} {v:.3g}" for k, v in val.items()), flush=True)
     print0(f"V-GRPO | world {world} on {device.type} | engine {type(engine).__name__} | reward {args.reward} judge {args.judge} | "
            f"G {args.group_size} rollout {args.rollout_batch} update {args.update_batch} prompts | "
            f"steps {start}->{args.max_steps}" + (f" (resumed from {resume_from.name})" if resume_from else ""))
@@ -1569,6 +1705,13 @@ def main(argv=None):
         engine.load_weights(full_parameters(policy))  # vLLM: stream the new weights; HF: shares the module
         t3 = time.time()
         stats["t_weight_sync"] = t3 - t_sync
+        val = {}
+        if args.eval_every > 0 and (step + 1) % args.eval_every == 0:
+            t_val = time.time()
+            engine.wake()
+            val = validate(engine, processor, val_benches, args, step + 1, out, rank)
+            engine.sleep()
+            stats["t_val"] = time.time() - t_val
 
         # metrics: mean over the global batch
         lengths = torch.tensor([float(len(c.token_ids)) for _, c in rows])
@@ -1613,8 +1756,10 @@ def main(argv=None):
         if pearl:
             metrics["t_pearl"] = t_pearl  # the checklist rollouts, counted in t_rollout
         if rank == 0:
+            metrics.update(val)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            logger.log(metrics, step + 1)
             print(f"step {step + 1}/{args.max_steps} | reward {metrics['reward']:.3f} (fmt {metrics['reward/fmt']:.2f} "
                   f"ans {metrics['reward/ans']:.2f} vis {metrics['reward/vis']:.2f}"
                   + (f" perc {metrics['pearl/perception']:.2f}" if pearl else "")
@@ -1623,15 +1768,26 @@ def main(argv=None):
                   f"| len {metrics['completion_len']:.1f} | judge failed {metrics['judge/failed']:.2f} gated "
                   f"{metrics['judge/gated_zero']:.2f} | gen {metrics['t_rollout']:.1f}s rew {metrics['t_reward']:.1f}s train {t3 - t2:.1f}s",
                   flush=True)
+            if val:
+                print("  validation: " + " ".join(f"{k} {v:.3g}" for k, v in val.items()
+                                                  if k.endswith(("/acc", "/hallucination_rate", "/perception_acc"))))
             if args.log_rollouts_every and (step + 1) % args.log_rollouts_every == 0:
+                records = [{"step": step + 1, "id": s.id, "question": s.question, "answer": s.answer,
+                            "completion": c.text, "reward": r} for (s, c), r in list(zip(rows, rewards.tolist()))[:2]]
                 with open(out / "rollouts.jsonl", "a") as f:
-                    for (s, c), r in list(zip(rows, rewards.tolist()))[:2]:
-                        f.write(json.dumps({"step": step + 1, "id": s.id, "question": s.question, "answer": s.answer,
-                                            "completion": c.text, "reward": r}) + "\n")
-                        print(f"  [{s.id}] Q: {s.question} | gold {s.answer} | R {r:.2f}\n  > {c.text[:300]!r}")
+                    for rec in records:
+                        f.write(json.dumps(rec) + "\n")
+                        print(f"  [{rec['id']}] Q: {rec['question']} | gold {rec['answer']} | R {rec['reward']:.2f}\n"
+                              f"  > {rec['completion'][:300]!r}")
+                logger.rollouts(records, step + 1)
         if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
             path = save_checkpoint(policy, optimizer, args, step + 1)
             print0(f"saved {path}")
+    if rank == 0:
+        logger.close()
+        import eval as evaluation
+        md, png = evaluation.run_report(out)
+        print(f"report: {md}" + (f", {png}" if png else ""), flush=True)
     return policy
 
 

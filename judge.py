@@ -673,7 +673,8 @@ def _list_items(sentence):
     if not m:
         return None
     items = re.split(r",\s+|\s+and\s+", m.group(2))
-    return (m.group(1), items) if len(items) >= 1 and all(items) else None
+    counted = r"^(?:\d+|no|one|two|three|four|five|six|seven|eight|nine|a|an)\s+\S"  # "2 red circles", not "white stripes"
+    return (m.group(1), items) if all(re.match(counted, x) for x in items) else None
 
 
 def _join(items):
@@ -744,11 +745,14 @@ def perturb(kind, reference, facts, question, rng):
                 detail = f"added a {c} {d}"
     elif kind == "misgrounded":
         from rewards import COLOUR_WORDS
-        palette = SHAPE_COLOURS if {n for _, n, _ in entries} <= set(SHAPE_KINDS) else sorted(COLOUR_WORDS - {"gray"})
+        palette = SHAPE_COLOURS if {n for _, n, _ in entries} <= set(SHAPE_KINDS) else \
+            sorted(COLOUR_WORDS - {"gray", "grey"})  # a synonym pair: one for the other would be true
         body = " ".join(sents)
         for hit, c, name in _mentions(body, facts, question):
+            if any(n == name and not cs for cs, n, _ in entries):
+                continue  # an entry of this name has no colour: another colour might be true of it
             taken = {x for cs, n, _ in entries if n == name for x in cs}
-            options = [x for x in palette if x not in taken]
+            options = [x for x in palette if x not in taken and x not in words]  # keeps the answer's derivation
             if options:
                 new = rng.choice(options)
                 body = body[:hit.start()] + new + body[hit.end():]
@@ -935,32 +939,29 @@ def gate_report(judges, pairs):
     return report
 
 
-def gate_chart(report, path, w=130, h=200, pad=50):
-    """Bar chart of gate agreement (%) per error type, one bar per protocol; a plain PIL chart."""
-    from PIL import Image, ImageDraw
+def gate_chart(report, path):
+    """Bar chart of gate agreement (%) per error type, a bar per protocol (matplotlib; skipped with a message
+    when it is not installed). -> path, or None."""
+    from palmr import pyplot
+    plt = pyplot()
+    if plt is None:
+        return None
     types, protocols = list(report["types"]), list(report["protocols"])
-    colours = [(40, 110, 200), (214, 96, 40), (40, 160, 80), (150, 70, 180), (120, 120, 120)]
-    img = Image.new("RGB", (pad * 2 + len(types) * w, h + 2 * pad + 20 * (1 + len(protocols))), "white")
-    draw = ImageDraw.Draw(img)
-    x0, y0 = pad, pad
-    draw.text((x0, 10), "gate agreement (%) per error type", fill="black")
-    draw.line([x0, y0 + h, x0 + len(types) * w, y0 + h], fill="black")
-    for frac in (0.0, 0.5, 1.0):
-        y = y0 + h - frac * h
-        draw.line([x0 - 4, y, x0, y], fill="black")
-        draw.text((x0 - 30, y - 6), f"{frac * 100:.0f}", fill="black")
-    bar = (w - 20) / max(1, len(protocols))
-    for i, t in enumerate(types):
-        for k, name in enumerate(protocols):
-            v = report["protocols"][name]["types"][t]["agreement"]
-            left = x0 + i * w + 10 + k * bar
-            draw.rectangle([left, y0 + h - v * h, left + bar - 2, y0 + h], fill=colours[k % len(colours)])
-        draw.text((x0 + i * w + 4, y0 + h + 4), t[:21], fill="black")
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(types), 3.6))
+    width = 0.8 / max(1, len(protocols))
     for k, name in enumerate(protocols):
-        y = y0 + h + 26 + 18 * k
-        draw.rectangle([x0, y, x0 + 14, y + 10], fill=colours[k % len(colours)])
-        draw.text((x0 + 20, y - 1), name, fill="black")
-    img.save(path)
+        values = [100 * report["protocols"][name]["types"][t]["agreement"] for t in types]
+        ax.bar([i + (k - (len(protocols) - 1) / 2) * width for i in range(len(types))], values, width, label=name)
+    ax.set_xticks(range(len(types)), [f"{t}\n(n={report['types'][t]})" for t in types], fontsize=8)
+    ax.set_ylabel("gate decision right (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("judge agreement per error type (faithful: not gated)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None):
@@ -1015,8 +1016,7 @@ def main(argv=None):
     report["gate"] = gate_report(judges, pairs)
     with open(a.out, "w") as f:
         json.dump(report, f, indent=2)
-    chart = os.path.splitext(a.out)[0] + ".png"
-    gate_chart(report["gate"], chart)
+    chart = gate_chart(report["gate"], os.path.splitext(a.out)[0] + ".png")
     head = "" if rule else (f"pairwise agreement {report['agreement']:.3f} (failed {report['failed']}) | "
                             f"point-wise agreement {report['pointwise_agreement']:.3f} | ")
     print(f"n {len(pairs)} | {head}gate agreement " + ", ".join(

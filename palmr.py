@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -664,6 +665,23 @@ def barrier():
 def print0(*args, **kwargs):
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+_NO_MATPLOTLIB = ("charts need matplotlib, an optional extra: pip install -r requirements-report.txt "
+                  "(markdown reports are written without it)")
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None with a one-line message when matplotlib is not
+    installed (it is an optional extra, requirements-report.txt): callers then skip their PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no chart: {_NO_MATPLOTLIB}", file=sys.stderr)
+        return None
+    return plt
 
 
 def versions():

@@ -208,6 +208,7 @@ def score_completion(scheme, text, gold, choices=None, s_vis=1.0, r_cov=0.0, s_s
 # Multimodal Reasoning" (arXiv 2511.18437). Its checklist rule is not public; this rule is ours.
 
 
+SAME_COLOUR = {"gray": "grey"}  # spellings of one colour: never a different colour of each other
 COLOUR_WORDS = {"red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey",
                 "gray", "cyan", "magenta"}  # basic colour terms: an object has one, so another is a checkable absence
 
@@ -277,7 +278,7 @@ def pearl_checklist(facts, question, k, key):
         shown.setdefault((attrs, name), said)  # the facts' own word order, for the question
         n, groups = _count(o.get("count")), by_name.setdefault(name, {})
         groups[attrs] = None if n is None or groups.get(attrs, 0) is None else groups.get(attrs, 0) + n
-    colour_of = lambda attrs: [a for a in attrs if a in COLOUR_WORDS]  # noqa: E731
+    colour_of = lambda attrs: [SAME_COLOUR.get(a, a) for a in attrs if a in COLOUR_WORDS]  # noqa: E731
     usable = set()
     for name, groups in by_name.items():
         colours = [colour_of(a) for a in groups]
@@ -323,12 +324,22 @@ def _phrase_key(text):
     return " ".join(text.split()).strip(" .,;:!?")
 
 
+VICRIT_EXTRA_WORDS = 3  # words copied around the phrase that the match forgives (ours: the paper gives no number)
+
+
 def vicrit_match(pred, span, description):
     """True when the boxed answer names the corrupted phrase: equal to it after _phrase_key, or containing
-    it with only words copied from the description around it (the paper: extra words copied verbatim from
-    the caption before or after the span are not penalised). None (no answer) is False."""
+    it with at most VICRIT_EXTRA_WORDS more words, copied from the same sentence of the description around
+    it (the paper: extra words copied verbatim from the caption before or after the span are not
+    penalised; the bound and the sentence are ours, so that copying the whole description earns nothing).
+    None (no answer) is False."""
     if pred is None:
         return False
-    p, t, d = _phrase_key(pred), _phrase_key(span), _phrase_key(description)
-    return bool(t) and (p == t or (re.search(rf"(?<!\w){re.escape(t)}(?!\w)", p) is not None
-                                   and re.search(rf"(?<!\w){re.escape(p)}(?!\w)", d) is not None))
+    p, t = _phrase_key(pred), _phrase_key(span)
+    if not t or not re.search(rf"(?<!\w){re.escape(t)}(?!\w)", p):
+        return False
+    if p == t:
+        return True
+    sentences = [_phrase_key(x) for x in re.split(r"(?<=[.!?])\s+", description)]
+    return len(p.split()) - len(t.split()) <= VICRIT_EXTRA_WORDS and any(
+        re.search(rf"(?<!\w){re.escape(p)}(?!\w)", x) for x in sentences)

@@ -231,6 +231,38 @@ def test_vicrit_items_change_exactly_one_phrase(seed):
         assert item.meta["original"] == "EXIT 4" and len(item.answer) == 6 and item.answer != "EXIT 4"
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_vicrit_items_on_real_facts_are_never_true(seed):
+    # uncoloured kinds: the object swap may not name a kind the facts have; texts: a changed text may not be
+    # another visible text; gray and grey are one colour; the answer occurs once
+    facts = {"objects": [obj("dog", 1, []), obj("cat", 1, []), obj("car", 2, ["gray"]), obj("car", 1, ["red"])],
+             "relations": [], "text": ["4", "5"]}
+    item, why = data.vicrit_item(Sample(id=f"r{seed}", image="x", question="q", answer="a", facts=facts),
+                                 random.Random(seed))
+    assert why is None and item.meta["description"].count(item.answer) == 1
+    kind = item.meta["error_type"]
+    if kind == "object":
+        assert item.answer.split()[-1] not in ("dog", "cat", "car", "cars", "dogs", "cats")
+    if kind == "text":
+        assert item.answer not in ("4", "5")
+    if kind == "colour":
+        assert "grey" not in item.answer and "gray" not in item.answer
+
+
+def test_judge_variants_keep_their_labels_on_real_traces():
+    facts = {"objects": [obj("bus", 1, ["gray"]), obj("dog", 1, [])], "relations": [], "text": []}
+    ref = "<think>The bus has red and white stripes. A gray bus waits.</think> \\boxed{gray}"
+    assert variant("reordered", ref, facts, "q")[0] is None  # "red and white stripes" is not a list of objects
+    cand, detail = variant("hallucinated_entity", ref, facts, "q")
+    assert cand.startswith("<think>The bus has red and white stripes. There is also a ")  # a sentence, not the list
+    for seed in range(20):  # gray and grey are one colour: never the "wrong" colour of each other
+        cand, detail = variant("misgrounded", ref, facts, "What colour is it?", seed)
+        assert "grey" not in cand and "gray bus ->" in detail
+    for seed in range(20):  # the colour the question names is never the new one
+        cand, detail = variant("misgrounded", REF, SHAPES, "How many green shapes are there?", seed)
+        assert "green" not in detail
+
+
 def test_vicrit_item_without_facts():
     assert data.vicrit_item(Sample(id="z", image="x", question="q", answer="a", facts={"objects": []}),
                             random.Random(0)) == (None, "no object entries or visible text in the facts")
@@ -242,6 +274,11 @@ def test_vicrit_item_without_facts():
     ("are two blue squares at bottom", True),   # words copied from the description around the span: allowed
     ("two blue squares at top", False),          # ... but not words the description does not have there
     ("blue squares", False), ("one blue circle", False), (None, False), ("", False),
+    # copying more than the phrase's sentence, or more than 3 extra words, earns nothing (no copy-all hack)
+    ("There is one blue circle at bottom right. There are two blue squares at bottom left.", False),
+    ("bottom right. There are two blue squares", False),
+    ("There are two blue squares at bottom left", False),  # 5 extra words
+    ("There are two blue squares at", True),                # 3 extra words, one sentence
 ])
 def test_vicrit_match(pred, ok):
     d = "There is one blue circle at bottom right. There are two blue squares at bottom left."
