@@ -1504,7 +1504,11 @@ def validate(engine, processor, benches, args, step, out, rank):
     """Greedy validation of the current policy through the rollout engine and eval.py's generation and
     scorers (the same prompt, extraction and scoring as `python eval.py`). Every rank generates every item
     (HF generate under FSDP keeps the ranks' forwards in step; keep --eval-limit small); rank 0 scores.
-    -> {val/<bench>/<metric>: number} on rank 0, {} elsewhere; predictions in OUT/val/step-NNNNNN/."""
+    -> {val/<bench>/<metric>: number} on rank 0, {} elsewhere; predictions in OUT/val/step-NNNNNN/.
+
+    This and --report import eval.py, lazily: a departure from DESIGN.md ("nothing imports eval.py") so that
+    validation runs eval.py's own generation and scorers rather than a copy; eval.py imports nothing of
+    grpo.py, so there is no cycle, and training without validation never loads it."""
     import eval as evaluation
     gen = types.SimpleNamespace(max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, temperature=0.0,
                                 top_p=1.0, batch=16, seed=args.seed)

@@ -38,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+import types
 import typing
 import urllib.error
 import urllib.parse
@@ -1027,10 +1028,29 @@ def main(argv=None):
     return report
 
 
+def read_items(path):
+    """Items of a Samples JSONL for `pairs` (id, question, answer, facts, reference), without importing
+    data.py (judge.py sits below it): -> (items, errors); a bad row is named on stderr and skipped."""
+    items, errors = [], []
+    for lineno, line in enumerate(open(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            missing = [k for k in ("id", "question", "answer") if not isinstance(row, dict) or row.get(k) in (None, "")]
+            if missing:
+                raise ValueError(f"missing field(s) {missing}")
+        except ValueError as e:
+            errors.append(f"{path}:{lineno}: {e}")
+            print(f"skipping bad row {errors[-1]}", file=sys.stderr)
+            continue
+        items.append(types.SimpleNamespace(id=str(row["id"]), question=row["question"], answer=str(row["answer"]),
+                                           facts=row.get("facts"), reference=row.get("reference")))
+    return items, errors
+
+
 def _pairs_cli(a):
-    from data import read_jsonl
-    errors = []
-    samples = read_jsonl(a.inp, errors=errors)  # a bad row is named on stderr and skipped
+    samples, errors = read_items(a.inp)
     kinds = tuple(k for k in a.variants.split(",") if k)
     unknown = set(kinds) - set(ERROR_TYPES + FAITHFUL)
     assert not unknown, f"unknown variants {sorted(unknown)}; expected {ERROR_TYPES + FAITHFUL}"
