@@ -659,7 +659,8 @@ def study_curves(out, seeds, smooth=5, variants=("grpo", "palmr"), steps=None):
             path = out / f"{variant.split('@')[0]}-s{s}" / "metrics.jsonl"
             if not path.exists():
                 continue
-            by_step = {r["step"]: r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))}
+            by_step = {r["step"]: r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))
+                       if "reward" in r}  # training rows (a --eval-before-train row has only val/*)
             rows = [by_step[k] for k in sorted(by_step) if steps is None or k <= steps]
             per_seed.append({"reward": [r["reward"] for r in rows],
                              "answer acc (rollouts)": [r["reward/ans"] for r in rows],
@@ -726,7 +727,10 @@ def read_metrics(out):
             r = json.loads(line)
         except ValueError:
             continue  # a torn last line of a running or killed run
-        rows.setdefault(r.get("step", 0), {}).update(r)  # validation rows share their step with the training row
+        if "reward" in r:  # a training row (with its validation, if any) replaces an earlier run of that step
+            rows[r.get("step", 0)] = r
+        else:  # a validation-only row (--eval-before-train's step 0)
+            rows.setdefault(r.get("step", 0), {}).update(r)
     return [rows[k] for k in sorted(rows)]
 
 
@@ -736,7 +740,6 @@ def run_report(out):
     OUT/metrics.jsonl and OUT/args.json; works on a finished or a running run. -> (md path, png path or None)."""
     out = Path(out)
     rows = read_metrics(out)
-    assert rows, f"no metrics in {out / 'metrics.jsonl'}: nothing to report"
     train = [r for r in rows if "reward" in r]
     args = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
     counts = ("/n", "/missing_images", "/missing_predictions", "/text_only", "/hallucination_n",
@@ -744,6 +747,8 @@ def run_report(out):
     val_keys = sorted({k for r in rows for k in r if k.startswith("val/") and isinstance(r[k], (int, float))
                        and not k.endswith(counts)})
     md = [f"# Run report: {out}", ""]
+    if not rows:
+        md.append("No steps logged yet.")
     if train:
         last, tail = train[-1], train[-5:]
         md += [f"Step {last['step']} of {args.get('max_steps', '?')}. Last step, and the mean of the last "

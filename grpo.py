@@ -1447,7 +1447,7 @@ class RunLogger:
     by wandb itself from the environment and never passes through here. The arguments hold environment
     variable names (--judge-api-key-env), never their values."""
 
-    def __init__(self, targets, out, args):
+    def __init__(self, targets, out, args, start=0):
         self.tb = self.wandb = None
         targets = [t for t in targets if t != "none"]
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), list))}
@@ -1457,19 +1457,24 @@ class RunLogger:
             except ImportError as e:
                 raise SystemExit(f"--report-to tensorboard needs the tensorboard package ({e}): "
                                  "pip install -r requirements-report.txt") from None
-            self.tb = SummaryWriter(log_dir=str(Path(out) / "tb"))
-            self.tb.add_text("args", "\n".join(f"    {k}: {json.dumps(v)}" for k, v in sorted(config.items())), 0)
-            self.tb.add_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()},
-                                {}, run_name=".")
+            # a resumed run drops the events after its checkpoint's step (they are logged again)
+            self.tb = SummaryWriter(log_dir=str(Path(out) / "tb"), purge_step=start + 1 if start else None)
+            if not start:
+                self.tb.add_text("args", "\n".join(f"    {k}: {json.dumps(v)}" for k, v in sorted(config.items())), 0)
+                self.tb.add_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                     for k, v in config.items()}, {}, run_name=".")
         if "wandb" in targets:
             try:
                 import wandb
             except ImportError:
                 raise SystemExit("--report-to wandb needs the wandb package: pip install wandb") from None
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            id_file = Path(out) / "wandb_id.txt"  # one W&B run per run folder: a --resume continues it
+            run_id = id_file.read_text().strip() if id_file.exists() else f"{Path(out).name}-{os.urandom(4).hex()}"
+            id_file.write_text(run_id)
             self.wandb = wandb
             self.run = wandb.init(project=args.wandb_project, name=Path(out).name, dir=str(out), config=config,
-                                  mode=mode, resume="allow" if args.resume else None)
+                                  mode=mode, id=run_id, resume="allow")
 
     def log(self, metrics, step):
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -1514,7 +1519,9 @@ def validate(engine, processor, benches, args, step, out, rank):
                                 top_p=1.0, batch=16, seed=args.seed)
     folder = Path(out) / "val" / (f"step-{step:06d}" if rank == 0 else f".rank{rank}-step-{step:06d}")
     metrics = {}
+    kept = engine.max_pixels
     for name, path, items in benches:
+        engine.max_pixels = 112 * 112 if name == "shapes" else args.max_pixels  # eval.py's rule (shapes: 112 x 112)
         cache = folder / f"{name}.predictions.jsonl"
         cache.unlink(missing_ok=True)  # a resumed run revalidates this step with the weights it has now
         preds, problems = evaluation.generate(engine, processor, name, items, cache, gen)
@@ -1524,6 +1531,7 @@ def validate(engine, processor, benches, args, step, out, rank):
             scores = evaluation.bench_scores(name, items, preds, path=path)
             metrics.update({f"val/{name}/{k}": float(v) for k, v in scores.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    engine.max_pixels = kept
     if rank != 0:
         shutil.rmtree(folder, ignore_errors=True)
     return metrics
@@ -1644,10 +1652,25 @@ def main(argv=None):
     prefill = palmr.generation_prefill(palmr.render_prompt(processor, ""))  # '' for Qwen2.5-VL's own template
     if rank == 0:
         (out / "args.json").write_text(json.dumps({**vars(args), "versions": palmr.versions()}, indent=2))
-    logger = RunLogger(args.report_to, out, args) if rank == 0 else None
+    logger, ok = None, 1
+    if rank == 0:
+        try:
+            logger = RunLogger(args.report_to, out, args, start)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 -- every rank must stop, not rank 0 alone
+            print(f"--report-to: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            ok = 0
+    if not int(all_reduce(torch.tensor(ok), dist.ReduceOp.MIN)):
+        raise SystemExit("--report-to failed on rank 0 (above)")
     val_benches = []
     if args.eval_every > 0 or args.eval_before_train:
         import eval as evaluation
+        if "shapes" in args.eval_bench:  # the held-out split, built once by rank 0 (the others wait)
+            if rank == 0:
+                ensure_shapes(n=200, split="test", seed=1)
+            palmr.barrier()
+        if (args.eval_max_new_tokens or 0) > args.max_new_tokens and not isinstance(engine, palmr.HFEngine):
+            print0(f"warning: --eval-max-new-tokens {args.eval_max_new_tokens} exceeds --max-new-tokens "
+                   f"{args.max_new_tokens}: vLLM's max_model_len was sized for the latter and may cut replies")
         for spec in args.eval_bench:
             name, path, items, problems = evaluation.load_items(spec, args.eval_limit)
             val_benches.append((name, path, items))

@@ -104,7 +104,7 @@ def test_wandb_gets_metrics_config_and_rollouts_offline(tmp_path, tiny_ckpt, sha
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-never-logged")
     metrics = _run(tmp_path, tiny_ckpt, shapes_file, "--max-steps", "2", "--report-to", "wandb",
-                   "--log-rollouts-every", "2")
+                   "--log-rollouts-every", "2", "--save-every", "2")
     init = [c for c in fake.calls if c[0] == "init"]
     assert len(init) == 1 and init[0][1]["mode"] == "offline" and init[0][1]["config"]["reward"] == "palmr"
     assert init[0][1]["config"]["judge_api_key_env"] == "OPENAI_API_KEY"
@@ -113,6 +113,12 @@ def test_wandb_gets_metrics_config_and_rollouts_offline(tmp_path, tiny_ckpt, sha
     tables = [c[1]["rollouts"] for c in fake.calls if c[0] == "log" and "rollouts" in c[1]]
     assert len(tables) == 1 and len(tables[0].data) == 2 and tables[0].columns[0] == "id"
     assert fake.calls[-1] == ("finish",) and "sk-never-logged" not in repr(fake.calls)
+    # a --resume continues the same W&B run (its id is kept in the run folder)
+    grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path), *SMALL, "--save-every", "2",
+               "--max-steps", "3", "--report-to", "wandb", "--resume", "--log-rollouts-every", "0"])
+    inits = [c[1] for c in fake.calls if c[0] == "init"]
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and inits[1]["resume"] == "allow"
+    assert [c[2] for c in fake.calls if c[0] == "log" and "reward" in c[1]][-1] == 3
 
 
 def test_missing_optional_packages_are_named(tmp_path, tiny_ckpt, shapes_file, monkeypatch, capsys):
@@ -126,7 +132,8 @@ def test_missing_optional_packages_are_named(tmp_path, tiny_ckpt, shapes_file, m
     rows = [{"step": 0, "val/shapes/acc": 40.0},
             {"step": 1, "reward": 0.1, "reward/ans": 0.2, "kl": 0.0, "t_rollout": 1.0},
             {"step": 2, "reward": 0.2, "reward/ans": 0.4, "kl": 0.01, "t_rollout": 3.0, "val/shapes/acc": 50.0},
-            {"step": 3, "reward": 0.6, "reward/ans": 0.6, "kl": 0.02, "t_rollout": 2.0}]
+            {"step": 3, "reward": 0.9, "reward/ans": 0.9, "kl": 0.02, "t_rollout": 2.0, "val/shapes/acc": 1.0},
+            {"step": 3, "reward": 0.6, "reward/ans": 0.6, "kl": 0.02, "t_rollout": 2.0}]  # step 3 again (a resume)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "rew')  # torn
     (run / "args.json").write_text(json.dumps({"max_steps": 10, "reward": "grpo"}))
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -137,6 +144,7 @@ def test_missing_optional_packages_are_named(tmp_path, tiny_ckpt, shapes_file, m
     assert "| reward (`reward`) | 0.6 | 0.3 |" in text and "| S_ans (`reward/ans`) | 0.6 | 0.4 |" in text
     assert "| rollout (`t_rollout`) | 2 | 2 |" in text
     assert "| step | shapes/acc |" in text and "| 0 | 40 |" in text and "| 2 | 50 |" in text
+    assert "| 3 | 1 |" not in text  # the repeated step's row replaced the first one, validation included
     assert "| reward | \"grpo\" |" in text
     assert palmr.pyplot() is None
 
