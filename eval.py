@@ -415,8 +415,9 @@ def generate(engine, processor, bench, items, cache_path, args):
     cache_path.parent.mkdir(parents=True, exist_ok=True)
 
     def run(chunk, seed):
-        prompts = [palmr.Prompt(palmr.render_prompt(processor, it["question"], it["choices"], image=it["image"] is not None),
-                                it["image"]) for it in chunk]
+        instruction = getattr(args, "instruction", palmr.INSTRUCTION)
+        prompts = [palmr.Prompt(palmr.render_prompt(processor, it["question"], it["choices"], image=it["image"] is not None,
+                                                    instruction=instruction), it["image"]) for it in chunk]
         outs = engine.generate(prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, seed=seed)
         return [palmr.assistant_turn(p.text, c.text) for p, (c,) in zip(prompts, outs)]
@@ -500,6 +501,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16, help="prompts per generate call")
     ap.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt", default="palmr", choices=["palmr", "sr1"], help="the instruction every checkpoint "
+                    "gets: PaLMR's <think> format, or Vision-SR1's <description><think> (for policies trained in it)")
     ap.add_argument("--facts", default=None, help="JSONL of {id, facts[, reference]} for the hallucination rate")
     ap.add_argument("--judge", default="rule", choices=["rule", "openai", "hf"])
     ap.add_argument("--judge-base-url", default=None)
@@ -507,6 +510,7 @@ def main(argv=None):
     ap.add_argument("--study-report", default=None, metavar="OUT",
                     help="only write runs/shapes_study.sh's OUT/results.md and OUT/curves.png from its runs")
     a = ap.parse_args(argv)
+    a.instruction = palmr.SR1_INSTRUCTION if a.prompt == "sr1" else palmr.INSTRUCTION
     if a.study_report:
         return study_report(a.study_report)
     out = Path(a.out)
@@ -526,7 +530,7 @@ def main(argv=None):
             row = json.loads(line)
             facts[str(row["id"])] = row.get("facts")
     judge = make_judge(a.judge, a.judge_base_url, a.judge_model) if a.facts else None
-    settings = {"prompt": palmr.INSTRUCTION, "decoding": "greedy" if a.temperature <= 0 else
+    settings = {"prompt": a.instruction, "decoding": "greedy" if a.temperature <= 0 else
                 f"temperature {a.temperature}, top_p {a.top_p}", "max_new_tokens": a.max_new_tokens,
                 "max_pixels": {b: (112 * 112 if b == "shapes" else a.max_pixels) for b in benches},
                 "limit": a.limit, "answer_extraction": "last \\boxed{}, else <answer>, else the benchmark's rule"}
@@ -608,7 +612,7 @@ STUDY_METRICS = [("acc", "answer acc"), ("perception_acc", "perception acc"), ("
            ("claims_per_reply", "claims / reply"), ("hallucination_rate", "hallucination rate")]
 STUDY_COLORS = {"grpo": (214, 96, 40), "palmr": (40, 110, 200), "palmr+omissions": (40, 160, 80),
                 "palmr+token": (150, 70, 180), "palmr+both": (120, 120, 120), "vppo": (200, 160, 0),
-                "vision_sr1": (0, 170, 170), "pearl": (200, 60, 130)}
+                "vision_sr1": (0, 170, 170), "pearl": (200, 60, 130), "vision_sr1+sft": (90, 90, 220)}
 
 
 def mean_sd(values):
@@ -638,6 +642,9 @@ def study_table(results, seeds=None):
     lines = ["| run | seeds | " + " | ".join(label for _, label in STUDY_METRICS) + " |",
              "|---|---|" + "---|" * len(STUDY_METRICS)]
     lines.append("| start (warm-up) | - | " + " | ".join(mean_sd([shapes["start"][k]]) for k, _ in STUDY_METRICS) + " |")
+    if "start_sr1" in shapes:  # the Vision-SR1-format warm start, evaluated under its own prompt
+        lines.append("| start (SR1-format warm-up) | - | " + " | ".join(mean_sd([shapes["start_sr1"][k]])
+                                                                      for k, _ in STUDY_METRICS) + " |")
     for variant, by_seed in runs.items():
         rs = [shapes[label] for s, label in sorted(by_seed.items()) if seeds is None or s in seeds]
         lines.append(f"| **{variant}** | {len(rs)} | " + " | ".join(mean_sd([r[k] for r in rs]) for k, _ in STUDY_METRICS) + " |")
@@ -812,6 +819,8 @@ def study_report(out):
     out = Path(out)
     report = json.loads((out / "eval" / "results.json").read_text())
     results = report["checkpoints"]
+    if (out / "eval_sr1" / "results.json").exists():  # checkpoints trained in Vision-SR1's format, its own prompt
+        results.update(json.loads((out / "eval_sr1" / "results.json").read_text())["checkpoints"])
     runs = study_runs(results)
     md = ["# GRPO vs PaLMR on shapes (held-out split, greedy; mean ± sd over seeds)", "", study_table(results), "",
           "Perception acc: % of replies with at least one scene claim and no wrong one. Complete perception: no "

@@ -150,6 +150,9 @@ def get_args(argv=None):
                     "warm start built before RL (0: start from the random tiny model)")
     ap.add_argument("--warmup-hallucinated", type=float, default=0.3, help="share of warm-up traces that reach the "
                     "right answer through a misread scene (ours: so the start policy hallucinates)")
+    ap.add_argument("--warmup-format", default="think", choices=["think", "description"],
+                    help="warm-up traces in PaLMR's <think> format, or in Vision-SR1's <description><think> format "
+                    "under its instruction (the cold start its recipe assumes; cached apart)")
     ap.add_argument("--warmup-only", action="store_true", help="build (or find) the cached warm start, print its path "
                     "and exit")
     ap.add_argument("--max-steps", type=int, default=20, help="rollout steps to run (total, counting resumed ones)")
@@ -1321,14 +1324,26 @@ class PhaseClock:
 # Supervised warm-up: a tiny policy that can do the task (and misread it sometimes), before RL
 
 
+def sr1_trace(trace):
+    """A `<think>...</think> ... \\boxed{a}` trace in Vision-SR1's format: its first sentence (the observation)
+    as the description, the rest as the reasoning: `<description>...</description><think>...</think> \\boxed{a}`
+    (palmr.parse_description's layout; arXiv 2508.19652). A one-sentence trace keeps it in both blocks."""
+    think, answer, well_formed = palmr.parse_response(trace)
+    assert well_formed and think, f"not a <think> ... \\boxed{{}} trace: {trace[:80]!r}"
+    head, _, tail = think.strip().partition(". ")
+    head, tail = (head + ".", tail) if tail else (head, head)
+    return f"<description>{head}</description><think>{tail}</think> \\boxed{{{answer}}}"
+
+
 def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pixels=112 * 112, seed=0, log_every=50,
-           hallucinated_share=0.0):
+           hallucinated_share=0.0, trace_format="think"):
     """SFT on the samples' reference traces, a `hallucinated_share` of them misread on purpose
     (data.hallucinated_trace: same answer, one wrong group), so the start policy hallucinates like real
     base models do; save to out_dir. One process (never sharded, even under torchrun), teacher forcing on
     completion tokens only (the same batch builder and log-prob path as the RL loss), AdamW with a linear
     warm-up over 5% of the steps then cosine decay to 0 (the decay is where a small model's loss drops
-    most; docs/LOG.md has the recipes tried). Returns the (step, loss) pairs it logged.
+    most; docs/LOG.md has the recipes tried). trace_format "description": the traces in Vision-SR1's format
+    (sr1_trace) under its instruction, the cold start its recipe assumes. Returns the (step, loss) pairs it logged.
     """
     torch.manual_seed(seed)
     processor = palmr.load_processor(model_path)
@@ -1339,9 +1354,12 @@ def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pix
     tok, pick = processor.tokenizer, random.Random(f"warmup-{seed}")
     encoded, rows = {}, []
     for s in samples:
-        encoded[s.id] = palmr.encode_prompt(processor, palmr.render_prompt(processor, s.question, s.choices),
+        instruction = palmr.SR1_INSTRUCTION if trace_format == "description" else palmr.INSTRUCTION
+        encoded[s.id] = palmr.encode_prompt(processor, palmr.render_prompt(processor, s.question, s.choices,
+                                                                           instruction=instruction),
                                             load_image(s), max_pixels)
         trace = hallucinated_trace(s, pick) if pick.random() < hallucinated_share else s.reference
+        trace = sr1_trace(trace) if trace_format == "description" else trace
         ids = tok(trace, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
         rows.append((s, palmr.Completion(ids, trace, [0.0] * len(ids), True)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -1363,21 +1381,23 @@ def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pix
     return history
 
 
-def ensure_warm_start(base, data_path, steps, hallucinated_share, seed=0):
+def ensure_warm_start(base, data_path, steps, hallucinated_share, seed=0, trace_format="think"):
     """The warm-up checkpoint for these settings, built once next to `base` by rank 0; the others wait.
 
     Rank 0 builds with every core: torchrun leaves each process one thread, and the waiting ranks use
     none. (Measured: a data-parallel FSDP warm-up over 2 gloo ranks ran 3.2 steps/s against 4.7 for one
     process with both cores; the tiny model is too small for per-layer collectives to pay.)
     """
-    path = Path(base).with_name(f"{Path(base).name}-warm{steps}-h{hallucinated_share:g}-s{seed}-v2")
+    sr1 = "-sr1" if trace_format == "description" else ""
+    path = Path(base).with_name(f"{Path(base).name}-warm{steps}-h{hallucinated_share:g}-s{seed}{sr1}-v2")
     if palmr.get_rank() == 0 and not (path / "config.json").exists():
         print0(f"building the warm start ({steps} SFT steps, {hallucinated_share:.0%} misread traces) -> {path}")
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")  # two builds at once never share a folder
         threads = torch.get_num_threads()
         torch.set_num_threads(os.cpu_count() or threads)
         try:
-            warmup(base, data_path, tmp, steps=steps, seed=seed, hallucinated_share=hallucinated_share)
+            warmup(base, data_path, tmp, steps=steps, seed=seed, hallucinated_share=hallucinated_share,
+                   trace_format=trace_format)
             (tmp / "versions.json").write_text(json.dumps(palmr.versions()))  # what built it (constraints.txt)
             os.replace(tmp, path)
         finally:
@@ -1606,7 +1626,8 @@ def main(argv=None):
         palmr.barrier()
         args.data = args.data or ensure_shapes()
     if tiny and args.warmup_steps > 0:  # the embedded default starts from a warm, cached tiny policy
-        args.model = ensure_warm_start(args.model, ensure_shapes(), args.warmup_steps, args.warmup_hallucinated)
+        args.model = ensure_warm_start(args.model, ensure_shapes(), args.warmup_steps, args.warmup_hallucinated,
+                                       trace_format=args.warmup_format)
     if args.warmup_only:
         print0(args.model)
         return None

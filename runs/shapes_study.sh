@@ -20,6 +20,9 @@
 #                                                                               only logs S_vis)
 #      pearl            --reward pearl --credit sequence                       (checklist gate and checklist
 #                                                                               groups; the rule judge only logs)
+#      vision_sr1+sft   --reward vision_sr1 --credit sequence --warmup-format description --max-new-tokens 96
+#                       (from a warm start in SR1's own format, the cold start its recipe assumes; its
+#                       traces are ~20 tokens longer; evaluated under SR1's prompt with 96 tokens)
 # 3. continues the LONG_VARIANTS runs of LONG_SEEDS to LONG_STEPS (a --resume of the same run);
 # 4. evaluates the start and every checkpoint on the held-out shapes split (greedy): answer accuracy,
 #    perception, complete perception and process-hallucination rate, all exact (rule judge);
@@ -53,7 +56,8 @@ flags() {  # the trainer flags of a variant
         vppo) echo "--reward grpo --credit sequence --vppo" ;;
         vision_sr1) echo "--reward vision_sr1 --credit sequence" ;;
         pearl) echo "--reward pearl --credit sequence" ;;
-        *) echo "unknown variant $1 (grpo palmr palmr+omissions palmr+token palmr+both vppo vision_sr1 pearl)" >&2
+        vision_sr1+sft) echo "--reward vision_sr1 --credit sequence --warmup-format description --max-new-tokens 96" ;;
+        *) echo "unknown variant $1 (grpo palmr palmr+omissions palmr+token palmr+both vppo vision_sr1 pearl vision_sr1+sft)" >&2
            return 2 ;;
     esac
 }
@@ -75,9 +79,16 @@ WARM=$(python grpo.py --warmup-steps "$WARMUP" --warmup-only | tail -n 1)
 echo "warm start: $WARM ($(($(date +%s) - start)) s)"
 
 checkpoints=("start=$WARM")
+sr1_checkpoints=()  # policies trained in Vision-SR1's format: evaluated under its prompt
+if [[ " $VARIANTS " == *" vision_sr1+sft "* ]]; then
+    WARM_SR1=$(python grpo.py --warmup-steps "$WARMUP" --warmup-format description --warmup-only | tail -n 1)
+    echo "SR1-format warm start: $WARM_SR1 ($(($(date +%s) - start)) s)"
+    sr1_checkpoints+=("start_sr1=$WARM_SR1")
+fi
 for seed in $SEEDS; do
     for v in $VARIANTS; do
-        checkpoints+=("$v-s$seed=$(ckpt "$v" "$seed" "$STEPS")")
+        if [ "$v" = "vision_sr1+sft" ]; then sr1_checkpoints+=("$v-s$seed=$(ckpt "$v" "$seed" "$STEPS")")
+        else checkpoints+=("$v-s$seed=$(ckpt "$v" "$seed" "$STEPS")"); fi
         [ -d "$(ckpt "$v" "$seed" "$STEPS")" ] && continue  # done in an earlier call
         rm -rf "$OUT/$v-s$seed" "$OUT/$v-s$seed.log"
         launch "$v" "$seed" "$STEPS"
@@ -94,12 +105,14 @@ for seed in $LONG_SEEDS; do
     done
 done
 wait || true
-for c in "${checkpoints[@]}"; do
+for c in "${checkpoints[@]}" "${sr1_checkpoints[@]}"; do
     label=${c%%=*}; [ -d "${c#*=}" ] || { echo "missing ${c#*=}: see $OUT/${label/@*-s/-s}.log" >&2; exit 1; }
 done
 echo "training done ($(($(date +%s) - start)) s)"
 
 python eval.py --bench shapes --checkpoints "${checkpoints[@]}" --max-new-tokens 64 ${LIMIT:+--limit "$LIMIT"} \
     --out "$OUT/eval" > "$OUT/eval.log" 2>&1
+[ ${#sr1_checkpoints[@]} -eq 0 ] || python eval.py --bench shapes --prompt sr1 --checkpoints "${sr1_checkpoints[@]}" \
+    --max-new-tokens 96 ${LIMIT:+--limit "$LIMIT"} --out "$OUT/eval_sr1" > "$OUT/eval_sr1.log" 2>&1
 python eval.py --study-report "$OUT"
 echo "study done in $(($(date +%s) - start)) s: $OUT/results.md, $OUT/curves.png"

@@ -87,3 +87,32 @@ def test_vision_sr1_under_torchrun_two_ranks(tmp_path, tiny_ckpt, shapes_file):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all("reward/self" in m and m["t_self_reward"] > 0 for m in metrics)
+
+
+def test_sr1_trace_by_hand():
+    trace = "<think>I see 2 red circles and 1 blue square. So there are 2 circles.</think> The answer is \\boxed{2}."
+    sr1 = grpo.sr1_trace(trace)
+    assert sr1 == ("<description>I see 2 red circles and 1 blue square.</description><think>So there are 2 "
+                   "circles.</think> \\boxed{2}")
+    assert palmr.parse_description(sr1) == ("I see 2 red circles and 1 blue square.", True)  # S_fmt = 1 for SR1
+    assert score_completion("vision_sr1", sr1, "2", s_self=1.0)[0] == pytest.approx(2.0)
+    one = grpo.sr1_trace("<think>Two circles</think> \\boxed{2}")  # one sentence: in both blocks
+    assert one == "<description>Two circles</description><think>Two circles</think> \\boxed{2}"
+    with pytest.raises(AssertionError, match="not a <think>"):
+        grpo.sr1_trace("no format at all")
+
+
+def test_sr1_format_warm_start_and_its_evaluation(tmp_path, tiny_ckpt, shapes_file):
+    import shutil
+    import eval as evaluation
+    base = tmp_path / "tiny"
+    shutil.copytree(tiny_ckpt, base)
+    path = grpo.ensure_warm_start(str(base), shapes_file, steps=2, hallucinated_share=0.5, trace_format="description")
+    assert Path(path).name == "tiny-warm2-h0.5-s0-sr1-v2" and (Path(path) / "config.json").exists()
+    # cached apart from the <think>-format warm start of the same settings
+    assert grpo.ensure_warm_start(str(base), shapes_file, steps=2, hallucinated_share=0.5) != path
+    results = evaluation.main(["--bench", "shapes", "--checkpoints", f"w={path}", "--limit", "2", "--max-new-tokens", "4",
+                               "--prompt", "sr1", "--out", str(tmp_path / "ev")])
+    assert results["settings"]["prompt"] == palmr.SR1_INSTRUCTION and results["checkpoints"]["w"]["shapes"]["n"] == 2
+    table = evaluation.study_table({"start": results["checkpoints"]["w"], "start_sr1": results["checkpoints"]["w"]})
+    assert "| start (SR1-format warm-up) | - |" in table
