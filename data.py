@@ -43,6 +43,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import palmr
+from rewards import COLOUR_WORDS, plural_noun
 
 csv.field_size_limit(2 ** 31 - 1)  # VLMEvalKit TSVs hold whole images in one field
 
@@ -1140,12 +1141,7 @@ CELLS = [f"{r} {c}" for r in ROWS for c in COLS]
 
 def _phrase(n, attrs, name):
     return " ".join([NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)] + list(attrs)
-                    + [name if n == 1 else palmr_plural(name)])
-
-
-def palmr_plural(name):
-    from rewards import plural_noun
-    return plural_noun(name)
+                    + [name if n == 1 else plural_noun(name)])
 
 
 def vicrit_item(sample, rng):
@@ -1159,7 +1155,6 @@ def vicrit_item(sample, rng):
     location (an empty grid cell: shapes only), text (one character changed). The
     answer is the corrupted phrase as it reads in the description (rewards.vicrit_match grades it).
     """
-    from rewards import COLOUR_WORDS
     entries = []
     for o in (sample.facts or {}).get("objects") or []:
         n = o.get("count") if isinstance(o, dict) else None
@@ -1199,7 +1194,6 @@ def vicrit_item(sample, rng):
 def _vicrit_description(entries, texts, facts, kind, i, shapes, rng):
     """The description with phrase i of type `kind` corrupted -> (description, old phrase, new phrase), or None
     when the facts leave no wrong value of that type."""
-    from rewards import COLOUR_WORDS
     sentences, new_span, old_span = [], None, None
     for j, e in enumerate(entries):
         n, attrs, name, locs = e["n"], list(e["attrs"]), e["name"], list(e["locs"])

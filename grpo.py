@@ -202,17 +202,17 @@ def load_dataset(args, processor, path=None):
             n_image = processor.image_processor.get_number_of_image_patches(image.height, image.width, {}) \
                 // processor.image_processor.merge_size ** 2
             n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + n_image
-            if args.reward == "pearl":  # the checklist's prompts show the same image with another question
-                n = max([n] + [len(processor.tokenizer(palmr.render_prompt(processor, q), add_special_tokens=False)
-                                   ["input_ids"]) + n_image for q, _ in pearl_checklist(s.facts, s.question,
-                                                                                        args.pearl_items, s.id)])
+            checklist = pearl_checklist(s.facts, s.question, args.pearl_items, s.id) if args.reward == "pearl" else []
+            for q, _ in checklist:  # the checklist's prompts show the same image with another question
+                n = max(n, len(processor.tokenizer(palmr.render_prompt(processor, q), add_special_tokens=False)
+                               ["input_ids"]) + n_image)
             reason = "prompt too long" if n > args.max_prompt_tokens else None
             vicrit = is_vicrit(s) or (args.reward == "vicrit" and path == args.data)
             reason = reason or ("no reference trace" if need_reference and not s.reference and not vicrit else None)
             reason = reason or ("not a ViCrit item (data.py vicrit)" if vicrit and not (is_vicrit(s) and
                                 isinstance(s.meta.get("description"), str)) else None)
-            reason = reason or ("no checkable facts for a PEARL checklist" if args.reward == "pearl" and not
-                                pearl_checklist(s.facts, s.question, args.pearl_items, s.id) else None)
+            reason = reason or ("no checkable facts for a PEARL checklist" if args.reward == "pearl" and not checklist
+                                else None)
         except ValueError as e:
             reason = str(e)
         if reason:

@@ -45,6 +45,7 @@ import urllib.parse
 import urllib.request
 
 from palmr import parse_response
+from rewards import COLOUR_WORDS, plural_noun  # the colour list and plurals PEARL's checklist uses too
 
 
 @dataclasses.dataclass
@@ -655,7 +656,6 @@ _LIST = re.compile(r"^(.*?\b(?:see|shows|has|contains)\s+)(.+)\.$")
 
 def _entries(facts):
     """(colours, name, count) per object entry with a name (colours: its attributes that are colour words)."""
-    from rewards import COLOUR_WORDS
     out = []
     for o in (facts or {}).get("objects") or []:
         if isinstance(o, dict) and str(o.get("name") or "").strip():
@@ -685,7 +685,6 @@ def _join(items):
 def _mentions(think, facts, question):
     """Colour-and-name mentions of the facts' entries in the text, those not named by the question first:
     [(match of the colour word, colour, name)]."""
-    from rewards import plural_noun
     words = set(re.findall(r"[a-z]+", question.lower()))
     found = []
     for colours, name, _ in _entries(facts):
@@ -738,14 +737,12 @@ def perturb(kind, reference, facts, question, rng):
                     sents.insert(1, f"There is also 1 {c} {k}.")
                 detail = f"added 1 {c} {k}"
         else:
-            from rewards import COLOUR_WORDS
             options = [d for d in DISTRACTORS if d not in names and d not in words and d + "s" not in words]
             if options:
                 d, c = rng.choice(options), rng.choice(sorted(COLOUR_WORDS - {"gray", "magenta", "cyan"}))
                 sents.insert(1, f"There is also a {c} {d}.")
                 detail = f"added a {c} {d}"
     elif kind == "misgrounded":
-        from rewards import COLOUR_WORDS
         palette = SHAPE_COLOURS if {n for _, n, _ in entries} <= set(SHAPE_KINDS) else \
             sorted(COLOUR_WORDS - {"gray", "grey"})  # a synonym pair: one for the other would be true
         body = " ".join(sents)
@@ -766,7 +763,6 @@ def perturb(kind, reference, facts, question, rng):
                     new = OPPOSITES[hit.group(1)]
                     sents, detail = [body[:hit.start()] + new + body[hit.end():]], f"{hit.group(1)} -> {new}"
     elif kind == "skipped_step":
-        from rewards import plural_noun
         named = lambda text: {w for cs, n, _ in entries for w in cs + [n, plural_noun(n)]  # noqa: E731
                               if re.search(rf"\b{re.escape(w)}\b", text, re.IGNORECASE)}
         if len(sents) >= 2 and named(sents[0]) - named(" ".join(sents[1:])):  # it said something the rest does not

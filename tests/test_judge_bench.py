@@ -3,6 +3,9 @@ report (judge.py agree) on the rule judge and on a local OpenAI-compatible serve
 (data.py vicrit, rewards.vicrit_match, --vicrit-data / --reward vicrit)."""
 import json
 import random
+import re
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +36,7 @@ def variant(kind, reference=REF, facts=SHAPES, question=Q, seed=0):
 def test_perturbations_on_shapes_by_hand():
     # hallucinated entity: an absent group named by neither the facts nor the question, into the list
     cand, detail = variant("hallucinated_entity")
-    m = __import__("re").fullmatch(r"<think>I see 2 red circles, 1 blue square and 1 (\w+) (\w+)\. So there are 2 "
+    m = re.fullmatch(r"<think>I see 2 red circles, 1 blue square and 1 (\w+) (\w+)\. So there are 2 "
                                    r"circles\.</think> The answer is \\boxed\{2\}\.", cand)
     assert m and m.group(2) in ("square", "triangle") and (m.group(1), m.group(2)) != ("blue", "square")
     assert detail == f"added 1 {m.group(1)} {m.group(2)}"
@@ -132,7 +135,7 @@ def test_rewriter_fills_gaps_and_its_failures_are_counted(tmp_path):
 
 
 def _shapes_pairs(n=40):
-    samples = data.read_jsonl(data.make_shapes(n, data.Path(__import__("tempfile").mkdtemp()), seed=5))
+    samples = data.read_jsonl(data.make_shapes(n, Path(tempfile.mkdtemp()), seed=5))
     return judge.make_pairs(samples, seed=0)[0]
 
 
