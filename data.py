@@ -2,7 +2,6 @@
 
     python data.py shapes --n 2000 --out data/shapes              # writes data/shapes/train.jsonl + images/
     python data.py shapes --n 200 --out data/shapes --split test --seed 1
-    python data.py vicrit --in data/shapes/train.jsonl --out data/vicrit.jsonl   # ViCrit items from any facts
 
 PaDLayer (METHOD.md section 1), one resumable step at a time or all in order:
 
@@ -43,7 +42,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 import palmr
-from rewards import COLOUR_WORDS, plural_noun
 
 csv.field_size_limit(2 ** 31 - 1)  # VLMEvalKit TSVs hold whole images in one field
 
@@ -1131,145 +1129,6 @@ def _judge(a):
     return make_judge(a.judge, a.judge_base_url, a.judge_model)
 
 
-# --- ViCrit (arXiv 2506.10128): name the one corrupted phrase of a description -----------------------
-
-VICRIT_PROMPT = ("Here is a description of the image:\n{description}\n\nExactly one phrase of this description does "
-                 "not match the image. Which phrase is it? Copy it from the description into \\boxed{{}}.")
-VICRIT_TYPES = ("count", "colour", "object", "location", "text")
-CELLS = [f"{r} {c}" for r in ROWS for c in COLS]
-
-
-def _phrase(n, attrs, name):
-    return " ".join([NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)] + list(attrs)
-                    + [name if n == 1 else plural_noun(name)])
-
-
-def vicrit_item(sample, rng):
-    """A ViCrit item from a Sample's facts, or (None, why not).
-
-    The description states the facts in fixed sentences (one per object entry: 'There are two red circles
-    at top left and middle centre.'; each relation; 'The text "X" is visible.'). One phrase is then
-    corrupted, a type drawn among those the facts allow (ours; the paper has GPT-4 swap a noun phrase of a
-    human caption for a visually similar one): count (one more or one fewer), colour (a colour no entry of
-    that name has), object (a kind no entry of that colour has: shapes kinds, else data.VICRIT_OBJECTS),
-    location (an empty grid cell: shapes only), text (one character changed). The
-    answer is the corrupted phrase as it reads in the description (rewards.vicrit_match grades it).
-    """
-    entries = []
-    for o in (sample.facts or {}).get("objects") or []:
-        n = o.get("count") if isinstance(o, dict) else None
-        if isinstance(n, int) and not isinstance(n, bool) and n >= 1 and str(o.get("name") or "").strip():
-            entries.append({"n": n, "attrs": [str(a).strip().lower() for a in o.get("attributes") or [] if str(a).strip()],
-                            "name": str(o["name"]).strip().lower(),
-                            "locs": [str(x) for x in o.get("location") or [] if isinstance(x, str)]})
-    texts = [str(t) for t in (sample.facts or {}).get("text") or [] if str(t).strip()]
-    if not entries and not texts:
-        return None, "no object entries or visible text in the facts"
-    shapes = all(e["name"] in KINDS for e in entries) and entries
-    options = []
-    for i, e in enumerate(entries):
-        options += [("count", i)]
-        if any(a in COLOUR_WORDS for a in e["attrs"]):
-            options += [("colour", i)]
-        options += [("object", i)]
-        if shapes and e["locs"] and all(loc in CELLS for loc in e["locs"]):
-            options += [("location", i)]
-    options += [("text", i) for i, t in enumerate(texts) if re.search(r"[A-Za-z0-9]", t)]
-    for kind, i in rng.sample(options, len(options)):  # the first type, in a seeded order, that the facts allow
-        built = _vicrit_description(entries, texts, sample.facts, kind, i, shapes, rng)
-        if built is not None:
-            break
-    else:
-        return None, "no phrase can be corrupted"
-    description, old_span, new_span = built
-    if description.count(new_span) != 1:  # the phrase must point at one place, and not be true elsewhere
-        return None, "the corrupted phrase is not unique in the description"
-    reference = (f"<think>The description says {new_span}, but the image shows {old_span}.</think> "
-                 f"The answer is \\boxed{{{new_span}}}.")
-    return Sample(id=f"{sample.id}-vicrit", image=sample.image, question=VICRIT_PROMPT.format(description=description),
-                  answer=new_span, source=f"vicrit/{kind}", facts=sample.facts, reference=reference,
-                  meta={"description": description, "original": old_span, "error_type": kind, "of": sample.id}), None
-
-
-def _vicrit_description(entries, texts, facts, kind, i, shapes, rng):
-    """The description with phrase i of type `kind` corrupted -> (description, old phrase, new phrase), or None
-    when the facts leave no wrong value of that type."""
-    sentences, new_span, old_span = [], None, None
-    for j, e in enumerate(entries):
-        n, attrs, name, locs = e["n"], list(e["attrs"]), e["name"], list(e["locs"])
-        old = _phrase(n, attrs, name)
-        if j == i and kind == "count":
-            n = n + 1 if n == 1 or rng.random() < 0.5 else n - 1
-        elif j == i and kind == "colour":
-            c = next(a for a in attrs if a in COLOUR_WORDS)
-            if any(x["name"] == name and not set(x["attrs"]) & COLOUR_WORDS for x in entries):
-                return None  # an entry of this name has no colour: any colour might be true of it
-            palette = list(COLORS) if shapes else sorted(COLOUR_WORDS - {"gray", "grey"})  # a synonym pair
-            taken = {a for x in entries if x["name"] == name for a in x["attrs"]}
-            free = [x for x in palette if x not in taken]
-            if not free:
-                return None
-            attrs[attrs.index(c)] = rng.choice(free)
-        elif j == i and kind == "object":
-            pool = KINDS if shapes else VICRIT_OBJECTS
-            colours = {a for a in attrs if a in COLOUR_WORDS}
-            free = [k for k in pool if not any(x["name"] == k for x in entries)]  # a kind the facts do not have
-            if not free:
-                return None
-            name = rng.choice(free)
-        new = _phrase(n, attrs, name)
-        sentence = f"There {'is' if n == 1 else 'are'} {new}"
-        if locs:
-            if j == i and kind == "location":
-                k = rng.randrange(len(locs))
-                free = [c for c in CELLS if not any(c in x["locs"] for x in entries)]  # an empty cell: unambiguous
-                if not free:
-                    return None
-                old_span, locs[k] = locs[k], rng.choice(free)
-                new_span = locs[k]
-            sentence += " at " + (locs[0] if len(locs) == 1 else ", ".join(locs[:-1]) + " and " + locs[-1])
-        sentences.append(sentence + ".")
-        if j == i and kind in ("count", "colour", "object"):
-            old_span, new_span = old, new
-    sentences += [r[0].upper() + r[1:] + ("" if r.endswith(".") else ".") for r in
-                  (str(x).strip() for x in (facts or {}).get("relations") or []) if r]
-    for k, t in enumerate(texts):
-        if kind == "text" and k == i:
-            pos = [m.start() for m in re.finditer(r"[A-Za-z0-9]", t)]
-            p = rng.choice(pos)
-            ch = t[p]
-            rep = str((int(ch) + 1) % 10) if ch.isdigit() else ("b" if ch.lower() == "a" else "a")
-            rep = rep.upper() if ch.isupper() else rep
-            old_span, new_span, t = t, t[:p] + rep + t[p + 1:], t[:p] + rep + t[p + 1:]
-            if new_span in texts:
-                return None  # another visible text: the corrupted one would be true
-        sentences.append(f'The text "{t}" is visible.')
-    return " ".join(sentences), old_span, new_span
-
-
-VICRIT_OBJECTS = ("dog", "cat", "car", "bus", "chair", "table", "bottle", "cup", "bird", "tree", "person", "clock")
-
-
-def vicrit_step(in_path, out_path, seed=0):
-    """`data.py vicrit`: one ViCrit item per Sample with facts (vicrit_item), deterministic per (seed, id);
-    items whose facts allow none are named on stderr and counted. -> summary dict."""
-    errors = []
-    samples = read_jsonl(in_path, errors=errors)
-    items, skipped = [], {}
-    for s in samples:
-        item, why = vicrit_item(s, random.Random(f"vicrit|{seed}|{s.id}"))
-        if item is None:
-            print(f"vicrit: skipping {s.id}: {why}", file=sys.stderr)
-            skipped[why] = skipped.get(why, 0) + 1
-        else:
-            items.append(item)
-    write_jsonl(out_path, items)
-    types = {}
-    for it in items:
-        types[it.meta["error_type"]] = types.get(it.meta["error_type"], 0) + 1
-    return {"items": len(items), "of": len(samples), "unreadable": len(errors), "skipped": skipped, "types": types}
-
-
 def run_step(a):
     """One CLI step (or `build`: all of them into --work); prints and returns the summaries."""
     out = {}
@@ -1342,14 +1201,8 @@ if __name__ == "__main__":
         p.add_argument("--judge", default="rule", choices=["rule", "openai", "hf"], help="reference: ranks the correct rollouts")
         p.add_argument("--judge-base-url", default=None)
         p.add_argument("--judge-model", default=None)
-    vp = sub.add_parser("vicrit", help="ViCrit items (find the corrupted phrase) from any Samples with facts")
-    vp.add_argument("--in", dest="input", required=True, help="Samples JSONL with facts")
-    vp.add_argument("--out", required=True, help="ViCrit items JSONL (train with --vicrit-data or --reward vicrit)")
-    vp.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if a.cmd == "shapes":
         print(make_shapes(a.n, a.out, split=a.split, seed=a.seed, size=a.size))
-    elif a.cmd == "vicrit":
-        print(json.dumps(vicrit_step(a.input, a.out, a.seed)))
     else:
         run_step(a)

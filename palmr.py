@@ -55,6 +55,17 @@ def parse_description(text):
     return (m.group(1).strip() if m else None), bool(_SR1_FORMAT.match(text))
 
 
+def sr1_trace(trace):
+    """A `<think>...</think> ... \\boxed{a}` trace in Vision-SR1's format: its first sentence (the observation)
+    as the description, the rest as the reasoning: `<description>...</description><think>...</think> \\boxed{a}`
+    (palmr.parse_description's layout; arXiv 2508.19652). A one-sentence trace keeps it in both blocks."""
+    think, answer, well_formed = parse_response(trace)
+    assert well_formed and think, f"not a <think> ... \\boxed{{}} trace: {trace[:80]!r}"
+    head, _, tail = think.strip().partition(". ")
+    head, tail = (head + ".", tail) if tail else (head, head)
+    return f"<description>{head}</description><think>{tail}</think> \\boxed{{{answer}}}"
+
+
 def last_boxed(text):
     """Content of the last \\boxed{...} with balanced braces, or None when there is none."""
     start = text.rfind("\\boxed{")
@@ -81,6 +92,39 @@ def parse_response(text):
     well_formed = bool(m) and boxed is not None and "<think>" not in tail and "</think>" not in tail \
         and "<think>" not in m.group(1)
     return think, answer, well_formed
+
+
+
+# -----------------------------------------------------------------------------
+# Colour and plural vocabulary: what the checklist (PEARL), the ViCrit builder and the judge pairs share
+
+SAME_COLOUR = {"gray": "grey"}  # spellings of one colour: never a different colour of each other
+COLOUR_WORDS = {"red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey",
+                "gray", "cyan", "magenta"}  # basic colour terms: an object has one, so another is a checkable absence
+
+
+IRREGULAR_PLURALS = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
+                     "goose": "geese", "foot": "feet", "tooth": "teeth", "sheep": "sheep", "fish": "fish",
+                     "deer": "deer", "people": "people", "men": "men", "women": "women", "children": "children"}
+
+
+def plural_noun(name):
+    """English plural of a lower-case noun phrase's last word (box -> boxes, berry -> berries, person ->
+    people). A word already plural by the regular rule ('glasses', 'scissors': a final s not after s, u or
+    i) is left as it is; so is any word the rules get wrong, which leaves the question readable and its
+    answer unaffected."""
+    head, _, last = name.rpartition(" ")
+    if last in IRREGULAR_PLURALS:
+        last = IRREGULAR_PLURALS[last]
+    elif re.search(r"[^siu]s$", last):
+        pass
+    elif re.search(r"(s|x|z|ch|sh)$", last):
+        last += "es"
+    elif re.search(r"[^aeiou]y$", last):
+        last = last[:-1] + "ies"
+    else:
+        last += "s"
+    return f"{head} {last}" if head else last
 
 
 # -----------------------------------------------------------------------------

@@ -7,17 +7,14 @@ math-verify (HuggingFace's LaTeX/sympy equivalence checker) only after cheap exa
 yes/no, plain numbers) have had their say: it is well kept and far more complete than hand-written
 LaTeX normalisation, and never does substring matching.
 """
+import dataclasses
 import re
 import threading
 import unicodedata
 from fractions import Fraction
+from typing import Callable
 
-from palmr import CHOICE_LETTERS, parse_description, parse_response
-
-SCHEMES = ("palmr", "grpo", "bonus", "mix", "perception_r1", "vision_sr1", "pearl", "vicrit")
-NEEDS_VIS = {"palmr", "bonus", "mix"}      # schemes that read S_vis
-NEEDS_COV = {"perception_r1"}              # schemes that read the point-wise coverage r_cov
-PEARL_GATE = 0.5                            # PEARL: the checklist pass rate a prompt needs (ours: not published)
+from palmr import CHOICE_LETTERS, parse_response
 
 # -----------------------------------------------------------------------------
 # S_fmt
@@ -32,7 +29,7 @@ def format_reward(text):
 # S_ans: rule-based answer grading
 
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$")
-_WRAPPERS = r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox)\s*\{([^{}]*)\}"
+LATEX_WRAPPERS = r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox)\s*\{([^{}]*)\}"
 _SPACING = r"\\[,;:! ]|\\q?quad\b|~"
 
 
@@ -43,7 +40,7 @@ def unwrap_latex(s):
     s = unicodedata.normalize("NFKC", str(s)).replace("\u2212", "-").replace("\u2013", "-").replace("\u2012", "-")
     s = s.strip().strip("$").replace("\\(", "").replace("\\)", "").strip()
     for _ in range(3):  # nested wrappers: \textbf{\text{B}}
-        s = re.sub(_WRAPPERS, r"\1", s)
+        s = re.sub(LATEX_WRAPPERS, r"\1", s)
     s = re.sub(_SPACING, "", s).replace("{,}", ",")
     return s.strip()
 
@@ -151,195 +148,60 @@ def grade_answer(pred, gold, choices=None):
 
 
 # -----------------------------------------------------------------------------
-# Fusion
+# Fusion: the paper's schemes, in a registry other methods add theirs to (variants/, verl's pattern)
 
 
-def fuse(scheme, s_fmt, s_ans, s_vis, r_cov=0.0, s_self=0.0, s_perc=0.0, gate=PEARL_GATE):
-    """The fusion arithmetic alone (METHOD.md section 2). s_self: Vision-SR1's self-reward (1 when the policy,
-    shown only its own description and the question, answered right). s_perc: PEARL's perception score of the
-    prompt (its checklist pass rate, in [0, 1]); below `gate` the reasoning reward is 0 (the gate is ours)."""
-    if scheme == "palmr":          # hierarchical: a hallucinating rollout gets 0 whatever its answer
-        return s_vis * (0.9 * s_ans + 0.1 * s_fmt)
-    if scheme == "grpo":           # outcome only
-        return 0.9 * s_ans + 0.1 * s_fmt
-    if scheme == "bonus":          # additive vision bonus
-        return 0.9 * s_ans + 0.1 * s_fmt + 0.5 * s_vis
-    if scheme == "mix":            # (ours) the weight-to-term mapping is our reading of the paper
-        return 0.2 * s_ans + 0.7 * s_vis + 0.1 * s_fmt
-    if scheme == "perception_r1":  # additive point-wise coverage of the reference's visual facts
-        return 0.9 * s_ans + 0.1 * s_fmt + 0.7 * r_cov
-    if scheme == "vision_sr1":     # official code (see_think_selfReward.py): 0.9 acc + 0.1 format + the self-reward
-        return 0.9 * s_ans + 0.1 * s_fmt + s_self
-    if scheme == "vicrit":         # ViCrit (arXiv 2506.10128 section 3.2): s_ans is the corrupted-phrase match
-        return 0.9 * s_ans + 0.1 * s_fmt
-    if scheme == "pearl":          # the checklist gates the outcome reward (arXiv 2511.18437; gate and weights ours)
-        return (0.9 * s_ans + 0.1 * s_fmt) if s_perc >= gate else 0.0
-    raise ValueError(f"unknown reward scheme {scheme!r}; expected one of {SCHEMES}")
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """A reward scheme. fuse(fmt, ans, vis, cov, **signals) -> total; grade(text, gold, choices, **signals) ->
+    (format ok, answer right); needs: the judge signals the total reads ({"vis", "cov"}); judged: whether the
+    judge is asked about its rows at all (S_vis is logged for every judged row, fused or not)."""
+    fuse: Callable[..., float]
+    grade: Callable[..., tuple] = None
+    needs: frozenset = frozenset()
+    judged: bool = True
 
 
-def score_completion(scheme, text, gold, choices=None, s_vis=1.0, r_cov=0.0, s_self=None, s_perc=None,
-                     gate=PEARL_GATE, description=None):
-    """-> (total, parts) for one completion; parts are logged as reward/<name>. vision_sr1 grades its own
-    format (palmr.parse_description) and adds the part `self` (s_self, required for that scheme); pearl adds
-    the part `perc` (s_perc, the prompt's checklist pass rate, required for that scheme); vicrit grades the
-    answer with vicrit_match against the item's description (required for that scheme)."""
+SCHEMES = {}  # name -> Scheme; the paper's below, the variants' from their own files
+
+
+def register_scheme(name, fuse, grade=None, needs=(), judged=True):
+    """Add a reward scheme (--reward NAME); grade defaults to PaLMR's format and answer rules (grade_parts)."""
+    SCHEMES[name] = Scheme(fuse, grade or grade_parts, frozenset(needs), judged)
+
+
+def grade_parts(text, gold, choices=None, **_):
+    """(S_fmt, S_ans) as booleans: <think>...</think> then \\boxed{}, and the boxed answer graded against gold."""
     _, answer, well_formed = parse_response(text)
-    if scheme == "vision_sr1":
-        assert s_self is not None, "vision_sr1 needs the self-reward (grpo.self_rewards)"
-        well_formed = parse_description(text)[1]
-    assert scheme != "pearl" or s_perc is not None, "pearl needs the checklist pass rate (grpo.pearl_checks)"
-    if scheme == "vicrit":
-        assert description is not None, "vicrit needs the item's description (data.py vicrit: meta.description)"
-        right = vicrit_match(answer, gold, description)
-    else:
-        right = grade_answer(answer, gold, choices)
-    parts = {"fmt": 1.0 if well_formed else 0.0, "ans": 1.0 if right else 0.0,
-             "vis": float(s_vis), "cov": float(r_cov)}
-    if s_self is not None:
-        parts["self"] = float(s_self)
-    if s_perc is not None:
-        parts["perc"] = float(s_perc)
-    return fuse(scheme, parts["fmt"], parts["ans"], parts["vis"], parts["cov"], parts.get("self", 0.0),
-                parts.get("perc", 0.0), gate), parts
+    return well_formed, grade_answer(answer, gold, choices)
 
 
-# -----------------------------------------------------------------------------
-# PEARL's perception checklist. Source of the idea: "Perceptual-Evidence Anchored Reinforced Learning for
-# Multimodal Reasoning" (arXiv 2511.18437). Its checklist rule is not public; this rule is ours.
+# The paper's fusion schemes (METHOD.md section 2). S_vis gates everything in palmr: a hallucinating rollout
+# gets 0 whatever its answer; the others are the paper's ablations and Perception-R1, the closest prior work.
+register_scheme("palmr", lambda fmt, ans, vis, cov, **_: vis * (0.9 * ans + 0.1 * fmt), needs={"vis"})
+register_scheme("grpo", lambda fmt, ans, vis, cov, **_: 0.9 * ans + 0.1 * fmt)          # outcome only
+register_scheme("bonus", lambda fmt, ans, vis, cov, **_: 0.9 * ans + 0.1 * fmt + 0.5 * vis, needs={"vis"})
+# (ours) mix: the weight-to-term mapping is our reading of the paper
+register_scheme("mix", lambda fmt, ans, vis, cov, **_: 0.2 * ans + 0.7 * vis + 0.1 * fmt, needs={"vis"})
+# Perception-R1: additive point-wise coverage of the reference's visual facts (r_cov)
+register_scheme("perception_r1", lambda fmt, ans, vis, cov, **_: 0.9 * ans + 0.1 * fmt + 0.7 * cov, needs={"cov"})
 
 
-SAME_COLOUR = {"gray": "grey"}  # spellings of one colour: never a different colour of each other
-COLOUR_WORDS = {"red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey",
-                "gray", "cyan", "magenta"}  # basic colour terms: an object has one, so another is a checkable absence
+def fuse(scheme, s_fmt, s_ans, s_vis, r_cov=0.0, **signals):
+    """The fusion arithmetic alone (METHOD.md section 2) -> float. signals: what a registered scheme reads
+    besides the four parts (e.g. a variant's s_self or s_perc, a gate). Raises ValueError for an unknown scheme."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown reward scheme {scheme!r}; expected one of {tuple(SCHEMES)}")
+    return SCHEMES[scheme].fuse(s_fmt, s_ans, s_vis, r_cov, **signals)
 
 
-IRREGULAR_PLURALS = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
-                     "goose": "geese", "foot": "feet", "tooth": "teeth", "sheep": "sheep", "fish": "fish",
-                     "deer": "deer", "people": "people", "men": "men", "women": "women", "children": "children"}
-
-
-def plural_noun(name):
-    """English plural of a lower-case noun phrase's last word (box -> boxes, berry -> berries, person ->
-    people). A word already plural by the regular rule ('glasses', 'scissors': a final s not after s, u or
-    i) is left as it is; so is any word the rules get wrong, which leaves the question readable and its
-    answer unaffected."""
-    head, _, last = name.rpartition(" ")
-    if last in IRREGULAR_PLURALS:
-        last = IRREGULAR_PLURALS[last]
-    elif re.search(r"[^siu]s$", last):
-        pass
-    elif re.search(r"(s|x|z|ch|sh)$", last):
-        last += "es"
-    elif re.search(r"[^aeiou]y$", last):
-        last = last[:-1] + "ies"
-    else:
-        last += "s"
-    return f"{head} {last}" if head else last
-
-
-def _count(value):
-    """A facts count as an int >= 0, or None (a missing or non-integer count makes no checklist item)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    return None
-
-
-def pearl_checklist(facts, question, k, key):
-    """PEARL checklist of one item: exactly k (question, answer) pairs, answers checked by grade_answer.
-
-    Rule (ours; the paper's is not public), from the structured facts of METHOD.md section 1.3 (the synthetic
-    shapes write the same schema), which list every kind of object with its count; attributes other than
-    colour are not exhaustive (a 'red bus' entry may be double-decker too), colours exclude each other:
-    - present groups: per object name, "How many {attributes} {plural name} are there?" -> the count of the
-      entries with exactly those attributes (summed when the facts repeat an entry). A name with several
-      distinct attribute sets is asked about only when each set holds exactly one colour and the colours
-      differ (else a group could include another); a name with an unreadable count is not asked about;
-    - one absent probe when the facts allow it: a name whose entries all carry exactly one colour, with a
-      colour another entry has and none of that name has, "How many {colour} {plural name} are there?" -> "0";
-    - order: items whose name or attribute words occur in the question first (the question's own evidence),
-      the rest shuffled by `key`; the absent probe last; an item worded exactly as the question is left out
-      (that would reward the answer twice);
-    - fewer than k distinct items are repeated in order to make k, so every prompt costs the same rollouts.
-    Relations and text are not checked (their answers cannot be verified by rule). -> [] when the facts give
-    no present item (probes alone would be passed by always answering 0); the trainer drops such items at load.
-    """
-    import random
-    by_name, shown = {}, {}  # name -> {sorted attributes: summed count, or None when a count is unreadable}
-    for o in (facts or {}).get("objects") or []:
-        if not isinstance(o, dict) or not str(o.get("name") or "").strip():
-            continue
-        name = str(o["name"]).strip().lower()
-        said = tuple(str(a).strip().lower() for a in (o.get("attributes") or []) if str(a).strip())
-        attrs = tuple(sorted(said))
-        shown.setdefault((attrs, name), said)  # the facts' own word order, for the question
-        n, groups = _count(o.get("count")), by_name.setdefault(name, {})
-        groups[attrs] = None if n is None or groups.get(attrs, 0) is None else groups.get(attrs, 0) + n
-    colour_of = lambda attrs: [SAME_COLOUR.get(a, a) for a in attrs if a in COLOUR_WORDS]  # noqa: E731
-    usable = set()
-    for name, groups in by_name.items():
-        colours = [colour_of(a) for a in groups]
-        if any(n is None for n in groups.values()):
-            continue  # an unreadable count: this name's totals are unknown
-        if len(groups) > 1 and not (all(len(c) == 1 for c in colours) and len({c[0] for c in colours}) == len(groups)):
-            continue  # overlapping groups: one could include another
-        usable.add(name)
-    entries = [(said, name, by_name[name][attrs]) for (attrs, name), said in shown.items()  # in the facts' order
-               if name in usable and by_name[name][attrs] >= 1]
-    words = set(re.findall(r"[a-z]+", question.lower()))
-    phrase = lambda attrs, name: " ".join(attrs + (plural_noun(name),))  # noqa: E731
-    ask = lambda attrs, name: f"How many {phrase(attrs, name)} are there?"  # noqa: E731
-    relevant = lambda attrs, name: bool(words & set(" ".join(attrs + (name, plural_noun(name))).split()))  # noqa: E731
-    rng = random.Random(key)
-    order = list(range(len(entries)))
-    rng.shuffle(order)
-    order.sort(key=lambda i: not relevant(*entries[i][:2]))  # stable: relevant first, each part shuffled
-    target = question.strip().lower()
-    items = [(q, str(entries[i][2])) for i in order if (q := ask(*entries[i][:2])).lower() != target]
-    every = {c for groups in by_name.values() for attrs in groups for c in colour_of(attrs)}
-    absent = sorted({((c,), name) for name, groups in by_name.items()
-                     if all(len(colour_of(a)) == 1 for a in groups)
-                     for c in every - {colour_of(a)[0] for a in groups}})
-    absent = [p for p in absent if ask(*p).lower() != target]
-    if not items:  # probes alone would be answered by always saying 0
-        return []
-    if absent:
-        rng.shuffle(absent)
-        absent.sort(key=lambda p: not relevant(*p))
-        items = items[:max(k - 1, 1)] + [(ask(*absent[0]), "0")]
-    return [items[i % len(items)] for i in range(k)] if items else []
-
-
-# -----------------------------------------------------------------------------
-# ViCrit's answer check (arXiv 2506.10128 section 3.2)
-
-
-def _phrase_key(text):
-    """Lower case, LaTeX text wrappers and quotes removed, punctuation at the ends stripped, spaces collapsed."""
-    text = re.sub(_WRAPPERS, r"\1", str(text))
-    text = re.sub(r"[\"'\u201c\u201d\u2018\u2019`]", "", text.lower())
-    return " ".join(text.split()).strip(" .,;:!?")
-
-
-VICRIT_EXTRA_WORDS = 3  # words copied around the phrase that the match forgives (ours: the paper gives no number)
-
-
-def vicrit_match(pred, span, description):
-    """True when the boxed answer names the corrupted phrase: equal to it after _phrase_key, or containing
-    it with at most VICRIT_EXTRA_WORDS more words, copied from the same sentence of the description around
-    it (the paper: extra words copied verbatim from the caption before or after the span are not
-    penalised; the bound and the sentence are ours, so that copying the whole description earns nothing).
-    None (no answer) is False."""
-    if pred is None:
-        return False
-    p, t = _phrase_key(pred), _phrase_key(span)
-    if not t or not re.search(rf"(?<!\w){re.escape(t)}(?!\w)", p):
-        return False
-    if p == t:
-        return True
-    sentences = [_phrase_key(x) for x in re.split(r"(?<=[.!?])\s+", description)]
-    return len(p.split()) - len(t.split()) <= VICRIT_EXTRA_WORDS and any(
-        re.search(rf"(?<!\w){re.escape(p)}(?!\w)", x) for x in sentences)
+def score_completion(scheme, text, gold, choices=None, s_vis=1.0, r_cov=0.0, **signals):
+    """-> (total, parts) for one completion; parts are logged as reward/<name>: fmt, ans, vis, cov, and one part
+    per signal named s_<part> (a variant's own score, e.g. s_self -> part `self`). Other signals (a gate, an
+    item's meta) reach the scheme's grade and fuse functions only."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown reward scheme {scheme!r}; expected one of {tuple(SCHEMES)}")
+    well_formed, right = SCHEMES[scheme].grade(text, gold, choices, **signals)
+    parts = {"fmt": 1.0 if well_formed else 0.0, "ans": 1.0 if right else 0.0, "vis": float(s_vis), "cov": float(r_cov)}
+    parts.update({k[2:]: float(v) for k, v in signals.items() if k.startswith("s_") and v is not None})
+    return SCHEMES[scheme].fuse(parts["fmt"], parts["ans"], parts["vis"], parts["cov"], **signals), parts

@@ -10,6 +10,7 @@ import pytest
 
 import grpo
 import palmr
+import report
 from data import Sample
 from rewards import fuse, score_completion
 
@@ -114,5 +115,5 @@ def test_sr1_format_warm_start_and_its_evaluation(tmp_path, tiny_ckpt, shapes_fi
     results = evaluation.main(["--bench", "shapes", "--checkpoints", f"w={path}", "--limit", "2", "--max-new-tokens", "4",
                                "--prompt", "sr1", "--out", str(tmp_path / "ev")])
     assert results["settings"]["prompt"] == palmr.SR1_INSTRUCTION and results["checkpoints"]["w"]["shapes"]["n"] == 2
-    table = evaluation.study_table({"start": results["checkpoints"]["w"], "start_sr1": results["checkpoints"]["w"]})
+    table = report.study_table({"start": results["checkpoints"]["w"], "start_sr1": results["checkpoints"]["w"]})
     assert "| start (SR1-format warm-up) | - |" in table

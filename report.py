@@ -1,0 +1,351 @@
+"""PaLMR run and study reports: what a training run or a study left on disk, read back as markdown and charts.
+It owns the report of one training run (OUT/report.md, OUT/report.png from OUT/metrics.jsonl and OUT/args.json),
+the GRPO-vs-PaLMR study's table and curves (OUT/results.md, OUT/curves.png, OUT/curves_long.png from
+OUT/eval/results.json and OUT/<variant>-s<seed>/metrics.jsonl), and RunLogger, the trainer's TensorBoard / W&B
+mirror of metrics.jsonl. It loads no model and reads no benchmark (that is eval.py).
+
+    python grpo.py --report --out DIR      # DIR/report.md + DIR/report.png (also written at the end of every run)
+    python report.py run DIR               # the same, from this file
+    python eval.py --study-report DIR      # runs/shapes_study.sh's DIR/results.md + DIR/curves.png
+    python report.py study DIR             # the same, from this file
+
+Charts need matplotlib (requirements-report.txt); without it they are skipped with a message and the markdown
+is still written. Imports: palmr only, of this project (palmr <- report <- grpo, eval).
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+from pathlib import Path
+
+import palmr
+
+
+# -----------------------------------------------------------------------------
+# The report of one training run (grpo.py writes it at the end; `python grpo.py --report --out DIR`)
+
+REPORT_PANELS = [  # (title, [(metric, label)]): the metrics a panel plots, when the run logged them
+    ("reward and its parts", [("reward", "reward"), ("reward/fmt", "S_fmt"), ("reward/ans", "S_ans"),
+                              ("reward/vis", "S_vis"), ("reward/perc", "PEARL checklist")]),
+    ("gated share", [("judge/gated_zero", "S_vis = 0"), ("pearl/gated", "PEARL gate closed"),
+                     ("judge/hallucinated_correct", "right answer, misread scene")]),
+    ("KL to the reference policy", [("kl", "k3 KL")]),
+    ("entropy", [("entropy", "token entropy")]),
+    ("completion length", [("completion_len", "tokens")]),
+    ("step time per phase", [("t_rollout", "rollout"), ("t_reward", "reward"), ("t_train", "train")]),
+]
+
+
+def read_metrics(out):
+    """metrics.jsonl of a run folder -> rows in step order (a resumed run's repeated steps: the last row)."""
+    path = Path(out) / "metrics.jsonl"
+    rows = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a torn last line of a running or killed run
+        if "reward" in r:  # a training row (with its validation, if any) replaces an earlier run of that step
+            rows[r.get("step", 0)] = r
+        else:  # a validation-only row (--eval-before-train's step 0)
+            rows.setdefault(r.get("step", 0), {}).update(r)
+    return [rows[k] for k in sorted(rows)]
+
+
+def run_report(out):
+    """OUT/report.md (the final numbers, validation, the run's arguments) and OUT/report.png (reward parts,
+    gated shares, KL, entropy, completion length, step time per phase, validation curves) from
+    OUT/metrics.jsonl and OUT/args.json; works on a finished or a running run. -> (md path, png path or None)."""
+    out = Path(out)
+    rows = read_metrics(out)
+    train = [r for r in rows if "reward" in r]
+    args = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
+    counts = ("/n", "/missing_images", "/missing_predictions", "/text_only", "/hallucination_n",
+              "/hallucination_failed", "/claims_per_reply")  # bookkeeping, not scores: left out of the report
+    val_keys = sorted({k for r in rows for k in r if k.startswith("val/") and isinstance(r[k], (int, float))
+                       and not k.endswith(counts)})
+    md = [f"# Run report: {out}", ""]
+    if not rows:
+        md.append("No steps logged yet.")
+    if train:
+        last, tail = train[-1], train[-5:]
+        md += [f"Step {last['step']} of {args.get('max_steps', '?')}. Last step, and the mean of the last "
+               f"{len(tail)} steps:", "", "| metric | last | mean |", "|---|---|---|"]
+        for _, series in REPORT_PANELS:
+            for key, label in series:
+                if key in last:
+                    mean = statistics.mean(r[key] for r in tail if key in r)
+                    md.append(f"| {label} (`{key}`) | {last[key]:.4g} | {mean:.4g} |")
+    if val_keys:
+        md += ["", "Validation (greedy):", "", "| step | " + " | ".join(k[4:] for k in val_keys) + " |",
+               "|---" * (len(val_keys) + 1) + "|"]
+        for r in rows:
+            if any(k in r for k in val_keys):
+                md.append(f"| {r.get('step', 0)} | " + " | ".join(
+                    f"{r[k]:.4g}" if isinstance(r.get(k), (int, float)) else "-" for k in val_keys) + " |")
+    if args:
+        md += ["", "Arguments:", "", "| argument | value |", "|---|---|"]
+        md += [f"| {k} | {json.dumps(v)[:120]} |" for k, v in sorted(args.items()) if k != "versions"]
+        if args.get("versions"):
+            md += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in args["versions"].items())]
+    png = None
+    plt = palmr.pyplot()
+    if plt is not None and train:
+        panels = [(t, [(k, lab) for k, lab in series if any(k in r for r in train)]) for t, series in REPORT_PANELS]
+        panels = [p for p in panels if p[1]]
+        if val_keys:
+            panels.append(("validation (greedy)", [(k, k[4:]) for k in val_keys]))
+        cols = 3
+        fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(4.4 * cols, 3.2 * ((len(panels) + cols - 1) // cols)),
+                                 squeeze=False)
+        for ax, (title, series) in zip(axes.flat, panels):
+            for key, label in series:
+                pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o" if len(pts) < 12 else None, markersize=3, label=label)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("step")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_ylabel("seconds" if title.startswith("step time") else "tokens" if "length" in title
+                          else "%" if title.startswith("validation") else "value")
+            ax.grid(alpha=0.3)
+            if len(series) > 1:
+                ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        fig.suptitle(f"{out.name}: {args.get('reward', '?')} reward, {len(train)} steps", fontsize=11)
+        fig.tight_layout()
+        png = out / "report.png"
+        fig.savefig(png, dpi=90)
+        plt.close(fig)
+        md[1:1] = ["", "![report](report.png)"]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out / "report.md", png
+
+
+# -----------------------------------------------------------------------------
+# The GRPO-vs-PaLMR study on shapes (runs/shapes_study.sh): table over seeds and training curves
+
+STUDY_METRICS = [("acc", "answer acc"), ("perception_acc", "perception acc"), ("perception_complete", "complete perception"),
+           ("claims_per_reply", "claims / reply"), ("hallucination_rate", "hallucination rate")]
+STUDY_COLORS = {"grpo": (214, 96, 40), "palmr": (40, 110, 200), "palmr+omissions": (40, 160, 80),
+                "palmr+token": (150, 70, 180), "palmr+both": (120, 120, 120), "vppo": (200, 160, 0),
+                "vision_sr1": (0, 170, 170), "pearl": (200, 60, 130), "vision_sr1+sft": (90, 90, 220)}
+
+
+def mean_sd(values):
+    values = [v for v in values if v is not None]  # (older results.json files lack the newer metrics)
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def study_runs(results):
+    """{variant: {seed: label}} from checkpoint labels `<variant>-s<seed>` (a variant may read `palmr@80`),
+    variants in order of appearance; `start` is not a run."""
+    runs = {}
+    for label in results:
+        variant, sep, seed = label.rpartition("-s")
+        if sep and seed.isdigit():
+            runs.setdefault(variant, {})[int(seed)] = label
+    return runs
+
+
+def study_table(results, seeds=None):
+    """Markdown: start, then each variant's mean ± sd over seeds, then every seed's own row."""
+    shapes = {name: r["shapes"] for name, r in results.items()}
+    runs = study_runs(results)
+    lines = ["| run | seeds | " + " | ".join(label for _, label in STUDY_METRICS) + " |",
+             "|---|---|" + "---|" * len(STUDY_METRICS)]
+    lines.append("| start (warm-up) | - | " + " | ".join(mean_sd([shapes["start"][k]]) for k, _ in STUDY_METRICS) + " |")
+    if "start_sr1" in shapes:  # the Vision-SR1-format warm start, evaluated under its own prompt
+        lines.append("| start (SR1-format warm-up) | - | " + " | ".join(mean_sd([shapes["start_sr1"][k]])
+                                                                      for k, _ in STUDY_METRICS) + " |")
+    for variant, by_seed in runs.items():
+        rs = [shapes[label] for s, label in sorted(by_seed.items()) if seeds is None or s in seeds]
+        lines.append(f"| **{variant}** | {len(rs)} | " + " | ".join(mean_sd([r[k] for r in rs]) for k, _ in STUDY_METRICS) + " |")
+    for variant, by_seed in runs.items():
+        for s, label in sorted(by_seed.items()):
+            if seeds is None or s in seeds:
+                lines.append(f"| {variant} seed {s} | 1 | " + " | ".join(mean_sd([shapes[label][k]]) for k, _ in STUDY_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def study_curves(out, seeds, smooth=5, variants=("grpo", "palmr"), steps=None):
+    """{variant: {series: [per-step mean over seeds, moving average over `smooth` steps]}} from
+    OUT/<variant>-s<seed>/metrics.jsonl (`palmr@80` reads palmr's runs), the last row per step (a resumed
+    run may repeat steps), up to `steps` and the shortest run's length."""
+    series = {}
+    for variant in variants:
+        per_seed = []
+        for s in seeds:
+            path = out / f"{variant.split('@')[0]}-s{s}" / "metrics.jsonl"
+            if not path.exists():
+                continue
+            by_step = {r["step"]: r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))
+                       if "reward" in r}  # training rows (a --eval-before-train row has only val/*)
+            rows = [by_step[k] for k in sorted(by_step) if steps is None or k <= steps]
+            per_seed.append({"reward": [r["reward"] for r in rows],
+                             "answer acc (rollouts)": [r["reward/ans"] for r in rows],
+                             # share of correct rollouts whose reasoning misreads the scene (rule judge)
+                             "hallucination rate (rollouts)": [r["judge/hallucinated_correct"] / max(r["reward/ans"], 1e-9)
+                                                               for r in rows]})
+        if not per_seed:
+            continue
+        n = min(len(p["reward"]) for p in per_seed)
+        series[variant] = {}
+        for key in per_seed[0]:
+            mean = [statistics.mean(p[key][i] for p in per_seed) for i in range(n)]
+            series[variant][key] = [statistics.mean(mean[max(0, i - smooth + 1):i + 1]) for i in range(n)]
+    return series
+
+
+def _study_color(variant):
+    return STUDY_COLORS.get(variant.split("@")[0], (0, 0, 0))
+
+
+def study_plot(series, path):
+    """One panel per series (reward, rollout accuracy, rollout hallucination rate), a line per variant, steps
+    on x (matplotlib; skipped with a message when it is not installed). -> path, or None."""
+    plt = palmr.pyplot()
+    if plt is None:
+        return None
+    keys = list(next(iter(series.values())))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for variant, s in series.items():
+            ax.plot(range(1, len(s[key]) + 1), s[key], color=[c / 255 for c in _study_color(variant)], label=variant)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean over seeds (moving average)")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def study_report(out):
+    """runs/shapes_study.sh: OUT/results.md (start, mean ± sd per variant over seeds, each seed, the versions)
+    and OUT/curves.png (OUT/curves_long.png for the `<variant>@<steps>` runs) from OUT/eval/results.json
+    (checkpoints `start` and `<variant>-s<seed>`) and OUT/<variant>-s<seed>/metrics.jsonl."""
+    out = Path(out)
+    report = json.loads((out / "eval" / "results.json").read_text())
+    results = report["checkpoints"]
+    if (out / "eval_sr1" / "results.json").exists():  # checkpoints trained in Vision-SR1's format, its own prompt
+        results.update(json.loads((out / "eval_sr1" / "results.json").read_text())["checkpoints"])
+    runs = study_runs(results)
+    md = ["# GRPO vs PaLMR on shapes (held-out split, greedy; mean ± sd over seeds)", "", study_table(results), "",
+          "Perception acc: % of replies with at least one scene claim and no wrong one. Complete perception: no "
+          "wrong claim and every group of the scene stated with its count (saying less cannot score it). "
+          "Hallucination rate: % of correct answers whose reasoning misreads the scene. All exact (rule judge). "
+          "`<variant>@<N>`: the same runs continued to N steps.", ""]
+    if report.get("versions"):
+        md += ["Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    for name, variants in (("curves.png", [v for v in runs if "@" not in v]), ("curves_long.png", [v for v in runs if "@" in v])):
+        series = {}
+        for v in variants:  # a variant's curve: the seeds it ran with, up to its checkpoints' step
+            steps = [re.search(r"checkpoint-(\d+)", str(results[label].get("path", ""))) for label in runs[v].values()]
+            cut = min((int(m.group(1)) for m in steps if m), default=None)
+            series.update(study_curves(out, sorted(runs[v]), variants=[v], steps=cut))
+        if series and study_plot(series, out / name):
+            md.append(f"![curves]({name})")
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+# -----------------------------------------------------------------------------
+# Run visibility: the trainer's mirror of metrics.jsonl in TensorBoard / W&B (grpo.py --report-to;
+# README "Watching a run")
+
+
+class RunLogger:
+    """Rank 0's mirror of metrics.jsonl in TensorBoard (OUT/tb) and/or Weights & Biases. The packages are
+    optional: a missing one stops the run at start with the command that installs it. W&B runs offline
+    (files under OUT/wandb, no account) unless WANDB_MODE or WANDB_API_KEY says otherwise; its key is read
+    by wandb itself from the environment and never passes through here. The arguments hold environment
+    variable names (--judge-api-key-env), never their values."""
+
+    def __init__(self, targets, out, args, start=0):
+        self.tb = self.wandb = None
+        targets = [t for t in targets if t != "none"]
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), list))}
+        if "tensorboard" in targets:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise SystemExit(f"--report-to tensorboard needs the tensorboard package ({e}): "
+                                 "pip install -r requirements-report.txt") from None
+            # a resumed run drops the events after its checkpoint's step (they are logged again)
+            self.tb = SummaryWriter(log_dir=str(Path(out) / "tb"), purge_step=start + 1 if start else None)
+            if not start:
+                self.tb.add_text("args", "\n".join(f"    {k}: {json.dumps(v)}" for k, v in sorted(config.items())), 0)
+                self.tb.add_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                     for k, v in config.items()}, {}, run_name=".")
+        if "wandb" in targets:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--report-to wandb needs the wandb package: pip install wandb") from None
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            id_file = Path(out) / "wandb_id.txt"  # one W&B run per run folder: a --resume continues it
+            run_id = id_file.read_text().strip() if id_file.exists() else f"{Path(out).name}-{os.urandom(4).hex()}"
+            id_file.write_text(run_id)
+            self.wandb = wandb
+            self.run = wandb.init(project=args.wandb_project, name=Path(out).name, dir=str(out), config=config,
+                                  mode=mode, id=run_id, resume="allow")
+
+    def log(self, metrics, step):
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "step"}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def rollouts(self, records, step):
+        """A few decoded rollouts: [{id, question, answer, completion, reward}]."""
+        if self.tb is not None:
+            self.tb.add_text("rollouts", "\n\n".join(
+                f"**{r['id']}** Q: {r['question']} | gold {r['answer']} | R {r['reward']:.2f}\n\n    {r['completion']}"
+                for r in records), step)
+        if self.wandb is not None:
+            table = self.wandb.Table(columns=["id", "question", "answer", "completion", "reward"])
+            for r in records:
+                table.add_data(r["id"], r["question"], r["answer"], r["completion"], r["reward"])
+            self.wandb.log({"rollouts": table}, step=step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.run.finish()
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="DIR/report.md and DIR/report.png of a training run folder, finished or running"
+                   ).add_argument("out", metavar="DIR")
+    sub.add_parser("study", help="runs/shapes_study.sh's DIR/results.md and DIR/curves.png from its runs"
+                   ).add_argument("out", metavar="DIR")
+    a = ap.parse_args(argv)
+    if a.command == "run":
+        md, png = run_report(a.out)
+        print(f"{md}" + (f", {png}" if png else ""))
+        return md, png
+    return study_report(a.out)
+
+
+if __name__ == "__main__":
+    main()
