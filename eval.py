@@ -605,5 +605,66 @@ def markdown_table(results):
     return "\n".join(lines)
 
 
+# -----------------------------------------------------------------------------
+# Validation during training (grpo.py --eval-every; README "Watching a run")
+
+
+class Validator:
+    """Greedy validation of the training policy through its rollout engine and this file's generation and
+    scorers (the same prompt, extraction and scoring as `python eval.py`). Every rank generates every item
+    (HF generate under FSDP keeps the ranks' forwards in step; keep --eval-limit small); rank 0 scores.
+    grpo.py imports this file only when validation is on: a departure from DESIGN.md ("nothing imports
+    eval.py"), so that validation runs eval.py's own code rather than a copy; no cycle (eval never imports grpo).
+
+    Validator(args, engine, processor, out, rank) reads --eval-bench once (the shapes held-out split built by
+    rank 0); validator(step) -> ({val/<bench>/<metric>: number} on rank 0, {} elsewhere; seconds), with the
+    predictions in OUT/val/step-NNNNNN/.
+    """
+
+    def __init__(self, args, engine, processor, out, rank):
+        from data import ensure_shapes
+        self.args, self.engine, self.processor, self.out, self.rank = args, engine, processor, Path(out), rank
+        if "shapes" in args.eval_bench:
+            if rank == 0:
+                ensure_shapes(n=200, split="test", seed=1)
+            palmr.barrier()
+        if (args.eval_max_new_tokens or 0) > args.max_new_tokens and not isinstance(engine, palmr.HFEngine):
+            palmr.print0(f"warning: --eval-max-new-tokens {args.eval_max_new_tokens} exceeds --max-new-tokens "
+                         f"{args.max_new_tokens}: vLLM's max_model_len was sized for the latter and may cut replies")
+        self.benches = []
+        for spec in args.eval_bench:
+            name, path, items, problems = load_items(spec, args.eval_limit)
+            self.benches.append((name, path, items))
+            for p in problems if rank == 0 else []:
+                print(p, file=sys.stderr)
+
+    def __call__(self, step):
+        import shutil
+        import time
+        import types
+        t, args, engine, rank = time.time(), self.args, self.engine, self.rank
+        engine.wake()
+        gen = types.SimpleNamespace(max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
+                                    temperature=0.0, top_p=1.0, batch=16, seed=args.seed)
+        folder = self.out / "val" / (f"step-{step:06d}" if rank == 0 else f".rank{rank}-step-{step:06d}")
+        metrics, kept = {}, engine.max_pixels
+        for name, path, items in self.benches:
+            engine.max_pixels = 112 * 112 if name == "shapes" else args.max_pixels  # main()'s rule (shapes: 112 x 112)
+            cache = folder / f"{name}.predictions.jsonl"
+            cache.unlink(missing_ok=True)  # a resumed run revalidates this step with the weights it has now
+            preds, problems = generate(engine, self.processor, name, items, cache, gen)
+            if rank == 0:
+                for p in problems:
+                    print(p, file=sys.stderr)
+                scores = bench_scores(name, items, preds, path=path)
+                metrics.update({f"val/{name}/{k}": float(v) for k, v in scores.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        engine.max_pixels = kept
+        if rank != 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        engine.sleep()
+        return metrics, time.time() - t
+
+
 if __name__ == "__main__":
     main()

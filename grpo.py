@@ -29,12 +29,10 @@ Where this departs from textbook GRPO (DeepSeekMath), on purpose:
 Step = one rollout batch and its optimizer updates; --max-steps and checkpoints count these steps.
 """
 import argparse
-import json
 import math
 import os
 import random
 import shutil
-import sys
 import time
 import types
 from pathlib import Path
@@ -44,16 +42,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import eval as evaluation  # validation runs eval.py's own generation and scorers (a departure: DESIGN.md)
 import palmr
-import variants  # variants: the other perception-aware methods (delete with the folder: README "Fork just PaLMR")
-from data import ensure_shapes, hallucinated_trace, load_image, read_jsonl
-from judge import JudgeItem, make_judge
-from kernels.lm_head import (LOGPROB_CHUNK_CPU, LOGPROB_MEMORY_MIB, fused_logprobs, fused_policy_loss,  # noqa: F401 (re-exported)
-                             logprob_chunk, naive_logprobs)
+import warmup
+import variants  # variants: the other perception-aware methods (README "Fork just PaLMR": delete these lines)
+from data import load_image, read_jsonl
+from judge import JudgeItem, judge_args, judge_batch, judge_from_args
+from kernels.lm_head import LOGPROB_MEMORY_MIB, fused_logprobs, fused_policy_loss, logprob_chunk
 from kernels.shared_prefix import (prefix_attention_mask, prefix_layout, shared_prefix_hidden,  # noqa: F401
                                    use_prefix_attention)
 from palmr import print0
-from report import RunLogger, run_report
+from report import check_packages, report_args, run_report, start_logger
 from rewards import SCHEMES, score_completion
 
 # -----------------------------------------------------------------------------
@@ -65,11 +64,9 @@ def get_args(argv=None):
     # model and data
     ap.add_argument("--model", default=palmr.DEFAULT_TINY, help="policy checkpoint (HF folder); the tiny one is built if missing")
     ap.add_argument("--data", default=None, help="training JSONL of Samples (default: synthetic shapes, built once)")
-    ap.add_argument("--mix-data", default=None, help="a second JSONL of Samples mixed into every step; its rows carry "
-                    "their own reward scheme (meta.reward, else --mix-reward)")
+    ap.add_argument("--mix-data", default=None, help="a second JSONL of Samples mixed into every step")
     ap.add_argument("--mix-ratio", type=float, default=0.25, help="share of each step's prompts drawn from --mix-data")
-    ap.add_argument("--mix-reward", default=None, help="reward scheme of --mix-data rows without meta.reward "
-                    "(default: --reward)")
+    ap.add_argument("--mix-reward", default=None, help="scheme of --mix-data rows without meta.reward (def.: --reward)")
     ap.add_argument("--out", default="out/grpo", help="run folder: metrics, rollouts, checkpoints")
     ap.add_argument("--max-pixels", type=int, default=112 * 112, help="image pixel budget (resize, never crop)")
     ap.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts are dropped at load, never truncated")
@@ -90,20 +87,7 @@ def get_args(argv=None):
     ap.add_argument("--debug-logprobs", action="store_true", help="log sampler vs trainer log-prob gaps on the first batch after each sync")
     # reward
     ap.add_argument("--reward", default="palmr", choices=list(SCHEMES), help="fusion scheme (rewards.py, variants/)")
-    ap.add_argument("--judge", default="rule", choices=["rule", "openai", "hf", "none"], help="visual-fidelity judge backend (judge.py)")
-    ap.add_argument("--judge-base-url", default=None, help="openai: the server, e.g. http://127.0.0.1:8000/v1")
-    ap.add_argument("--judge-model", default=None, help="openai: served model name; hf: local folder")
-    ap.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
-    ap.add_argument("--judge-protocol", default="pairwise", choices=["pairwise", "pointwise"], help="pairwise vs the reference (paper) or each rollout alone")
-    ap.add_argument("--judge-swap", action="store_true", help="ask both A/B orders; the reference must win both to gate (ours)")
-    ap.add_argument("--judge-concurrency", type=int, default=32, help="openai: requests in flight per rank")
-    ap.add_argument("--judge-timeout", type=float, default=300.0, help="openai: seconds per request (reasoning replies are long)")
-    ap.add_argument("--judge-retries", type=int, default=4, help="openai: retries on 429/5xx/timeouts, exponential backoff")
-    ap.add_argument("--judge-max-tokens", type=int, default=4096, help="judge reply budget (reasoning included)")
-    ap.add_argument("--judge-no-reasoning", action="store_true", help="turn the judge's thinking off (paper: on)")
-    ap.add_argument("--judge-omissions", action=argparse.BooleanOptionalAction, default=True,
-                    help="stating fewer of the facts than the reference is also less faithful, so gated (ours, "
-                    "on by default: README 'Process credit')")
+    judge_args(ap)  # the visual-fidelity judge's flags (judge.py)
     # optimisation
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (tiny default; paper: 1e-6 for 7B)")
     ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
@@ -113,28 +97,18 @@ def get_args(argv=None):
     ap.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"], help="advantage std: per group, whole batch, or none")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     ap.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward per rank")
-    ap.add_argument("--micro-tokens", type=int, default=0,
-                    help="split each update into micro-batches of about this many tokens instead of --micro-batch rows "
-                    "(0: off); every rank runs the same number of micro-batches")
+    ap.add_argument("--micro-tokens", type=int, default=0, help="micro-batches of about this many tokens instead of "
+                    "--micro-batch rows (0: off); every rank runs the same number of micro-batches")
     ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=None,
-                    help="score each prompt once per group, its completions as branches of one sequence (README "
-                    "'Shared-prefix forward', kernels/shared_prefix.py); default: on for CPU, where it was measured "
-                    "faster, off on GPUs")
+                    help="score each prompt once per group, its completions as branches of one sequence "
+                    "(kernels/shared_prefix.py); default: on for CPU, where it was measured faster, off on GPUs")
     ap.add_argument("--prefix-attention", default="branch", choices=["branch", "dense"],
                     help="shared-prefix attention: branch (one SDPA call per completion on [prompt; itself], exact, "
                     "no (L, L) mask) or dense ((L, L) boolean masks through SDPA); ignored with --no-shared-prefix")
     ap.add_argument("--logprob-memory", type=int, default=LOGPROB_MEMORY_MIB,
                     help="GPU: MiB for the fused LM head's (chunk, V) buffers, which sets its chunk (kernels/lm_head.py)")
     ap.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
-    ap.add_argument("--warmup-steps", type=int, default=600, help="with the default tiny model: SFT steps of a cached "
-                    "warm start built before RL (0: start from the random tiny model)")
-    ap.add_argument("--warmup-hallucinated", type=float, default=0.3, help="share of warm-up traces that reach the "
-                    "right answer through a misread scene (ours: so the start policy hallucinates)")
-    ap.add_argument("--warmup-format", default="think", choices=["think", "description"],
-                    help="warm-up traces in PaLMR's <think> format, or in Vision-SR1's <description><think> format "
-                    "under its instruction (the cold start its recipe assumes; cached apart)")
-    ap.add_argument("--warmup-only", action="store_true", help="build (or find) the cached warm start, print its path "
-                    "and exit")
+    warmup.warmup_args(ap)  # the embedded default's warm start (warmup.py)
     ap.add_argument("--max-steps", type=int, default=20, help="rollout steps to run (total, counting resumed ones)")
     ap.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and init")
     # logging and checkpoints
@@ -142,11 +116,6 @@ def get_args(argv=None):
     ap.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk (oldest removed)")
     ap.add_argument("--log-rollouts-every", type=int, default=5, help="print a few decoded rollouts every N steps")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    ap.add_argument("--report-to", nargs="+", default=["none"], choices=["none", "tensorboard", "wandb"],
-                    help="also log every metric, the arguments and a few rollouts to TensorBoard (OUT/tb) and/or "
-                    "Weights & Biases (offline unless WANDB_API_KEY or WANDB_MODE says otherwise); optional "
-                    "packages: pip install -r requirements-report.txt / pip install wandb")
-    ap.add_argument("--wandb-project", default="palmr", help="W&B project name")
     ap.add_argument("--eval-every", type=int, default=0, help="greedy validation every N steps (0: off), through "
                     "the rollout engine and eval.py's scorers, logged as val/<bench>/<metric>")
     ap.add_argument("--eval-bench", nargs="+", default=["shapes"], help="validation benchmarks: shapes (the "
@@ -155,8 +124,7 @@ def get_args(argv=None):
     ap.add_argument("--eval-max-new-tokens", type=int, default=None, help="validation reply budget "
                     "(default: --max-new-tokens)")
     ap.add_argument("--eval-before-train", action="store_true", help="validate the starting policy (step 0)")
-    ap.add_argument("--report", action="store_true", help="only write OUT/report.md and OUT/report.png for the "
-                    "run in --out (finished or running) and exit")
+    report_args(ap)  # TensorBoard / W&B and the run report (report.py)
     variants.add_args(ap)  # variants: each method's flags, in its own group
     return ap.parse_args(argv)
 
@@ -245,25 +213,7 @@ def step_items(n_items, step, rollout_batch, seed, rank, world):
 
 
 # -----------------------------------------------------------------------------
-# Rollout and reward
-
-
-def make_engine(args, policy, processor, model_path, rank, world, device):
-    """The sampler: HF generate on the policy module, or a colocated vLLM engine per rank (GPU)."""
-    import importlib.util
-    name = palmr.select_engine(args.engine, device.type == "cuda", importlib.util.find_spec("vllm") is not None)
-    if name == "hf":
-        return palmr.HFEngine(policy, processor, args.max_pixels)
-    assert world % args.vllm_tp == 0, f"--vllm-tp {args.vllm_tp} must divide the world size {world}"
-    max_model_len, args.max_prompt_tokens, warning = palmr.engine_lengths(
-        args.max_prompt_tokens, args.max_new_tokens, palmr.checkpoint_max_len(model_path), args.vllm_max_model_len)
-    if warning:
-        print0(f"vllm: {warning}")
-    engine = palmr.VLLMEngine(model_path, processor, args.max_pixels, seed=args.seed + rank // args.vllm_tp,
-                              tensor_parallel_size=args.vllm_tp, gpu_memory_utilization=args.vllm_gpu_memory,
-                              max_model_len=max_model_len)
-    engine.tp_group = dist.new_subgroups(group_size=args.vllm_tp)[0] if args.vllm_tp > 1 else None
-    return engine
+# Rollout, reward, advantage
 
 
 def rollout(engine, processor, samples, args, step, rank, n=None, seed_offset=0, hooks=()):
@@ -300,41 +250,22 @@ def rollout(engine, processor, samples, args, step, rank, n=None, seed_offset=0,
 def compute_rewards(judge, rows, scheme, prefill="", signals=None, options=None):
     """-> rewards (N,), parts {name: (N,)}, judge metrics, located errors; the judge is asked once for the batch.
 
-    Each row is scored by its own scheme (row meta.reward, else `scheme`); rows whose scheme is not judged (its
-    reward is exact, e.g. ViCrit) never reach the judge. signals: per row, a method's extra signals
-    ({s_<part>: value}: reward parts, rewards.score_completion); options: signals every row receives (a gate).
-    Located errors: per row, the (start, end) character spans of the wrong claims the judge found, in the
-    completion's own text (c.text; spans inside the prefill are dropped).
-
-    Format, answer and judge read the assistant turn as a whole: `prefill` (what the chat template
-    already wrote of it, e.g. '<think>\n', see palmr.generation_prefill) + the completion.
-
-    A judge that fails (server down, bad replies) never stops the run: its items count as failures
-    with S_vis = 1 ("no preference") and the error is printed once per batch.
+    Each row is scored by its own scheme (meta.reward, else `scheme`); rows of a scheme that is not judged never
+    reach the judge. signals: per row, a method's {s_<part>: value} (rewards.score_completion); options: what
+    every row's scheme receives (a gate). Located errors: per row, the (start, end) character spans of the wrong
+    claims the judge found in c.text. Format, answer and judge read the assistant turn as a whole: `prefill`
+    (palmr.generation_prefill) + the completion. A failing judge never stops the run (judge.judge_batch).
     """
     n, schemes = len(rows), [s.meta.get("reward") or scheme for s, _ in rows]
-    s_vis, r_cov, failed, stats, ties, unmatched, spans = [1.0] * n, [0.0] * n, 0, {}, 0, 0, [[] for _ in rows]
+    s_vis, r_cov, spans, stats = [1.0] * n, [0.0] * n, [[] for _ in rows], {"failed": 0, "ties": 0}
     judged = [i for i in range(n) if SCHEMES[schemes[i]].judged]
     if judge is not None and judged:
         items = [JudgeItem(rows[i][0].question, rows[i][0].facts, prefill + rows[i][1].text, rows[i][0].reference)
                  for i in judged]
-        judge.stats = {}
-        try:
-            verdicts = judge.judge(items)
-            failed = sum(v.failed for v in verdicts)
-            ties = sum(v.preference == "tie" for v in verdicts)
-            unmatched = sum(v.unmatched for v in verdicts)
-            k = len(prefill)
-            for i, v in zip(judged, verdicts):
-                s_vis[i], spans[i] = v.s_vis, [(max(a - k, 0), b - k) for a, b in v.spans if b > k]
-            if any("cov" in SCHEMES[schemes[i]].needs for i in judged):
-                for i, c in zip(judged, judge.coverage(items)):
-                    r_cov[i] = c
-        except Exception as e:  # noqa: BLE001 -- a judge outage must not kill a multi-day run
-            print(f"[rank {palmr.get_rank()}] judge failed on this batch, counted as no preference: "
-                  f"{type(e).__name__}: {e}", flush=True)
-            failed = len(judged)
-        stats = dict(judge.stats, unmatched=unmatched)
+        vis, where, cov, stats = judge_batch(judge, items, any("cov" in SCHEMES[schemes[i]].needs for i in judged),
+                                             offset=len(prefill))
+        for k, i in enumerate(judged):
+            s_vis[i], spans[i], r_cov[i] = vis[k], where[k], cov[k]
     totals, parts = [], {}
     for i, ((s, c), vis, cov) in enumerate(zip(rows, s_vis, r_cov)):
         total, p = score_completion(schemes[i], prefill + c.text, s.answer, s.choices, s_vis=vis, r_cov=cov,
@@ -342,12 +273,7 @@ def compute_rewards(judge, rows, scheme, prefill="", signals=None, options=None)
         totals.append(total)
         for k, v in p.items():
             parts.setdefault(k, []).append(v)
-    stats["failed"], stats["ties"] = failed, ties
     return torch.tensor(totals), {k: torch.tensor(v) for k, v in parts.items()}, stats, spans
-
-
-# -----------------------------------------------------------------------------
-# Advantage
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
@@ -365,29 +291,18 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-6):
     return centred.view(-1)
 
 
-def all_gather(x):
-    """[x of every rank] (the same shape on every rank); [x] when not distributed."""
-    if not dist.is_initialized():
-        return [x]
-    out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x)
-    return out
-
-
 def global_advantages(rewards, group_size, scale, rank):
     """This rank's advantages (N,), computed over the gathered global batch (a group never spans ranks); and the
     global advantages and rewards (world * N,), for the step's metrics."""
-    everyone = torch.cat(all_gather(rewards))
+    everyone = torch.cat(palmr.all_gather(rewards))
     advantages = group_advantages(everyone, group_size, scale)
     return advantages.view(-1, rewards.numel())[rank], advantages, everyone
 
 
 def interleave_groups(rows, advantages, extra_rows, extra_advantages, n_prompts):
-    """Each prompt's group followed by its extra groups (a method's, e.g. PEARL's checklist), so that every
-    optimizer update (a contiguous share of the rows) holds whole prompts of both kinds.
-
-    rows (n_prompts * G), advantages (n_prompts * G,), extra_rows (n_prompts * K), extra_advantages
-    (n_prompts * K,) -> (rows, advantages (n_prompts * (G + K),))."""
+    """Each prompt's group followed by its extra groups (a method's), so that every optimizer update (a contiguous
+    share of the rows) holds whole prompts of both kinds. rows (n_prompts * G), advantages (n_prompts * G,),
+    extra_rows (n_prompts * K), extra_advantages (n_prompts * K,) -> (rows, advantages (n_prompts * (G + K),))."""
     g, k = len(rows) // n_prompts, len(extra_rows) // n_prompts
     assert g * n_prompts == len(rows) and k * n_prompts == len(extra_rows), "rows must split evenly over prompts"
     out, adv = [], []
@@ -469,32 +384,31 @@ def completion_hidden(model, batch):
     return out.last_hidden_state[:, P - 1:P - 1 + T], head()  # never logits for prompt or image tokens
 
 
-def completion_loss(model, batch, temperature, token_loss):
-    """The policy loss of a micro-batch with the LM-head gradient folded into the forward (fused_policy_loss).
+def completion_loss(model, batch, temperature, token_loss=None):
+    """An FSDP forward of a micro-batch through the fused LM head (kernels/lm_head.py), completion tokens only.
 
-    token_loss(logp_rows, start, end) -> per-token losses of the completion tokens start:end, counted in
-    row-major order over the (B, T) mask. -> loss (), logp (B, T) and entropy (B, T) detached (0 where masked).
+    token_loss None: -> logp (B, T) differentiable, entropy (B, T); 0 where masked (fused_logprobs).
+    token_loss(logp_rows, start, end) -> per-token losses of the completion tokens start:end, counted in row-major
+    order over the (B, T) mask: -> loss () with the LM-head gradient folded into the forward (fused_policy_loss),
+    logp and entropy (B, T) detached.
     """
-    hidden, weight = completion_hidden(model, batch)
-    mask = batch["mask"].bool()
-    dtype = torch.promote_types(torch.float32, hidden.dtype)  # float32, or float64 for a float64 model (tests)
-    logp = torch.zeros(mask.shape, dtype=dtype, device=hidden.device)
-    entropy = torch.zeros(mask.shape, dtype=dtype, device=hidden.device)
-    loss, logp[mask], entropy[mask] = fused_policy_loss(hidden[mask], weight, batch["completion_ids"][mask],
-                                                        token_loss, temperature, model.logprob_chunk)
-    return loss, logp, entropy
-
-
-def completion_logprobs(model, batch, temperature):
-    """(B, T) log-probs and entropies of the completion tokens; masked positions are 0. An FSDP forward."""
     hidden, weight = completion_hidden(model, batch)  # only completion positions reach the LM head
     mask = batch["mask"].bool()
     dtype = torch.promote_types(torch.float32, hidden.dtype)  # float32, or float64 for a float64 model (tests)
     logp = torch.zeros(mask.shape, dtype=dtype, device=hidden.device)
     entropy = torch.zeros(mask.shape, dtype=dtype, device=hidden.device)
-    logp[mask], entropy[mask] = fused_logprobs(hidden[mask], weight, batch["completion_ids"][mask], temperature,
-                                               model.logprob_chunk)
-    return logp, entropy
+    rows, targets = hidden[mask], batch["completion_ids"][mask]
+    if token_loss is None:
+        logp[mask], entropy[mask] = fused_logprobs(rows, weight, targets, temperature, model.logprob_chunk)
+        return logp, entropy
+    loss, logp[mask], entropy[mask] = fused_policy_loss(rows, weight, targets, token_loss, temperature,
+                                                        model.logprob_chunk)
+    return loss, logp, entropy
+
+
+def completion_logprobs(model, batch, temperature):
+    """(B, T) log-probs and entropies of the completion tokens; masked positions are 0. An FSDP forward."""
+    return completion_loss(model, batch, temperature)
 
 
 # -----------------------------------------------------------------------------
@@ -554,12 +468,9 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, b
 
 def masked_token_loss(old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, is_weights=None):
     """policy_loss as a function of the unmasked tokens' log-probs, for completion_loss (fused_policy_loss).
-
-    (B, T) old_logp (None: the current log-probs, one update per rollout batch), ref_logp (None when
-    beta = 0), mask; advantages (B,) or (B, T); is_weights (B,) or None. -> token_loss(logp_rows, start, end): the
-    per-token losses of unmasked tokens start:end (row-major), each divided by the micro-batch's token count,
-    so that their sum over all tokens is policy_loss(...)'s loss.
-    """
+    (B, T) old_logp (None: the current log-probs, one update per rollout batch), ref_logp (None when beta = 0),
+    mask; advantages (B,) or (B, T); is_weights (B,) or None. -> token_loss(logp_rows, start, end): the per-token
+    losses of unmasked tokens start:end (row-major) over the micro-batch's token count (sum: policy_loss's loss)."""
     keep = mask.bool()
     n_tokens = keep.sum().clamp(min=1).float()
     adv = (advantages if advantages.dim() == 2 else advantages[:, None]).expand(keep.shape)[keep]
@@ -610,18 +521,6 @@ def prepare_model(path, device, train, activation_checkpointing=False, logprob_m
     return model
 
 
-def all_reduce(x, op=dist.ReduceOp.SUM):
-    if dist.is_initialized():
-        dist.all_reduce(x, op=op)
-    return x
-
-
-def full_parameters(model):
-    """(name, full tensor) one at a time: under FSDP2 each full_tensor() is an all-gather on every rank."""
-    for name, p in model.named_parameters():
-        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
-
-
 # -----------------------------------------------------------------------------
 # One optimisation pass over a rollout batch
 
@@ -661,7 +560,7 @@ def update_micro_batches(rows, encoded, per_update, n_updates, args):
         if args.micro_tokens > 0:
             tokens = row_tokens(rows[u * per_update:(u + 1) * per_update], encoded, bool(args.shared_prefix))
             n = min(len(tokens), max(1, math.ceil(sum(tokens) / args.micro_tokens)))
-            n = int(all_reduce(torch.tensor(n), dist.ReduceOp.MAX))
+            n = int(palmr.all_reduce(torch.tensor(n), dist.ReduceOp.MAX))
             parts = split_tokens(tokens, n)
         else:
             parts = micro_batches(per_update, args.micro_batch)
@@ -696,7 +595,7 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
     """PPO-clip updates over this rank's rows (group after group); -> metrics averaged over tokens.
 
     advantages (N,), one per row; hooks: active methods (variants/), whose shape_advantages may replace them by
-    per-token ones before any update. step: passed to the hooks (e.g. to seed VPPO's image masks).
+    per-token ones before any update. step: passed to the hooks (e.g. to seed a method's random draws).
     """
     world, n_updates = palmr.get_world_size(), args.rollout_batch // args.update_batch
     spans = update_micro_batches(rows, encoded, len(rows) // n_updates, n_updates, args)
@@ -705,7 +604,7 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
     # micro-batches wait on the CPU and go to the device one at a time (pixel values per row, or per prompt)
     batches = [[layout([rows[i] for i in mb], encoded, pad_id, "cpu") for mb in update] for update in spans]
     on = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
-    clock, need_old = PhaseClock(device), n_updates > 1 or any(h.needs_old_logprobs for h in hooks)
+    clock, need_old = palmr.PhaseClock(device), n_updates > 1 or any(h.needs_old_logprobs for h in hooks)
     shaped, shaped_m = None, {}
     with torch.no_grad():  # reference and (for several updates) old log-probs, before any update
         ref_logps = [[reference.completion_logprobs(on(b), args.temperature)[0] for b in update]
@@ -722,7 +621,7 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
             shaped, shaped_m = h.shape_advantages(ctx) or (shaped, shaped_m)
     totals = dict.fromkeys(("loss", "kl", "clip_frac", "entropy", "grad_norm", "tokens"), 0.0)
     for u in range(n_updates):
-        global_tokens = float(all_reduce(torch.tensor(sum(float(b["mask"].sum()) for b in batches[u]))))
+        global_tokens = float(palmr.all_reduce(torch.tensor(sum(float(b["mask"].sum()) for b in batches[u]))))
         for j, (b, span) in enumerate(zip(batches[u], spans[u])):
             # FSDP2 reduce-scatters after every micro-batch: skipping it (no-sync) would hold the full
             # unsharded fp32 gradients on every rank, ~30 GB for a 7B policy
@@ -751,126 +650,15 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
         totals["grad_norm"] += float(grad_norm) / n_updates
         totals["tokens"] += global_tokens
     for k in ("loss", "kl", "clip_frac", "entropy"):  # each rank holds its share of the token-weighted sum
-        totals[k] = float(all_reduce(torch.tensor(totals[k]))) / n_updates
+        totals[k] = float(palmr.all_reduce(torch.tensor(totals[k]))) / n_updates
     totals.update(shaped_m)
     for k in [k for k in totals if k.startswith(("is/", "debug/")) or k in shaped_m]:  # rank means -> global
-        totals[k] = float(all_reduce(torch.tensor(totals[k]))) / world
+        totals[k] = float(palmr.all_reduce(torch.tensor(totals[k]))) / world
     return {**totals, **clock.times}
 
 
-class PhaseClock:
-    """Wall time per phase, summed over laps (seconds); on CUDA each lap waits for the device first, so a
-    phase is charged for its own kernels (one sync per phase, not per kernel)."""
-
-    def __init__(self, device):
-        self.cuda, self.times, self.last = device.type == "cuda", {}, None
-        self.lap(None)
-
-    def lap(self, name):
-        if self.cuda:
-            torch.cuda.synchronize()
-        now = time.time()
-        if name is not None:
-            self.times[name] = self.times.get(name, 0.0) + now - self.last
-        self.last = now
-
-
-
 # -----------------------------------------------------------------------------
-# Supervised warm-up: a tiny policy that can do the task (and misread it sometimes), before RL
-
-
-def warmup(model_path, data_path, out_dir, steps=300, batch=16, lr=2e-3, max_pixels=112 * 112, seed=0, log_every=50,
-           hallucinated_share=0.0, trace_format="think"):
-    """SFT on the samples' reference traces, a `hallucinated_share` of them misread on purpose
-    (data.hallucinated_trace: same answer, one wrong group), so the start policy hallucinates like real
-    base models do; save to out_dir. One process (never sharded, even under torchrun), teacher forcing on
-    completion tokens only (the same batch builder and log-prob path as the RL loss), AdamW with a linear
-    warm-up over 5% of the steps then cosine decay to 0 (the decay is where a small model's loss drops
-    most; docs/LOG.md has the recipes tried). trace_format "description": the traces in Vision-SR1's format
-    (palmr.sr1_trace) under its instruction, the cold start its recipe assumes. Returns the (step, loss) pairs it logged.
-    """
-    torch.manual_seed(seed)
-    processor = palmr.load_processor(model_path)
-    model = prepare_model(model_path, torch.device("cpu"), train=True, shard=False)
-    model.scored_vocab = None  # SFT over the full head, as the cached warm starts (-v2) behind README's numbers were built
-    samples = [s for s in read_jsonl(data_path) if s.reference]
-    assert samples, f"no traces to warm up on in {data_path}"
-    tok, pick = processor.tokenizer, random.Random(f"warmup-{seed}")
-    encoded, rows = {}, []
-    for s in samples:
-        instruction = palmr.SR1_INSTRUCTION if trace_format == "description" else palmr.INSTRUCTION
-        encoded[s.id] = palmr.encode_prompt(processor, palmr.render_prompt(processor, s.question, s.choices,
-                                                                           instruction=instruction),
-                                            load_image(s), max_pixels)
-        trace = hallucinated_trace(s, pick) if pick.random() < hallucinated_share else s.reference
-        trace = palmr.sr1_trace(trace) if trace_format == "description" else trace
-        ids = tok(trace, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
-        rows.append((s, palmr.Completion(ids, trace, [0.0] * len(ids), True)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rng, history, w = random.Random(seed), [], steps // 20
-    for step in tqdm(range(steps), desc="warm-up", mininterval=5):
-        scale = (step + 1) / w if step < w else 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
-        optimizer.param_groups[0]["lr"] = lr * scale
-        b = training_batch(rng.sample(rows, min(batch, len(rows))), encoded, tok.pad_token_id, torch.device("cpu"))
-        logp, _ = model.completion_logprobs(b, 1.0)
-        loss = -(logp * b["mask"]).sum() / b["mask"].sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % log_every == 0 or step == steps - 1:
-            history.append((step, float(loss.detach())))
-    model.save_pretrained(out_dir)
-    copy_processor_files(model_path, out_dir)
-    return history
-
-
-def ensure_warm_start(base, data_path, steps, hallucinated_share, seed=0, trace_format="think"):
-    """The warm-up checkpoint for these settings, built once next to `base` by rank 0; the others wait.
-
-    Rank 0 builds with every core: torchrun leaves each process one thread, and the waiting ranks use
-    none. (Measured: a data-parallel FSDP warm-up over 2 gloo ranks ran 3.2 steps/s against 4.7 for one
-    process with both cores; the tiny model is too small for per-layer collectives to pay.)
-    """
-    sr1 = "-sr1" if trace_format == "description" else ""
-    path = Path(base).with_name(f"{Path(base).name}-warm{steps}-h{hallucinated_share:g}-s{seed}{sr1}-v2")
-    if palmr.get_rank() == 0 and not (path / "config.json").exists():
-        print0(f"building the warm start ({steps} SFT steps, {hallucinated_share:.0%} misread traces) -> {path}")
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")  # two builds at once never share a folder
-        threads = torch.get_num_threads()
-        torch.set_num_threads(os.cpu_count() or threads)
-        try:
-            warmup(base, data_path, tmp, steps=steps, seed=seed, hallucinated_share=hallucinated_share,
-                   trace_format=trace_format)
-            (tmp / "versions.json").write_text(json.dumps(palmr.versions()))  # what built it (constraints.txt)
-            os.replace(tmp, path)
-        finally:
-            torch.set_num_threads(threads)
-            shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing half-written
-    built = path / "versions.json"
-    if palmr.get_rank() == 0 and built.exists() and json.loads(built.read_text()) != palmr.versions():
-        print0(f"warning: the cached warm start {path} was built with {built.read_text()}, this run has "
-               f"{json.dumps(palmr.versions())}: its numbers can differ from the README's (delete it to rebuild)")
-    palmr.barrier()  # every rank, always
-    return str(path)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: a Hugging Face folder + trainer state, written by rank 0
-
-
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "preprocessor_config.json", "video_preprocessor_config.json",
-                   "processor_config.json", "chat_template.json", "chat_template.jinja")
-
-
-def copy_processor_files(src, dst):
-    """Tokenizer, processor configs and chat template travel with the weights. An allowlist: copying the
-    source's model.safetensors.index.json would point loaders (vLLM) at weight shards that do not exist."""
-    for name in PROCESSOR_FILES:
-        if (Path(src) / name).is_file() and not (Path(dst) / name).exists():
-            shutil.copy(Path(src) / name, Path(dst) / name)
+# Checkpoints (a Hugging Face folder + trainer state, written by rank 0) and resume
 
 
 def save_checkpoint(policy, optimizer, args, step):
@@ -888,7 +676,7 @@ def save_checkpoint(policy, optimizer, args, step):
         final, tmp = out / f"checkpoint-{step:06d}", out / f".checkpoint-{step:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         policy.save_pretrained(tmp, state_dict=model_sd)
-        copy_processor_files(args.model_source, tmp)
+        palmr.copy_processor_files(args.model_source, tmp)
         torch.save({"step": step, "data_position": step * args.rollout_batch,  # prompts consumed so far
                     "optimizer": optim_sd, "rng": rngs, "args": vars(args)}, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
@@ -898,47 +686,13 @@ def save_checkpoint(policy, optimizer, args, step):
         for old in sorted(out.glob("checkpoint-*"))[:-args.keep]:
             shutil.rmtree(old, ignore_errors=True)
     palmr.barrier()
-
-
-# -----------------------------------------------------------------------------
-# Validation during training and resume (README "Watching a run")
-
-
-def validate(engine, processor, benches, args, step, out, rank):
-    """Greedy validation of the current policy through the rollout engine and eval.py's generation and
-    scorers (the same prompt, extraction and scoring as `python eval.py`). Every rank generates every item
-    (HF generate under FSDP keeps the ranks' forwards in step; keep --eval-limit small); rank 0 scores.
-    -> {val/<bench>/<metric>: number} on rank 0, {} elsewhere; predictions in OUT/val/step-NNNNNN/.
-
-    This imports eval.py, lazily: a departure from DESIGN.md ("nothing imports eval.py") so that validation runs
-    eval.py's own generation and scorers rather than a copy; eval.py imports nothing of grpo.py, so there is no
-    cycle, and training without validation never loads it."""
-    import eval as evaluation
-    gen = types.SimpleNamespace(max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, temperature=0.0,
-                                top_p=1.0, batch=16, seed=args.seed)
-    folder = Path(out) / "val" / (f"step-{step:06d}" if rank == 0 else f".rank{rank}-step-{step:06d}")
-    metrics = {}
-    kept = engine.max_pixels
-    for name, path, items in benches:
-        engine.max_pixels = 112 * 112 if name == "shapes" else args.max_pixels  # eval.py's rule (shapes: 112 x 112)
-        cache = folder / f"{name}.predictions.jsonl"
-        cache.unlink(missing_ok=True)  # a resumed run revalidates this step with the weights it has now
-        preds, problems = evaluation.generate(engine, processor, name, items, cache, gen)
-        if rank == 0:
-            for p in problems:
-                print(p, file=sys.stderr)
-            scores = evaluation.bench_scores(name, items, preds, path=path)
-            metrics.update({f"val/{name}/{k}": float(v) for k, v in scores.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    engine.max_pixels = kept
-    if rank != 0:
-        shutil.rmtree(folder, ignore_errors=True)
-    return metrics
+    return out / f"checkpoint-{step:06d}"
 
 
 RESUME_MUST_MATCH = ("model", "data", "seed", "group_size", "rollout_batch", "update_batch", "reward", "judge",
                      "lr", "beta", "temperature", "max_new_tokens", "judge_omissions", "mix_data", "mix_ratio",
-                     "mix_reward") + variants.resume_keys()  # variants: each method's own flags
+                     "mix_reward")
+RESUME_MUST_MATCH += variants.resume_keys()  # variants: each method's own flags
 
 
 def load_trainer_state(ckpt, policy, optimizer, args):
@@ -981,9 +735,9 @@ def step_metrics(rows, encoded, rewards, parts, judge_stats, located, all_adv, a
              "judge/unmatched": torch.tensor(float(judge_stats.get("unmatched", 0)))}
     for h in hooks:  # decided by flags: every rank reduces the same keys
         local.update(h.metrics(rows, parts))
-    metrics = {k: float(all_reduce(v.double().clone())) / (len(rows) * world) for k, v in local.items()}
+    metrics = {k: float(palmr.all_reduce(v.double().clone())) / (len(rows) * world) for k, v in local.items()}
     if args.judge in ("openai", "hf"):  # decided by flags, never by this rank's stats: every rank reduces
-        sums = all_reduce(torch.tensor([judge_stats.get(k, 0) for k in ("latency_sum", "sent", "tokens", "cache_hits")],
+        sums = palmr.all_reduce(torch.tensor([judge_stats.get(k, 0) for k in ("latency_sum", "sent", "tokens", "cache_hits")],
                                        dtype=torch.float64))
         metrics.update({"judge/latency": float(sums[0] / sums[1].clamp(min=1)), "judge/tokens": float(sums[2]),
                         "judge/cache_hits": float(sums[3])})
@@ -995,10 +749,9 @@ def step_metrics(rows, encoded, rewards, parts, judge_stats, located, all_adv, a
 
 
 def log_step(metrics, rows, rewards, args, step, out, logger, hooks):
-    """Rank 0: metrics.jsonl, TensorBoard/W&B, the step line, and every --log-rollouts-every steps a few rollouts."""
+    """Rank 0: the step's metrics (report.RunLogger: metrics.jsonl, TensorBoard/W&B), the step line, and every
+    --log-rollouts-every steps a few rollouts."""
     m = metrics
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(m) + "\n")
     logger.log(m, step + 1)
     print(f"step {step + 1}/{args.max_steps} | reward {m['reward']:.3f} (fmt {m['reward/fmt']:.2f} "
           f"ans {m['reward/ans']:.2f} vis {m['reward/vis']:.2f}" + "".join(h.step_line(m) for h in hooks)
@@ -1010,33 +763,12 @@ def log_step(metrics, rows, rewards, args, step, out, logger, hooks):
         print("  validation: " + " ".join(f"{k} {v:.3g}" for k, v in m.items()
                                           if k.endswith(("/acc", "/hallucination_rate", "/perception_acc"))))
     if args.log_rollouts_every and (step + 1) % args.log_rollouts_every == 0:
-        records = [{"step": step + 1, "id": s.id, "question": s.question, "answer": s.answer,
-                    "completion": c.text, "reward": r} for (s, c), r in list(zip(rows, rewards.tolist()))[:2]]
-        with open(out / "rollouts.jsonl", "a") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-                print(f"  [{rec['id']}] Q: {rec['question']} | gold {rec['answer']} | R {rec['reward']:.2f}\n"
-                      f"  > {rec['completion'][:300]!r}")
-        logger.rollouts(records, step + 1)
+        logger.rollouts([{"step": step + 1, "id": s.id, "question": s.question, "answer": s.answer, "completion":
+                          c.text, "reward": r} for (s, c), r in list(zip(rows, rewards.tolist()))[:2]], step + 1)
 
 
 # -----------------------------------------------------------------------------
 # Setup and the main loop
-
-
-def resolve_inputs(args, rank):
-    """The embedded default: the tiny checkpoint, the synthetic shapes data and the cached warm start, built once
-    by rank 0 when missing (the others wait)."""
-    tiny = args.model == palmr.DEFAULT_TINY
-    if tiny:
-        args.model = palmr.ensure_tiny_checkpoint(args.model, seed=0)
-    if args.data is None:
-        args.data = ensure_shapes() if rank == 0 else None
-        palmr.barrier()
-        args.data = args.data or ensure_shapes()
-    if tiny and args.warmup_steps > 0:  # the embedded default starts from a warm, cached tiny policy
-        args.model = ensure_warm_start(args.model, ensure_shapes(), args.warmup_steps, args.warmup_hallucinated,
-                                       trace_format=args.warmup_format)
 
 
 def build_trainer(args, device, resume_from):
@@ -1056,60 +788,6 @@ def build_trainer(args, device, resume_from):
     return policy, reference, optimizer, start
 
 
-def build_judge(args, hooks):
-    options = {k: v for h in hooks for k, v in h.judge_options().items()}  # e.g. locate wrong claims
-    return None if args.judge == "none" else make_judge(
-        args.judge, args.judge_base_url, args.judge_model, args.judge_api_key_env, protocol=args.judge_protocol,
-        swap=args.judge_swap, concurrency=args.judge_concurrency, timeout=args.judge_timeout,
-        max_retries=args.judge_retries, max_tokens=args.judge_max_tokens, reasoning=not args.judge_no_reasoning,
-        seed=args.seed, omissions=args.judge_omissions, **options)
-
-
-def start_logging(args, out, rank, start):
-    """args.json and the TensorBoard/W&B logger on rank 0; a logger that fails there stops every rank."""
-    logger, ok = None, 1
-    if rank == 0:
-        (out / "args.json").write_text(json.dumps({**vars(args), "versions": palmr.versions()}, indent=2))
-        try:
-            logger = RunLogger(args.report_to, out, args, start)
-        except (Exception, SystemExit) as e:  # noqa: BLE001 -- every rank must stop, not rank 0 alone
-            print(f"--report-to: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            ok = 0
-    if not int(all_reduce(torch.tensor(ok), dist.ReduceOp.MIN)):
-        raise SystemExit("--report-to failed on rank 0 (above)")
-    return logger
-
-
-def validation_benches(args, engine, rank):
-    """[(name, path, items)] of --eval-bench, read once (the shapes held-out split built by rank 0)."""
-    if not (args.eval_every > 0 or args.eval_before_train):
-        return []
-    import eval as evaluation
-    if "shapes" in args.eval_bench:
-        if rank == 0:
-            ensure_shapes(n=200, split="test", seed=1)
-        palmr.barrier()
-    if (args.eval_max_new_tokens or 0) > args.max_new_tokens and not isinstance(engine, palmr.HFEngine):
-        print0(f"warning: --eval-max-new-tokens {args.eval_max_new_tokens} exceeds --max-new-tokens "
-               f"{args.max_new_tokens}: vLLM's max_model_len was sized for the latter and may cut replies")
-    benches = []
-    for spec in args.eval_bench:
-        name, path, items, problems = evaluation.load_items(spec, args.eval_limit)
-        benches.append((name, path, items))
-        for p in problems if rank == 0 else []:
-            print(p, file=sys.stderr)
-    return benches
-
-
-def validate_now(engine, processor, benches, args, step, out, rank):
-    """Validation between steps, the engine woken for it. -> {val/...} metrics (rank 0) and its seconds."""
-    t = time.time()
-    engine.wake()
-    val = validate(engine, processor, benches, args, step, out, rank)
-    engine.sleep()
-    return val, time.time() - t
-
-
 def main(argv=None):
     """Run V-GRPO; returns the trained (possibly FSDP-sharded) policy module."""
     from transformers.utils import logging as hf_logging
@@ -1119,18 +797,15 @@ def main(argv=None):
         md, png = run_report(args.out)
         print(f"{md}" + (f", {png}" if png else ""))
         return None
-    import importlib.util
-    for target in ("tensorboard", "wandb"):  # every rank stops, not just rank 0
-        if target in args.report_to and importlib.util.find_spec(target) is None:
-            raise SystemExit(f"--report-to {target} needs the {target} package: " + (
-                "pip install -r requirements-report.txt" if target == "tensorboard" else "pip install wandb"))
+    check_packages(args.report_to)  # every rank stops, not just rank 0
     rank, world, device = palmr.init_dist()
     check_args(args, world)
-    hooks = variants.active(args, world)  # variants: the methods these flags switch on ([] for plain PaLMR)
+    hooks = []  # the active perception-aware methods (variants/): none for plain PaLMR
+    hooks = variants.active(args, world)  # variants: the methods these flags switch on
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    resolve_inputs(args, rank)
+    warmup.embedded_default(args, rank, prepare_model, training_batch)  # tiny model, shapes, warm start
     if args.warmup_only:
         print0(args.model)
         return None
@@ -1143,10 +818,12 @@ def main(argv=None):
     args.model_source = args.model
     processor = palmr.load_processor(args.model)
     policy, reference, optimizer, start = build_trainer(args, device, resume_from)
-    engine = make_engine(args, policy, processor, resume_from or args.model, rank, world, device)
+    engine, args.max_prompt_tokens = palmr.make_engine(  # HF generate on the policy, or a colocated vLLM per rank
+        args.engine, policy, processor, resume_from or args.model, args.max_pixels, device, args.seed, args.vllm_tp,
+        args.vllm_gpu_memory, args.max_prompt_tokens, args.max_new_tokens, args.vllm_max_model_len)
     if resume_from:  # the sampler must start from exactly the trainer's weights
-        engine.load_weights(full_parameters(policy))
-    judge = build_judge(args, hooks)
+        engine.load_weights(palmr.full_parameters(policy))
+    judge = judge_from_args(args, **{k: v for h in hooks for k, v in h.judge_options().items()})
     samples = load_dataset(args, processor, hooks=hooks)
     mixed = load_dataset(args, processor, args.mix_data, hooks, args.mix_reward or args.reward) if args.mix_data else []
     n_mixed = int(args.mix_ratio * args.rollout_batch + 0.5) if mixed else 0  # mixed prompts per step
@@ -1154,14 +831,13 @@ def main(argv=None):
         print0(f"mix: {n_mixed} of the {args.rollout_batch} prompts of every step come from {args.mix_data}"
                + (" (none: raise --mix-ratio or --rollout-batch)" if n_mixed == 0 else ""))
     prefill = palmr.generation_prefill(palmr.render_prompt(processor, ""))  # '' for Qwen2.5-VL's own template
-    logger = start_logging(args, out, rank, start)
-    val_benches = validation_benches(args, engine, rank)
+    logger = start_logger(args, out, rank, start)  # rank 0's; None elsewhere
+    validator = evaluation.Validator(args, engine, processor, out, rank) if args.eval_every > 0 or \
+        args.eval_before_train else None  # greedy validation through eval.py's generation and scorers
     if args.eval_before_train and start == 0:
-        val = validate_now(engine, processor, val_benches, args, 0, out, rank)[0]
+        val = validator(0)[0]
         if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": 0, **val}) + "\n")
-            logger.log(val, 0)
+            logger.log({"step": 0, **val}, 0)
             print("validation at step 0: " + " ".join(f"{k} {v:.3g}" for k, v in val.items()), flush=True)
     print0(f"V-GRPO | world {world} on {device.type} | engine {type(engine).__name__} | reward {args.reward} judge "
            f"{args.judge} | G {args.group_size} rollout {args.rollout_batch} update {args.update_batch} prompts | "
@@ -1196,13 +872,13 @@ def main(argv=None):
                                   device, hooks, step)
         # 5. weight sync: vLLM gets the new weights streamed; the HF engine shares the module
         t_sync = time.time()
-        engine.load_weights(full_parameters(policy))
-        t3 = stats["t_weight_sync"] = time.time()
-        stats["t_weight_sync"] -= t_sync
+        engine.load_weights(palmr.full_parameters(policy))
+        t3 = time.time()
+        stats["t_weight_sync"] = t3 - t_sync
         # 6. log, validate, checkpoint
         val = {}
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0:
-            val, stats["t_val"] = validate_now(engine, processor, val_benches, args, step + 1, out, rank)
+            val, stats["t_val"] = validator(step + 1)
         metrics = step_metrics(rows, encoded, rewards, parts, judge_stats, located, all_adv, all_rewards, args, hooks,
                                world)
         metrics = {"step": step + 1, **metrics, **stats, "t_rollout": t1 - t0 - moved, "t_reward": t2 - t1 + moved,

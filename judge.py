@@ -633,6 +633,66 @@ def make_judge(name, base_url=None, model=None, api_key_env="OPENAI_API_KEY", pr
 
 
 # -----------------------------------------------------------------------------
+# The trainer's seam: flags, construction, and one call per batch that never raises
+
+
+def judge_args(ap):
+    """The judge's flags, for an entry script's argparse parser (grpo.py)."""
+    g = ap.add_argument_group("visual-fidelity judge (judge.py)")
+    g.add_argument("--judge", default="rule", choices=["rule", "openai", "hf", "none"], help="visual-fidelity judge backend (judge.py)")
+    g.add_argument("--judge-base-url", default=None, help="openai: the server, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--judge-model", default=None, help="openai: served model name; hf: local folder")
+    g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
+    g.add_argument("--judge-protocol", default="pairwise", choices=["pairwise", "pointwise"], help="pairwise vs the reference (paper) or each rollout alone")
+    g.add_argument("--judge-swap", action="store_true", help="ask both A/B orders; the reference must win both to gate (ours)")
+    g.add_argument("--judge-concurrency", type=int, default=32, help="openai: requests in flight per rank")
+    g.add_argument("--judge-timeout", type=float, default=300.0, help="openai: seconds per request (reasoning replies are long)")
+    g.add_argument("--judge-retries", type=int, default=4, help="openai: retries on 429/5xx/timeouts, exponential backoff")
+    g.add_argument("--judge-max-tokens", type=int, default=4096, help="judge reply budget (reasoning included)")
+    g.add_argument("--judge-no-reasoning", action="store_true", help="turn the judge's thinking off (paper: on)")
+    g.add_argument("--judge-omissions", action=argparse.BooleanOptionalAction, default=True,
+                   help="stating fewer of the facts than the reference is also less faithful, so gated (ours, "
+                   "on by default: README 'Process credit')")
+
+
+def judge_from_args(args, **options):
+    """The judge these flags ask for (make_judge), or None for --judge none; options: e.g. locate=True."""
+    return None if args.judge == "none" else make_judge(
+        args.judge, args.judge_base_url, args.judge_model, args.judge_api_key_env, protocol=args.judge_protocol,
+        swap=args.judge_swap, concurrency=args.judge_concurrency, timeout=args.judge_timeout,
+        max_retries=args.judge_retries, max_tokens=args.judge_max_tokens, reasoning=not args.judge_no_reasoning,
+        seed=args.seed, omissions=args.judge_omissions, **options)
+
+
+def judge_batch(judge, items, coverage=False, offset=0):
+    """Verdicts for a batch of JudgeItems -> s_vis, spans, r_cov (per item) and stats (failed, ties, unmatched and
+    the backend's own counters). spans: the located wrong claims' (start, end) character spans, moved back by
+    `offset` characters (a prefill the response text starts with; spans inside it are dropped). r_cov: the
+    point-wise coverage, asked only when `coverage`.
+
+    A judge that fails (server down, bad replies) never stops a run: its items count as failures with S_vis = 1
+    ("no preference", METHOD.md) and the error is printed once per batch.
+    """
+    n = len(items)
+    s_vis, spans, r_cov, failed, ties, unmatched = [1.0] * n, [[] for _ in items], [0.0] * n, 0, 0, 0
+    judge.stats = {}
+    try:
+        verdicts = judge.judge(items)
+        failed = sum(v.failed for v in verdicts)
+        ties = sum(v.preference == "tie" for v in verdicts)
+        unmatched = sum(v.unmatched for v in verdicts)
+        for k, v in enumerate(verdicts):
+            s_vis[k], spans[k] = v.s_vis, [(max(a - offset, 0), b - offset) for a, b in v.spans if b > offset]
+        if coverage:
+            r_cov = list(judge.coverage(items))
+    except Exception as e:  # noqa: BLE001 -- a judge outage must not kill a multi-day run
+        print(f"[rank {os.environ.get('RANK', '0')}] judge failed on this batch, counted as no preference: "
+              f"{type(e).__name__}: {e}", flush=True)
+        failed = n
+    return s_vis, spans, r_cov, dict(judge.stats, unmatched=unmatched, failed=failed, ties=ties)
+
+
+# -----------------------------------------------------------------------------
 # `python judge.py agree`: judge-human agreement of the pairwise and point-wise protocols
 
 

@@ -15,7 +15,9 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -267,6 +269,19 @@ def load_processor(path):
     elif (Path(path) / "chat_template.jinja").exists():
         template = (Path(path) / "chat_template.jinja").read_text()
     return LiteProcessor(tokenizer, Qwen2VLImageProcessorPil.from_pretrained(path), template)
+
+
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "preprocessor_config.json", "video_preprocessor_config.json",
+                   "processor_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def copy_processor_files(src, dst):
+    """Tokenizer, processor configs and chat template travel with the weights. An allowlist: copying the
+    source's model.safetensors.index.json would point loaders (vLLM) at weight shards that do not exist."""
+    for name in PROCESSOR_FILES:
+        if (Path(src) / name).is_file() and not (Path(dst) / name).exists():
+            shutil.copy(Path(src) / name, Path(dst) / name)
 
 
 def load_model(path, dtype=torch.float32, device="cpu"):
@@ -651,6 +666,27 @@ class VLLMEngine:
             self.asleep = set()
 
 
+def make_engine(requested, policy, processor, model_path, max_pixels, device, seed=0, tp=1, gpu_memory=0.3,
+                max_prompt_tokens=4096, max_new_tokens=64, max_model_len=None):
+    """The sampler of a training run: HFEngine on the policy module itself, or a colocated VLLMEngine per rank
+    (select_engine; on GPUs when vLLM is installed). Ranks rank // tp share an engine (and a seed), and pool their
+    prompts through engine.tp_group. -> (engine, the prompt-token limit it can serve: engine_lengths)."""
+    import importlib.util
+    name = select_engine(requested, device.type == "cuda", importlib.util.find_spec("vllm") is not None)
+    if name == "hf":
+        return HFEngine(policy, processor, max_pixels), max_prompt_tokens
+    rank, world = get_rank(), get_world_size()
+    assert world % tp == 0, f"--vllm-tp {tp} must divide the world size {world}"
+    max_model_len, max_prompt_tokens, warning = engine_lengths(max_prompt_tokens, max_new_tokens,
+                                                               checkpoint_max_len(model_path), max_model_len)
+    if warning:
+        print0(f"vllm: {warning}")
+    engine = VLLMEngine(model_path, processor, max_pixels, seed=seed + rank // tp, tensor_parallel_size=tp,
+                        gpu_memory_utilization=gpu_memory, max_model_len=max_model_len)
+    engine.tp_group = dist.new_subgroups(group_size=tp)[0] if tp > 1 else None
+    return engine, max_prompt_tokens
+
+
 def collate_prompts(rows, pad_id, device="cpu"):
     """Left-pad encoded prompts into one batch: input_ids, attention_mask (B, P), pixel_values, image_grid_thw,
     and mm_token_type_ids (B, P) where the installed transformers needs them for mRoPE (mrope_needs_token_types)."""
@@ -704,6 +740,45 @@ def get_world_size():
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_reduce(x, op=dist.ReduceOp.SUM):
+    """In-place all-reduce of a tensor over the ranks (identity when not distributed); -> x."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op=op)
+    return x
+
+
+def all_gather(x):
+    """[x of every rank] (the same shape on every rank); [x] when not distributed."""
+    if not dist.is_initialized():
+        return [x]
+    out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x)
+    return out
+
+
+def full_parameters(model):
+    """(name, full tensor) one at a time: under FSDP2 each full_tensor() is an all-gather on every rank."""
+    for name, p in model.named_parameters():
+        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+
+
+class PhaseClock:
+    """Wall time per phase, summed over laps (seconds); on CUDA each lap waits for the device first, so a
+    phase is charged for its own kernels (one sync per phase, not per kernel)."""
+
+    def __init__(self, device):
+        self.cuda, self.times, self.last = device.type == "cuda", {}, None
+        self.lap(None)
+
+    def lap(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.time()
+        if name is not None:
+            self.times[name] = self.times.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def print0(*args, **kwargs):

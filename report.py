@@ -17,6 +17,7 @@ import json
 import os
 import re
 import statistics
+import sys
 from pathlib import Path
 
 import palmr
@@ -272,6 +273,7 @@ class RunLogger:
 
     def __init__(self, targets, out, args, start=0):
         self.tb = self.wandb = None
+        self.out = Path(out)
         targets = [t for t in targets if t != "none"]
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), list))}
         if "tensorboard" in targets:
@@ -300,6 +302,9 @@ class RunLogger:
                                   mode=mode, id=run_id, resume="allow")
 
     def log(self, metrics, step):
+        """One row of OUT/metrics.jsonl (appended), mirrored to TensorBoard / W&B."""
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and k != "step"}
         if self.tb is not None:
@@ -310,7 +315,13 @@ class RunLogger:
             self.wandb.log(numbers, step=step)
 
     def rollouts(self, records, step):
-        """A few decoded rollouts: [{id, question, answer, completion, reward}]."""
+        """A few decoded rollouts [{step, id, question, answer, completion, reward}]: appended to OUT/rollouts.jsonl,
+        printed, mirrored to TensorBoard / W&B."""
+        with open(self.out / "rollouts.jsonl", "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+                print(f"  [{r['id']}] Q: {r['question']} | gold {r['answer']} | R {r['reward']:.2f}\n"
+                      f"  > {r['completion'][:300]!r}")
         if self.tb is not None:
             self.tb.add_text("rollouts", "\n\n".join(
                 f"**{r['id']}** Q: {r['question']} | gold {r['answer']} | R {r['reward']:.2f}\n\n    {r['completion']}"
@@ -326,6 +337,44 @@ class RunLogger:
             self.tb.close()
         if self.wandb is not None:
             self.run.finish()
+
+
+def report_args(ap):
+    """The flags of watching a run, for grpo.py's parser."""
+    g = ap.add_argument_group("watching a run (report.py)")
+    g.add_argument("--report-to", nargs="+", default=["none"], choices=["none", "tensorboard", "wandb"],
+                   help="also log every metric, the arguments and a few rollouts to TensorBoard (OUT/tb) and/or "
+                   "Weights & Biases (offline unless WANDB_API_KEY or WANDB_MODE says otherwise); optional "
+                   "packages: pip install -r requirements-report.txt / pip install wandb")
+    g.add_argument("--wandb-project", default="palmr", help="W&B project name")
+    g.add_argument("--report", action="store_true", help="only write OUT/report.md and OUT/report.png for the "
+                   "run in --out (finished or running) and exit")
+
+
+def check_packages(targets):
+    """Stop (every rank, before any model loads) when --report-to names a package that is not installed."""
+    import importlib.util
+    for target in ("tensorboard", "wandb"):
+        if target in targets and importlib.util.find_spec(target) is None:
+            raise SystemExit(f"--report-to {target} needs the {target} package: " + (
+                "pip install -r requirements-report.txt" if target == "tensorboard" else "pip install wandb"))
+
+
+def start_logger(args, out, rank, start):
+    """OUT/args.json and the RunLogger on rank 0 (None elsewhere); a logger that fails there stops every rank."""
+    import torch
+    import torch.distributed as dist
+    logger, ok = None, 1
+    if rank == 0:
+        (Path(out) / "args.json").write_text(json.dumps({**vars(args), "versions": palmr.versions()}, indent=2))
+        try:
+            logger = RunLogger(args.report_to, out, args, start)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 -- every rank must stop, not rank 0 alone
+            print(f"--report-to: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            ok = 0
+    if not int(palmr.all_reduce(torch.tensor(ok), dist.ReduceOp.MIN)):
+        raise SystemExit("--report-to failed on rank 0 (above)")
+    return logger
 
 
 # -----------------------------------------------------------------------------

@@ -4,14 +4,14 @@
     python bench/logprob.py --n 16384 --hidden 3584 --vocab 152064 --dtype bf16 --device cuda   # 7B on a GPU
 
 Variants: `naive` (full logits, log_softmax, gather), `rowloop` (full logits, log_softmax one row at a
-time, as TRL's selective_log_softmax), `fused` (grpo.fused_logprobs: (chunk, V) blocks, recomputed in
-backward), `folded` (grpo.fused_policy_loss: the loss gradient computed in the forward pass, what the
+time, as TRL's selective_log_softmax), `fused` (kernels.lm_head.fused_logprobs: (chunk, V) blocks, recomputed in
+backward), `folded` (kernels.lm_head.fused_policy_loss: the loss gradient computed in the forward pass, what the
 trainer uses), and `liger` (Liger-Kernel's Triton fused linear cross-entropy; only where `liger-kernel`
 is installed, a benchmark-only extra, never a requirement). Every variant computes the same loss,
 sum_i u_i * logp_i with fixed random u (Liger: sum_i -logp_i, its reductions being scalar). Extra memory =
 peak minus what the inputs already held (CPU: the process's VmHWM after resetting it; CUDA:
 max_memory_allocated). Ratios are against `naive`, measured in the same run. The chunk defaults to the
-trainer's (grpo.logprob_chunk: 128 on CPU, from --memory-mib on a GPU).
+trainer's (kernels.lm_head.logprob_chunk: 128 on CPU, from --memory-mib on a GPU).
 """
 import argparse
 import importlib.util
@@ -38,13 +38,13 @@ def rowloop(hidden, weight, targets, temperature, upstream, chunk):
 
 
 def fused(hidden, weight, targets, temperature, upstream, chunk):
-    import grpo
-    return (grpo.fused_logprobs(hidden, weight, targets, temperature, chunk_size=chunk)[0] * upstream).sum()
+    from kernels.lm_head import fused_logprobs
+    return (fused_logprobs(hidden, weight, targets, temperature, chunk_size=chunk)[0] * upstream).sum()
 
 
 def folded(hidden, weight, targets, temperature, upstream, chunk):
-    import grpo
-    return grpo.fused_policy_loss(hidden, weight, targets, lambda lp, s, e: lp * upstream[s:e], temperature,
+    from kernels.lm_head import fused_policy_loss
+    return fused_policy_loss(hidden, weight, targets, lambda lp, s, e: lp * upstream[s:e], temperature,
                                   chunk_size=chunk)[0]
 
 
@@ -74,7 +74,7 @@ def run_variant(a):
     targets = torch.randint(0, a.vocab, (a.n,), device=dev)
     upstream = torch.randn(a.n, device=dev)
     fn = VARIANTS[a.variant]
-    chunk = a.chunk or __import__("grpo").logprob_chunk(a.vocab, dev.type, a.memory_mib)
+    chunk = a.chunk or __import__("kernels.lm_head", fromlist=["logprob_chunk"]).logprob_chunk(a.vocab, dev.type, a.memory_mib)
 
     def step():
         hidden.grad = weight.grad = None

@@ -2,7 +2,7 @@
 
     python bench/shared_prefix.py                         # CPU: the default shape (G 8), then G 16 at larger images
     python bench/shared_prefix.py --configs g16-img448    # one configuration
-    torchrun --nproc_per_node 1 bench/shared_prefix.py --model PATH --configs g16-img896-c256 --routes branch flex dense
+    torchrun --nproc_per_node 1 bench/shared_prefix.py --model PATH --configs g16-img896-c256 --routes branch dense
                                                           # a real checkpoint on one GPU, FSDP bf16 as in the trainer
 
 For each configuration the bench builds one rollout batch (prompts from the synthetic shapes set, the image
@@ -120,7 +120,7 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=8, help="prompts per rollout batch (one update)")
     ap.add_argument("--micro-batch", type=int, default=16, help="rows per micro-batch (grpo.py's default)")
     ap.add_argument("--max-pixels", type=int, default=112 * 112)
-    ap.add_argument("--routes", nargs="+", default=["branch", "dense"], choices=["branch", "dense", "flex"],
+    ap.add_argument("--routes", nargs="+", default=["branch", "dense"], choices=["branch", "dense"],
                     help="shared-prefix attention routes to time against the per-row layout (grpo --prefix-attention)")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per layout (after one warm-up each)")
     ap.add_argument("--out", default="out/bench_shared_prefix.json")
@@ -134,7 +134,7 @@ def main(argv=None):
     assert world == 1, "one process: the bench times one rank's train phase"
     model = a.model or palmr.ensure_tiny_checkpoint(palmr.DEFAULT_TINY, seed=0)
     processor = palmr.load_processor(model)
-    # "branch" registers grpo.prefix_attention, which serves every route; each pass then sets its own
+    # "branch" registers kernels.shared_prefix.prefix_attention, which serves every route; each pass then sets its own
     policy = grpo.prepare_model(model, device, train=True, prefix_attention="branch")
     reference = grpo.prepare_model(model, device, train=False, prefix_attention="branch")
     samples = read_jsonl(ensure_shapes())[:a.prompts]

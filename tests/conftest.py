@@ -32,6 +32,7 @@ def shapes_file(tmp_path_factory):
 def warm_ckpt(tmp_path_factory, tiny_ckpt, shapes_file):
     """The tiny checkpoint after a short supervised warm-up: writes the format, sometimes answers right."""
     import grpo
+    import warmup
     out = tmp_path_factory.mktemp("warm") / "ckpt"
-    grpo.warmup(tiny_ckpt, shapes_file, out, steps=150, batch=16, seed=0)
+    warmup.warmup(tiny_ckpt, shapes_file, out, grpo.prepare_model, grpo.training_batch, steps=150, batch=16, seed=0)
     return str(out)

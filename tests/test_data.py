@@ -395,7 +395,7 @@ def test_layout_ingests_into_the_expected_samples(tmp_path, name):
     out = tmp_path / "work" / "ingested.jsonl"
     summary = data.ingest(inputs, out, max_pixels=1003520)
     samples = {s.id: s for s in read_jsonl(out)}
-    assert set(expected) <= set(samples), f"{name}: kept {sorted(samples)}, log {out.with_name('ingested.log.jsonl').read_text()}"
+    assert set(expected) == set(samples), f"{name}: kept {sorted(samples)}, log {out.with_name('ingested.log.jsonl').read_text()}"
     log = {r["id"]: r for r in map(json.loads, out.with_name("ingested.log.jsonl").read_text().splitlines())}
     for sid, want in expected.items():
         s = samples[sid]
@@ -801,3 +801,36 @@ def test_make_shapes_deterministic(tmp_path, shapes40):
     assert open(again).read() == open(path).read()
     other = make_shapes(n=40, out_dir=tmp_path / "other", seed=1)
     assert open(other).read() != open(path).read()  # the seed matters
+
+
+# -----------------------------------------------------------------------------
+# the PaDLayer build on shapes, then grpo.py trains on its output
+
+
+@pytest.mark.slow
+def test_build_on_shapes_gives_a_file_grpo_trains_on(tmp_path, shapes_file, warm_ckpt, gemini):
+    import argparse
+    for s in read_jsonl(shapes_file):
+        gemini.register(data.load_image(s), s.facts)
+    work = tmp_path / "work"
+    a = argparse.Namespace(cmd="build", inputs=[shapes_file], work=str(work), max_pixels=112 * 112, model=warm_ckpt,
+                           k=4, min_pass=0.0, max_pass=1.0, n=4, batch=16, max_new_tokens=64, seed=0,
+                           provider="gemini", facts_model="gemini-2.5-flash", base_url=gemini.base_url,
+                           api_key_env="OPENAI_API_KEY", concurrency=8, retries=2, backoff=0.01, timeout=10.0,
+                           price_in=0.3, price_out=2.5, judge="rule", judge_base_url=None, judge_model=None)
+    out = data.run_step(a)
+    assert out["ingest"]["kept"] == 64
+    kept = read_jsonl(work / "train.jsonl")
+    assert kept, f"nothing survived: {out}"
+    by_id = {s.id: s for s in read_jsonl(shapes_file)}
+    for s in kept:
+        assert s.facts == by_id[s.meta["native_id"]].facts, "facts come from the provider, for this item's image"
+        assert 0 < s.meta["pass_rate"] < 1 and s.reference and palmr.parse_response(s.reference)[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "grpo.py"),
+           "--data", str(work / "train.jsonl"), "--model", warm_ckpt, "--out", str(tmp_path / "run"),
+           "--max-steps", "1", "--rollout-batch", "2", "--update-batch", "2", "--group-size", "2",
+           "--max-new-tokens", "16"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "step 1/1" in proc.stdout and (tmp_path / "run" / "checkpoint-000001").exists()

@@ -221,8 +221,8 @@ def test_make_judge_rule():
     ("<think>..</think>\nVERDICT: UNFAITHFUL", "UNFAITHFUL"),          # point-wise after reasoning
     ("**VERDICT: FAITHFUL**", "FAITHFUL"),                             # point-wise in bold
     # a padded markdown table made the old pattern backtrack for minutes (n^5 in the run of spaces)
-    ("| Criterion | Verdict" + " " * 5000 + "|\nVERDICT: A", "A"),
-    ("VERDICT" + " " * 5000 + "x", None),
+    pytest.param("| Criterion | Verdict" + " " * 5000 + "|\nVERDICT: A", "A", id="padded-table"),
+    pytest.param("VERDICT" + " " * 5000 + "x", None, id="padded-no-verdict"),
     # never a verdict
     ("I prefer A.", None),                                             # no verdict line
     ("<think>VERDICT: A ... (cut off)", None),                         # unterminated reasoning only

@@ -15,7 +15,14 @@ from variants.vicrit import ViCrit
 from variants.vision_sr1 import VisionSR1
 from variants.vppo import VPPO
 
-VARIANTS = (TokenCredit, VPPO, VisionSR1, Pearl, ViCrit)  # hooks run in this order
+VARIANTS = [TokenCredit, VPPO, VisionSR1, Pearl, ViCrit]  # hooks run in this order
+
+
+def register(cls):
+    """Plug in a method defined outside this folder (a fork's, examples/toy_variant.py), before grpo.get_args."""
+    if cls not in VARIANTS:
+        VARIANTS.append(cls)
+    return cls
 
 
 def add_args(ap):
@@ -40,4 +47,4 @@ def active(args, world):
     return on
 
 
-__all__ = ["Extra", "Variant", "VARIANTS", "add_args", "active", "resume_keys"]
+__all__ = ["Extra", "Variant", "VARIANTS", "add_args", "active", "register", "resume_keys"]

@@ -1,8 +1,10 @@
-"""The shared-prefix layout (grpo.shared_prefix_batch): each prompt once per group, its completions as branches.
+"""The shared-prefix layout (kernels/shared_prefix.py; grpo.shared_prefix_batch): each prompt once per group, its
+completions as branches.
 
 Exactness is checked against the per-row layout (grpo.training_batch) on the tiny Qwen2.5-VL: in float64 to
 1e-9 for log-probs, entropies and the gradient of every parameter; in bf16 within a stated tolerance; under
-FSDP2 on 2 gloo ranks; with empty, max-length and split groups.
+FSDP2 on 2 gloo ranks; with empty, max-length and split groups. The branch route's attention is checked alone
+against SDPA with the dense mask.
 """
 import json
 import os
@@ -16,9 +18,13 @@ import torch
 import grpo
 import palmr
 from data import Sample, read_jsonl
-from shared_prefix_probe import LENGTHS, synthetic_rows, weighted_backward
+from kernels.lm_head import naive_logprobs
+from kernels.shared_prefix import (PREFIX_ATTENTION, PrefixBranches, branch_attention, prefix_attention_mask,
+                                   prefix_layout, use_prefix_attention)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # the probe module, beside conftest.py
+from shared_prefix_probe import LENGTHS, synthetic_rows, weighted_backward  # noqa: E402
 
 
 def _sample(i):
@@ -31,17 +37,23 @@ def _row(sample, ids):
 
 def test_layout_by_hand():
     # two text-only prompts: p0 (3 tokens) with completions [20, 21], [], [30]; p1 (2 tokens) with [50, 51, 52]
+    prompts = [{"input_ids": [10, 11, 12]}] * 3 + [{"input_ids": [40, 41]}]
+    layout = prefix_layout(["p0", "p0", "p0", "p1"], prompts, [[20, 21], [], [30], [50, 51, 52]], pad_id=0)
+    assert sorted(layout) == ["branch", "hidden_index", "input_ids", "shift"], "text only: no vision tensors"
+    assert layout["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30], [40, 41, 50, 51, 52, 0]]
+    assert layout["branch"].tolist() == [[0, 0, 0, 1, 1, 3], [0, 0, 1, 1, 1, -1]]
+    # [30] sits 2 tokens later than it would alone after p0 (after [20, 21])
+    assert layout["shift"].tolist() == [[0, 0, 0, 0, 0, 2], [0, 0, 0, 0, 0, 0]]
+    # hidden states that predict each completion token, flat over (S * L) = (2 * 6): the prompt's last
+    # token predicts a completion's first; masked positions point at index 0 of their sequence (never read)
+    assert layout["hidden_index"].tolist() == [[2, 3, 0], [0, 0, 0], [2, 0, 0], [7, 8, 9]]
+    # the trainer's batch: the same layout, plus the per-token completion tensors of the same rows
     a, b = _sample(0), _sample(1)
     encoded = {"p0": {"input_ids": [10, 11, 12]}, "p1": {"input_ids": [40, 41]}}
     rows = [_row(a, [20, 21]), _row(a, []), _row(a, [30]), _row(b, [50, 51, 52])]
     batch = grpo.shared_prefix_batch(rows, encoded, pad_id=0, device="cpu")
-    assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30], [40, 41, 50, 51, 52, 0]]
-    assert batch["branch"].tolist() == [[0, 0, 0, 1, 1, 3], [0, 0, 1, 1, 1, -1]]
-    # [30] sits 2 tokens later than it would alone after p0 (after [20, 21])
-    assert batch["shift"].tolist() == [[0, 0, 0, 0, 0, 2], [0, 0, 0, 0, 0, 0]]
-    # hidden states that predict each completion token, flat over (S * L) = (2 * 6): the prompt's last
-    # token predicts a completion's first; masked positions point at index 0 of their sequence (never read)
-    assert batch["hidden_index"].tolist() == [[2, 3, 0], [0, 0, 0], [2, 0, 0], [7, 8, 9]]
+    for k, v in layout.items():
+        assert torch.equal(batch[k], v), k
     assert batch["completion_ids"].tolist() == [[20, 21, 0], [0, 0, 0], [30, 0, 0], [50, 51, 52]]
     assert batch["mask"].tolist() == [[1, 1, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1]]
     # the per-row layout has the same completion tensors for the same rows
@@ -52,9 +64,10 @@ def test_layout_by_hand():
 
 def test_attention_mask_by_hand():
     branch = torch.tensor([[0, 0, 0, 1, 1, 3], [0, 0, 1, 1, 1, -1]])
-    layout = grpo.prefix_attention_mask(branch, "branch")  # per sequence: prompt length, completions' [start, end)
+    layout = prefix_attention_mask(branch, "branch")  # per sequence: prompt length, completions' [start, end)
+    assert isinstance(layout, PrefixBranches) and layout.shape == (2, 6)
     assert layout.spans == [(3, [(3, 5), (5, 6)]), (2, [(2, 5)])]
-    mask = grpo.prefix_attention_mask(branch, "dense", "sdpa")
+    mask = prefix_attention_mask(branch, "dense", "sdpa")
     assert mask.shape == (2, 1, 6, 6) and mask.dtype == torch.bool
     assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],   # prompt: causal
                                          [1, 1, 0, 0, 0, 0],
@@ -64,10 +77,38 @@ def test_attention_mask_by_hand():
                                          [1, 1, 1, 0, 0, 1]]   # completion 3: prompt + itself, never completion 1
     assert mask[1, 0, 5].int().tolist() == [1, 1, 0, 0, 0, 1], "padding sees the prompt and itself (finite softmax)"
     assert not mask[1, 0, :5, 5].any(), "no real token sees padding"
-    eager = grpo.prefix_attention_mask(branch, "dense", "eager", torch.float64)
+    assert torch.equal(prefix_attention_mask(branch, "dense", PREFIX_ATTENTION), mask), "prefix_attention: SDPA's mask"
+    eager = prefix_attention_mask(branch, "dense", "eager", torch.float64)
     assert torch.equal(eager == 0, mask) and eager.min() == torch.finfo(torch.float64).min
     with pytest.raises(ValueError, match="flash_attention_2"):
-        grpo.prefix_attention_mask(branch, "dense", "flash_attention_2")
+        prefix_attention_mask(branch, "dense", "flash_attention_2")
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_branch_attention_equals_dense_mask_sdpa(groups):
+    # the branch route alone: per completion, SDPA on [prompt keys; its keys] with a lower-right causal bias,
+    # against one SDPA call with the dense (L, L) mask on every sequence; grouped keys (GQA) with groups 2
+    torch.manual_seed(0)
+    branch = torch.tensor([[0, 0, 0, 1, 1, 3, 3, 3], [0, 0, 1, 1, 1, 2, -1, -1], [0, 0, 0, 0, -1, -1, -1, -1]])
+    S, L, Hq, D = *branch.shape, 4, 8
+    query = torch.randn(S, Hq, L, D, dtype=torch.float64)
+    key, value = (torch.randn(S, Hq // groups, L, D, dtype=torch.float64) for _ in range(2))
+    got = branch_attention(query, key, value, prefix_attention_mask(branch, "branch"), 0.3)
+    mask = prefix_attention_mask(branch, "dense", "sdpa")
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask, scale=0.3)
+    real = (branch >= 0)[:, None, :, None].expand_as(got)
+    torch.testing.assert_close(got[real], want[real], atol=1e-12, rtol=0)
+    assert torch.equal(got[~real], torch.zeros_like(got[~real])), "padding rows are 0"
+
+
+def test_removed_flex_route_is_refused(capsys):
+    # issue 24: --prefix-attention flex (torch flex_attention with a BlockMask) is gone: branch or dense
+    with pytest.raises(AssertionError, match="flex"):
+        use_prefix_attention(object(), "flex")
+    with pytest.raises(SystemExit):
+        grpo.get_args(["--prefix-attention", "flex"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_split_tokens_and_row_tokens_by_hand():
@@ -125,19 +166,58 @@ def _max_diff(a, b):
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
-@pytest.mark.parametrize("route,impl", [("branch", "fused"), ("dense", "fused"), ("branch", "naive")])
-def test_float64_logprobs_entropies_and_all_gradients_equal_per_row(float64_model, tiny_ckpt, shapes_file, route, impl):
+def _naive_weighted(model, batch):
+    """weighted_backward's loss, sum(logp * w), on the naive LM head (full logits) over the model's hidden states:
+    -> (B, T) log-probs and entropies (0 where masked), and the loss, differentiable."""
+    hidden, weight = grpo.completion_hidden(model, batch)
+    mask = batch["mask"].bool()
+    rows_logp, rows_entropy = naive_logprobs(hidden[mask], weight, batch["completion_ids"][mask], 0.7)
+    logp = torch.zeros(mask.shape, dtype=rows_logp.dtype).masked_scatter(mask, rows_logp)
+    entropy = torch.zeros(mask.shape, dtype=rows_logp.dtype).masked_scatter(mask, rows_entropy)
+    w = torch.linspace(-1, 1, logp.numel(), dtype=logp.dtype).view(logp.shape)
+    return logp, entropy, (logp * w).sum()
+
+
+@pytest.mark.parametrize("route", ["branch", "dense"])
+def test_float64_logprobs_entropies_and_all_gradients_equal_per_row(float64_model, tiny_ckpt, shapes_file, route):
     rows, encoded, pad = _rows(tiny_ckpt, shapes_file)
-    float64_model.logprob_impl = impl
-    float64_model.prefix_attention = route
+    language = float64_model.model.language_model.config._attn_implementation
+    assert language == PREFIX_ATTENTION, "branch (the fixture's route): the text model's attention is prefix_attention"
+    assert float64_model.model.visual.config._attn_implementation != PREFIX_ATTENTION, "the vision tower keeps its own"
+    float64_model.prefix_attention = route  # dense: prefix_attention hands the (L, L) mask to SDPA
     for part in (slice(None), slice(2, 9)):  # whole groups, and a micro-batch that cuts two groups
-        logp0, ent0, g0 = weighted_backward(float64_model, grpo.training_batch(rows[part], encoded, pad, "cpu"))
+        per_row = grpo.training_batch(rows[part], encoded, pad, "cpu")
+        logp0, ent0, g0 = weighted_backward(float64_model, per_row)
         logp1, ent1, g1 = weighted_backward(float64_model, grpo.shared_prefix_batch(rows[part], encoded, pad, "cpu"))
         assert logp0.dtype == torch.float64 and sorted(g0) == sorted(g1)
         assert len(g0) == len(list(float64_model.parameters())), "every parameter gets a gradient"
         assert (logp0 - logp1).abs().max() < 1e-9 and (ent0 - ent1).abs().max() < 1e-9
         assert _max_diff(g0, g1) < 1e-9, sorted(((g0[n] - g1[n]).abs().max().item(), n) for n in g0)[-3:]
-        assert logp0[0].abs().sum() > 0 and g0["model.visual.patch_embed.proj.weight"].abs().sum() > 0
+
+
+def test_float64_per_row_matches_naive_head_and_finite_differences(float64_model, tiny_ckpt, shapes_file):
+    # what the layout comparisons above stand on: the per-row layout's log-probs and entropies against the naive
+    # LM head (full logits) on the same hidden states, and the vision tower's gradient (which the image tokens,
+    # once per group in the shared layout, must receive) against central differences of the naive loss
+    rows, encoded, pad = _rows(tiny_ckpt, shapes_file)
+    batch = grpo.training_batch(rows, encoded, pad, "cpu")
+    logp, entropy, grads = weighted_backward(float64_model, batch)
+    with torch.no_grad():
+        want_logp, want_entropy, _ = _naive_weighted(float64_model, batch)
+    assert (logp - want_logp).abs().max() < 1e-9 and (entropy - want_entropy).abs().max() < 1e-9
+    assert torch.equal(logp == 0, batch["mask"] == 0), "a log-prob for every completion token, 0 elsewhere"
+    name = "model.visual.patch_embed.proj.weight"
+    proj = dict(float64_model.named_parameters())[name]
+    direction = torch.randn(proj.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    losses, step = [], 1e-6
+    with torch.no_grad():
+        for sign in (1, -1):
+            proj.add_(sign * step * direction)
+            losses.append(_naive_weighted(float64_model, batch)[2].item())
+            proj.sub_(sign * step * direction)
+    numeric = (losses[0] - losses[1]) / (2 * step)
+    analytic = (grads[name] * direction).sum().item()
+    assert abs(analytic - numeric) < 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
 
 
 def test_float64_folded_policy_loss_equals_per_row(float64_model, tiny_ckpt, shapes_file):
@@ -155,6 +235,10 @@ def test_float64_folded_policy_loss_equals_per_row(float64_model, tiny_ckpt, sha
         loss.backward()
         losses.append(loss.item())
         grads.append({n: p.grad.clone() for n, p in float64_model.named_parameters()})
+        with torch.no_grad():  # the same loss from the naive LM head's log-probs and policy_loss, unfolded
+            logp = _naive_weighted(float64_model, batch)[0]
+            want, _ = grpo.policy_loss(logp, old, old - 0.1, adv, mask, 0.2, 0.28, 0.01)
+        assert abs(loss.item() - want.item()) < 1e-9, (loss.item(), want.item())
     assert abs(losses[0] - losses[1]) < 1e-9 and _max_diff(grads[0], grads[1]) < 1e-9
 
 
@@ -170,27 +254,11 @@ def test_bf16_stays_within_its_own_rounding(tiny_ckpt, shapes_file):
         model.to(torch.bfloat16)
         row = model.completion_logprobs(grpo.training_batch(rows, encoded, pad, "cpu"), 1.0)[0]
         shared = model.completion_logprobs(grpo.shared_prefix_batch(rows, encoded, pad, "cpu"), 1.0)[0]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, "the bf16 passes really ran in bf16"
     own = (row - fp32).abs().max().item()
-    assert 0 < own < 0.05, own
+    torch.testing.assert_close(row, fp32, atol=0.05, rtol=0)  # bf16's own rounding, within the stated tolerance
     assert (shared - fp32).abs().max().item() <= 1.5 * own, ((shared - fp32).abs().max().item(), own)
     assert (shared - row).abs().max().item() <= 2 * own, ((shared - row).abs().max().item(), own)
-
-
-def test_flex_block_mask_forward_equals_dense(float64_model, tiny_ckpt, shapes_file):
-    # --prefix-attention flex: the text model's attention goes through torch flex_attention with a BlockMask;
-    # PyTorch runs it on CPU uncompiled and forward-only, so only the no-grad passes are checked here
-    rows, encoded, pad = _rows(tiny_ckpt, shapes_file)
-    batch = grpo.shared_prefix_batch(rows, encoded, pad, "cpu")
-    with torch.no_grad():
-        float64_model.prefix_attention = "dense"
-        dense = float64_model.completion_logprobs(batch, 0.7)
-        grpo.use_prefix_attention(float64_model, "flex")
-        assert float64_model.model.language_model.config._attn_implementation == grpo.PREFIX_ATTENTION
-        assert float64_model.model.visual.config._attn_implementation != grpo.PREFIX_ATTENTION
-        flex = float64_model.completion_logprobs(batch, 0.7)
-        per_row = float64_model.completion_logprobs(grpo.training_batch(rows, encoded, pad, "cpu"), 0.7)  # SDPA
-    assert (dense[0] - flex[0]).abs().max() < 1e-9 and (dense[1] - flex[1]).abs().max() < 1e-9
-    assert (per_row[0] - flex[0]).abs().max() < 1e-9
 
 
 @pytest.mark.slow
