@@ -132,7 +132,7 @@ def test_trainer_fused_head_matches_naive_head(tiny_ckpt, shapes_file, case):
     import palmr
     from data import read_jsonl
     args = grpo.get_args(["--model", tiny_ckpt, "--data", shapes_file, "--beta", "0.05", "--rollout-batch", "4",
-                          "--micro-batch", "3", *TRAINER_CASES[case]])
+                          "--group-size", "4", "--max-new-tokens", "32", "--micro-batch", "3", *TRAINER_CASES[case]])
     processor = palmr.load_processor(tiny_ckpt)
     cpu = torch.device("cpu")
     fused = grpo.prepare_model(tiny_ckpt, cpu, train=True)

@@ -1,12 +1,11 @@
-"""PEARL (--reward pearl): the checklist rule, the gate, the auxiliary rollouts' grading and pass rate, the
-interleaved training rows, all by hand; and the trainer with it (one process and torchrun on 2 ranks)."""
+"""PEARL (variants/pearl.py, --reward pearl): the checklist rule, the gate, the auxiliary rollouts' grading and
+pass rate, the interleaved training rows, all by hand; and the trainer with it (torchrun on 2 ranks:
+tests/variants/test_base.py)."""
 import json
-import os
 import random
 import re
-import subprocess
-import sys
-from pathlib import Path
+import time
+import types
 
 import pytest
 import torch
@@ -14,10 +13,13 @@ import torch
 import data
 import grpo
 import palmr
+import variants
+import variants.pearl as pearl
 from data import Sample
-from rewards import fuse, pearl_checklist, plural_noun, score_completion
-
-ROOT = Path(__file__).resolve().parent.parent
+from palmr import plural_noun
+from rewards import fuse, score_completion
+from variants.pearl import PEARL_GATE, Pearl, pearl_checklist, pearl_checks
+from variants.token_credit import TokenCredit
 
 
 def obj(name, count, *attributes):
@@ -147,8 +149,12 @@ def test_pearl_checks_grade_and_pass_rate(tiny_ckpt, tmp_path):
                              "blue squares": [ok(1), ok(0), ok(0), ok(0)],
                              "blue circles": [ok(0), ok(0), ok(0), ok(0)]})
     args = grpo.get_args(["--reward", "pearl", "--judge", "none", "--pearl-items", "3", "--pearl-group", "4"])
-    rows, encoded, rewards, perception = grpo.pearl_checks(engine, palmr.load_processor(tiny_ckpt), [s], args,
-                                                           step=2, rank=0)
+    processor = palmr.load_processor(tiny_ckpt)
+    hooks = variants.active(args, 1)
+    run = types.SimpleNamespace(args=args, step=2, rank=0, prefill="")  # as grpo.main builds it
+    run.rollout = lambda batch, n=None, seed_offset=0: grpo.rollout(engine, processor, batch, args, run.step, 0, n,
+                                                                    seed_offset, hooks)
+    rows, encoded, rewards, perception = pearl_checks(run, [s])
     assert [r[0].id for r in rows] == ["a#pearl0"] * 4 + ["a#pearl1"] * 4 + ["a#pearl2"] * 4
     assert set(encoded) == {"a#pearl0", "a#pearl1", "a#pearl2"} and rows[0][0].meta == {"of": "a"}
     # correct + format = 1.0, wrong + format = 0.1, correct without the format = 0.9
@@ -157,58 +163,103 @@ def test_pearl_checks_grade_and_pass_rate(tiny_ckpt, tmp_path):
     assert engine.calls == [(3, 4, args.seed + 1_000_003 * 2 + 700_001)]  # one batched call, its own seed
     # the gate then keeps this prompt's reasoning reward (8/12 >= 0.5) and would zero it at a 0.7 gate
     reply = palmr.Completion([1], "<think>2 circles, 0 triangles</think> \\boxed{yes}", [], True)
-    kept, _, _, _ = grpo.compute_rewards(None, [(s, reply)], "pearl", s_perc=[perception["a"]], gate=0.5)
-    shut, parts, _, _ = grpo.compute_rewards(None, [(s, reply)], "pearl", s_perc=[perception["a"]], gate=0.7)
+    signals = [{"s_perc": perception["a"]}]
+    kept, _, _, _ = grpo.compute_rewards(None, [(s, reply)], "pearl", signals=signals, options={"gate": 0.5})
+    shut, parts, _, _ = grpo.compute_rewards(None, [(s, reply)], "pearl", signals=signals, options={"gate": 0.7})
     assert kept.tolist() == pytest.approx([1.0]) and shut.tolist() == [0.0] and parts["ans"].tolist() == [1.0]
+    assert parts["perc"].tolist() == pytest.approx([8 / 12])  # the signal s_perc is logged as the part perc
+    # the hook passes its gate to every row's scheme
+    assert Pearl(args).reward_signals() == {"gate": PEARL_GATE} == {"gate": 0.5}
 
 
-def test_interleave_checks_by_hand():
+def test_interleave_groups_by_hand():
     rows = ["p0a", "p0b", "p1a", "p1b"]
     checks = ["c0x", "c0y", "c0z", "c1x", "c1y", "c1z"]
-    out, adv, wrong = grpo.interleave_checks(rows, torch.tensor([1., 2., 3., 4.]), [[1], [], [2, 3], []], checks,
-                                             torch.tensor([10., 20., 30., 40., 50., 60.]), 2)
+    out, adv = grpo.interleave_groups(rows, torch.tensor([1., 2., 3., 4.]), checks,
+                                      torch.tensor([10., 20., 30., 40., 50., 60.]), 2)
     assert out == ["p0a", "p0b", "c0x", "c0y", "c0z", "p1a", "p1b", "c1x", "c1y", "c1z"]
     assert adv.tolist() == [1, 2, 10, 20, 30, 3, 4, 40, 50, 60]
+
+
+def test_located_errors_follow_their_rows_through_the_interleaving():
+    # token credit and PEARL together: the judge's located errors of the reasoning rows stay with those rows once
+    # the checklist groups are interleaved; the checklist rows (never judged) get none
+    completion = lambda: palmr.Completion([1, 2, 3, 4], "x", [], True)  # noqa: E731
+    rows = [("p0a", completion()), ("p0b", completion()), ("p1a", completion()), ("p1b", completion())]
+    checks = [(f"c{i}{j}", completion()) for i in range(2) for j in "xyz"]
+    args = grpo.get_args(["--reward", "pearl", "--credit", "token", "--credit-c", "0.5"])
+    hooks = variants.active(args, 1)
+    assert [type(h) for h in hooks] == [TokenCredit, Pearl]  # only token credit shapes the advantages
+    hooks[0].wrong = {id(rows[0][1]): [1], id(rows[2][1]): [2, 3]}  # what after_reward leaves for this step
+    out, adv = grpo.interleave_groups(rows, torch.zeros(4), checks, torch.tensor([10., 20., 30., 40., 50., 60.]), 2)
+    ctx = types.SimpleNamespace(rows=out, advantages=adv, spans=[[range(0, 10)]], device=torch.device("cpu"),
+                                batches=[[{"mask": torch.ones(10, 4)}]])
+    (shaped,), _ = hooks[0].shape_advantages(ctx)
+    wrong = [[t for t in range(4) if shaped[0][r, t] != adv[r]] for r in range(10)]
     assert wrong == [[1], [], [], [], [], [2, 3], [], [], [], []]
-    assert grpo.interleave_checks(rows, torch.zeros(4), None, checks, torch.zeros(6), 2)[2] is None
+    assert shaped[0][0, 1] == shaped[0][5, 2] == -0.5
 
 
-def test_trainer_step_with_the_real_engine(tmp_path, tiny_ckpt, shapes_file):
+def _recording_checks(monkeypatch):
+    """Record what each step's checklist pass returned (its rows, the pass rate per prompt) and the seconds it
+    took, around variants.pearl.pearl_checks."""
+    seen = []
+
+    def recording(*a, **k):
+        t = time.time()
+        out = pearl_checks(*a, **k)
+        seen.append((out, time.time() - t))
+        return out
+    monkeypatch.setattr(pearl, "pearl_checks", recording)
+    return seen
+
+
+def _train(tmp_path, tiny_ckpt, shapes_file, *flags):
     grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path), "--max-steps", "1",
                "--reward", "pearl", "--judge", "none", "--rollout-batch", "2", "--update-batch", "2",
                "--group-size", "2", "--max-new-tokens", "12", "--pearl-items", "2", "--pearl-group", "3",
-               "--save-every", "100", "--log-rollouts-every", "0"])
-    m = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert m["pearl/rollouts"] == pytest.approx(2 * 3 / 2) and m["t_pearl"] > 0  # per reasoning rollout
-    assert 0.0 <= m["pearl/perception"] <= 1.0 and m["reward/perc"] == pytest.approx(m["pearl/perception"])
+               "--save-every", "100", "--log-rollouts-every", "0", *flags])
+    return json.loads((tmp_path / "metrics.jsonl").read_text())
+
+
+def test_trainer_step_with_the_real_engine(tmp_path, tiny_ckpt, shapes_file, monkeypatch):
+    seen = _recording_checks(monkeypatch)
+    m = _train(tmp_path, tiny_ckpt, shapes_file)
+    ((check_rows, _, _, passed), seconds), = seen
+    assert len(check_rows) == 2 * 2 * 3 and len(passed) == 2  # 2 prompts x 2 questions x 3 rollouts
+    assert m["pearl/rollouts"] == pytest.approx(2 * 3 / 2)  # per reasoning rollout
+    assert m["t_pearl"] == pytest.approx(seconds, abs=0.05)  # the checklist pass's own time (0.05 s: the wrapper's)
+    # every prompt's G = 2 rollouts carry its pass rate: the mean over rows is the mean over prompts
+    assert m["pearl/perception"] == pytest.approx(sum(passed.values()) / 2)
+    assert m["reward/perc"] == pytest.approx(m["pearl/perception"])
+    assert m["pearl/gated"] == pytest.approx(sum(p < PEARL_GATE for p in passed.values()) / 2)
+    assert m["pearl/tokens"] == pytest.approx(sum(len(c.token_ids) for _, c in check_rows) / 4)
     # trained tokens: the reasoning rollouts and the checklist rollouts (2 prompts x 2 + 2 x 2 x 3 rows)
     assert m["tokens"] == pytest.approx((m["completion_len"] + m["pearl/tokens"]) * 4, rel=1e-6)
 
 
-def test_trainer_gate_closes_every_group(tmp_path, tiny_ckpt, shapes_file):
+def test_trainer_gate_closes_every_group(tmp_path, tiny_ckpt, shapes_file, monkeypatch):
     # a gate of 1.0 passes only prompts whose 6 checklist rollouts are all right: the random tiny policy has
-    # none, so every reasoning reward is 0 while the checklist groups still train (tokens > the reasoning rows')
-    grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path), "--max-steps", "1",
-               "--reward", "pearl", "--judge", "none", "--rollout-batch", "2", "--update-batch", "2",
-               "--group-size", "2", "--max-new-tokens", "12", "--pearl-items", "2", "--pearl-group", "3",
-               "--pearl-gate", "1.0", "--save-every", "100", "--log-rollouts-every", "0"])
-    m = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert m["pearl/perception"] < 1.0 and m["pearl/gated"] == 1.0 and m["reward"] == 0.0
-    assert m["tokens"] > m["completion_len"] * 4
+    # none, so every reasoning reward is 0 while the checklist groups still train (their tokens count)
+    seen = _recording_checks(monkeypatch)
+    m = _train(tmp_path, tiny_ckpt, shapes_file, "--pearl-gate", "1.0")
+    ((check_rows, _, _, passed), _), = seen
+    assert max(passed.values()) < 1.0 and m["pearl/perception"] == pytest.approx(sum(passed.values()) / 2)
+    assert m["pearl/gated"] == 1.0 and m["reward"] == 0.0
+    assert m["tokens"] == pytest.approx((m["completion_len"] + m["pearl/tokens"]) * 4, rel=1e-6)
+    assert m["pearl/tokens"] == pytest.approx(sum(len(c.token_ids) for _, c in check_rows) / 4)
 
 
-@pytest.mark.slow
-def test_pearl_under_torchrun_two_ranks(tmp_path, tiny_ckpt, shapes_file):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "grpo.py"),
-           "--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path), "--max-steps", "2",
-           "--reward", "pearl", "--judge", "none", "--rollout-batch", "4", "--update-batch", "2",
-           "--group-size", "2", "--max-new-tokens", "12", "--pearl-items", "2", "--pearl-group", "2",
-           "--save-every", "100", "--log-rollouts-every", "0"]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and all(m["pearl/rollouts"] == pytest.approx(2.0) and m["t_pearl"] > 0 for m in metrics)
-    for m in metrics:  # the gate, seen from the logged means: a gated prompt's rollouts all earn 0, others <= 1
-        assert m["reward"] <= 1.0 - m["pearl/gated"] + 1e-6
-    saved = json.loads((tmp_path / "args.json").read_text())
-    assert saved["reward"] == "pearl" and saved["pearl_items"] == 2 and saved["pearl_group"] == 2
+def test_pearl_flags_are_checked():
+    for flags in (["--pearl-items", "0"], ["--pearl-group", "1"], ["--pearl-gate", "1.5"]):
+        with pytest.raises(SystemExit, match="--pearl-items must be >= 1"):
+            variants.active(grpo.get_args(["--reward", "pearl", *flags]), 1)
+    hook, = variants.active(grpo.get_args(["--reward", "pearl"]), 1)
+    facts = {"objects": [obj("square", 1, "blue"), obj("circle", 2, "red")]}
+    s = Sample(id="a", image="x", question="Are there more circles than triangles?", answer="yes", facts=facts)
+    assert hook.questions(s) == [q for q, _ in pearl_checklist(facts, s.question, 3, "a")]  # length-checked at load
+    assert hook.drop_reason(s, "pearl") is None
+    lone = Sample(id="b", image="x", question="How many red circles are there?", answer="2",
+                  facts={"objects": [obj("circle", 2, "red")]})
+    assert hook.drop_reason(lone, "pearl") == "no checkable facts for a PEARL checklist"
+    assert hook.drop_reason(lone, "grpo") is None  # a --mix-data row with another scheme is not PEARL's

@@ -1,5 +1,10 @@
-"""Process credit (issue 14): omissions in the judge's decision, located errors, per-token advantages."""
+"""Located-error token credit (variants/token_credit.py, --credit token; issue 14): the judge's character spans in
+the trainer's coordinates, spans -> tokens, per-token advantages, the loss that takes them, what one update
+with them does to the policy, and the trainer with it. (The judge's side, omissions and locating claims, is
+tested with judge.py.)"""
 import json
+import random
+import types
 
 import pytest
 import torch
@@ -7,8 +12,9 @@ from transformers import AutoTokenizer
 
 import grpo
 import judge
-from chat_server import ChatServer, _block
-from judge import JudgeItem
+import palmr
+from data import Sample, hallucinated_trace, load_image, read_jsonl
+from variants.token_credit import TokenCredit, span_tokens, token_advantages
 
 FACTS = {"objects": [{"name": "circle", "count": 2, "attributes": ["red"], "location": []},
                      {"name": "square", "count": 1, "attributes": ["blue"], "location": []}],
@@ -19,113 +25,16 @@ def trace(reasoning, answer="2"):
     return f"<think>{reasoning}</think> The answer is \\boxed{{{answer}}}."
 
 
-FULL = trace("I see 2 red circles and 1 blue square.")                    # 0 wrong, covers 2 of 2 groups
-HALF = trace("I see 2 red circles.")                                       # 0 wrong, covers 1 of 2
-NOTHING = trace("I count the circles carefully.")                           # 0 wrong, covers 0 of 2
-WRONG_FULL = trace("I see 2 red circles, 1 blue square and 1 green star.")  # 1 wrong, covers 2 of 2
-WRONG_HALF = trace("I see 3 red circles and 1 blue square.")               # 1 wrong, covers 1 of 2
+FULL = trace("I see 2 red circles and 1 blue square.")  # 0 wrong, covers 2 of 2 groups
 
 
-# (candidate, reference) -> (S_vis, preference) without and with --judge-omissions, by hand:
-# contradictions decide first; with omissions, a lower coverage than the reference's also gates
-@pytest.mark.parametrize("candidate, reference, off, on", [
-    (FULL, FULL, (1.0, "tie"), (1.0, "tie")),
-    (HALF, FULL, (1.0, "tie"), (0.0, "reference")),              # says less: gated only with omissions
-    (NOTHING, FULL, (1.0, "tie"), (0.0, "reference")),
-    (NOTHING, WRONG_FULL, (1.0, "candidate"), (0.0, "reference")),  # the say-less hack: fewer errors, less said
-    (WRONG_FULL, FULL, (0.0, "reference"), (0.0, "reference")),
-    (FULL, WRONG_HALF, (1.0, "candidate"), (1.0, "candidate")),
-    (FULL, HALF, (1.0, "tie"), (1.0, "candidate")),              # says more, no more errors
-    (WRONG_FULL, HALF, (0.0, "reference"), (0.0, "reference")),  # more said does not buy an error
-])
-def test_rule_judge_omissions_table(candidate, reference, off, on):
-    for omissions, want in ((False, off), (True, on)):
-        v = judge.RuleJudge(omissions=omissions).judge([JudgeItem("How many circles?", FACTS, candidate, reference)])[0]
-        assert (v.s_vis, v.preference) == want, (omissions, v)
-
-
-def test_fact_coverage_by_hand():
-    assert [judge.fact_coverage(t, FACTS) for t in (FULL, HALF, NOTHING, WRONG_FULL, WRONG_HALF)] == [1.0, 0.5, 0.0, 1.0, 0.5]
-
-
-def test_rule_judge_locates_wrong_claims_exactly():
-    cand = trace("First 2 red circles. Then 3 blue squares and a green star.")
-    v = judge.RuleJudge().judge([JudgeItem("q", FACTS, cand, FULL)])[0]
-    assert [cand[a:b] for a, b in v.spans] == ["3 blue squares", "a green star"]
-    assert v.s_vis == 0.0 and v.unmatched == 0
-
-
-def test_omission_sentences_are_in_the_prompts_only_when_asked():
-    plain = judge.pairwise_prompt("q", FACTS, FULL, HALF)
-    assert judge.OMISSIONS_PAIRWISE not in plain and "WRONG" not in plain
-    assert judge.OMISSIONS_PAIRWISE in judge.pairwise_prompt("q", FACTS, FULL, HALF, omissions=True)
-    assert judge.OMISSIONS_POINTWISE in judge.pointwise_prompt("q", FACTS, FULL, omissions=True)
-    assert 'WRONG B: "<quote>"' in judge.pairwise_prompt("q", FACTS, FULL, HALF, locate=True)
-    assert judge.pairwise_prompt("q", FACTS, FULL, HALF, locate=True).endswith("`VERDICT: TIE`.")
-
-
-def test_parse_wrong_reads_only_the_final_answer():
-    reply = ('<think>WRONG A: "a thought, not an answer"</think>\n'
-             'WRONG B: "3 red circles"\n- **WRONG A:** \u201c1 green star\u201d\nwrong: "x"\nVERDICT: A')
-    assert judge.parse_wrong(reply) == [("B", "3 red circles"), ("A", "1 green star"), (None, "x")]
-    assert judge.parse_wrong("<think>no final answer") == []
-
-
-def test_locate_quotes_verbatim_loose_repeated_and_unmatched():
-    text = "I see 3 red  Circles.\nThen 3 red circles again, and a star, a reddish one."
-    spans, unmatched = judge.locate_quotes(text, ["3 red circles", "3 red circles", "a moon", "a star"])
-    assert [text[a:b] for a, b in spans] == ["3 red circles", "3 red  Circles", "a star"]  # verbatim first
-    assert unmatched == 1, "a quote found nowhere is counted, never guessed"
-    spans, unmatched = judge.locate_quotes(text, ["red", "red"])  # whole words: never inside "reddish"
-    assert [text[a:b] for a, b in spans] == ["red", "red"] and all(a < text.index("reddish") for a, _ in spans)
-    assert judge.locate_quotes(text, ["dish"]) == ([], 1)
-
-
-def test_parse_wrong_edge_lines():
-    assert judge.parse_wrong('WRONG A:\nWRONG B: "3 red circles"\nVERDICT: A') == [("B", "3 red circles")]
-    assert judge.parse_wrong('`WRONG B: "3 red circles"`\nWRONG A: none\nWRONG: n/a\nVERDICT: A') == [
-        ("B", "3 red circles")]
-
-
-def test_merge_quotes_across_swapped_replies():
-    # the same claim named in both orders counts once; a claim named twice in one reply counts twice
-    merged = judge.merge_quotes([["3 red circles", "a star", "a star"], ["3 Red  circles", "a star"]])
-    assert merged == ["3 red circles", "a star", "a star"]
-
-
-def _locating_reply(messages):
-    """A judge that names the candidate's wrong claims (exactly, by the shapes rule) and one invented quote."""
-    text = messages[-1]["content"]
-    facts = json.loads(text.split("Image facts (ground truth):\n", 1)[1].split("\n\nQuestion:", 1)[0])
-    lines, bad = [], {}
-    for letter in "AB":
-        body = _block(text, f"Response {letter}")
-        wrong = judge.contradictions(body, facts)
-        bad[letter] = len(wrong)
-        lines += [f'WRONG {letter}: "{body[c.span[0]:c.span[1]]}"' for c, _ in wrong]
-    lines.append('WRONG A: "a purple elephant"')  # in neither response
-    verdict = "A" if bad["A"] < bad["B"] else "B" if bad["B"] < bad["A"] else "TIE"
-    return "<think>checking</think>\n" + "\n".join(lines) + f"\nVERDICT: {verdict}"
-
-
-@pytest.mark.parametrize("swap", [False, True])
-def test_llm_judge_quotes_become_spans_over_http(swap):
-    server = ChatServer(reply=_locating_reply)
-    try:
-        j = judge.make_judge("openai", server.base_url, "m", swap=swap, locate=True, concurrency=4, timeout=5,
-                             max_retries=1, backoff=0.01)
-        cand = trace("I see 3 red circles and 1 blue square.")
-        v = j.judge([JudgeItem("q", FACTS, cand, FULL)])[0]
-        assert v.s_vis == 0.0 and [cand[a:b] for a, b in v.spans] == ["3 red circles"]
-        # the invented quote is counted once per reply whose letter was the candidate's
-        assert v.unmatched == (1 if swap else int(_candidate_is_a(j, cand)))
-        assert all("WRONG" in r["content"] for r in server.requests), "the prompt asks for the quotes"
-    finally:
-        server.close()
-
-
-def _candidate_is_a(j, cand):
-    return not j._reference_first(JudgeItem("q", FACTS, cand, FULL))
+def naive_span_tokens(tokenizer, token_ids, spans):
+    """span_tokens' rule by a linear scan instead of its bisection, as an oracle: token i covers characters
+    [lo(i), hi(i + 1)) of the decoded text, hi(k) = len(decode(ids[:k])), lo(k) the same without a trailing
+    U+FFFD (a token ending inside a multi-byte character belongs to it)."""
+    texts = [tokenizer.decode(token_ids[:k], skip_special_tokens=True) for k in range(len(token_ids) + 1)]
+    lo, hi = [len(t.rstrip("\ufffd")) for t in texts], [len(t) for t in texts]
+    return sorted({i for s, e in spans if e > s for i in range(len(token_ids)) if lo[i] < e and hi[i + 1] > s})
 
 
 # -----------------------------------------------------------------------------
@@ -150,17 +59,18 @@ def test_span_tokens_byte_level_bpe(tiny_ckpt):
              (text.index("2 red"), text.index(", 12")), (text.index("\u00b0"), text.index("\u00b0") + 1),
              (0, len(text)), (len(text), len(text) + 5)]
     for s, e in cases:
-        assert grpo.span_tokens(tok, ids, [(s, e)]) == expected(s, e), (text[s:e], pieces)
-    assert grpo.span_tokens(tok, ids, [(start, start + 10)]) == word
-    assert grpo.span_tokens(tok, ids, []) == [] and grpo.span_tokens(tok, [], [(0, 3)]) == []
-    two = grpo.span_tokens(tok, ids, [(0, 1), (start, start + 2)])
+        assert span_tokens(tok, ids, [(s, e)]) == expected(s, e), (text[s:e], pieces)
+        assert naive_span_tokens(tok, ids, [(s, e)]) == expected(s, e), "the oracle used below agrees"
+    assert span_tokens(tok, ids, [(start, start + 10)]) == word
+    assert span_tokens(tok, ids, []) == [] and span_tokens(tok, [], [(0, 3)]) == []
+    two = span_tokens(tok, ids, [(0, 1), (start, start + 2)])
     assert two == sorted(set(expected(0, 1) + expected(start, start + 2)))
 
 
 def test_token_advantages_by_hand():
     adv = torch.tensor([1.0, -0.2, 0.0, -2.0])
     wrong = torch.tensor([[0, 1, 1], [1, 0, 0], [0, 0, 1], [1, 0, 0]], dtype=torch.float32)
-    got = grpo.token_advantages(adv, wrong, c=0.5)
+    got = token_advantages(adv, wrong, c=0.5)
     want = torch.tensor([[1.0, -1.0, -1.0], [-0.5, -0.2, -0.2], [0.0, 0.0, -0.5], [-2.0, -2.0, -2.0]])
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert (got[wrong.bool()] < 0).all(), "a located error never gets a positive advantage"
@@ -173,38 +83,164 @@ def test_policy_loss_takes_per_token_advantages():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     a_tok = torch.tensor([[1.0, -1.0, -1.0], [-0.5, 7.0, 7.0]])
     loss, _ = grpo.policy_loss(logp, logp.detach(), None, a_tok, mask, 0.2, 0.28, 0.0)
-    assert float(loss) == pytest.approx(0.375)
+    assert float(loss.detach()) == pytest.approx(0.375)
     (g,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(g, torch.tensor([[-0.25, 0.25, 0.25], [0.125, 0.0, 0.0]]))
     a_seq = torch.tensor([0.3, -0.6])
     l1, _ = grpo.policy_loss(logp, logp.detach(), None, a_seq, mask, 0.2, 0.28, 0.0)
     l2, _ = grpo.policy_loss(logp, logp.detach(), None, a_seq[:, None].expand(2, 3), mask, 0.2, 0.28, 0.0)
-    assert float(l1) == float(l2) == pytest.approx(-(0.3 * 3 - 0.6) / 4)
+    assert float(l1.detach()) == float(l2.detach()) == pytest.approx(-(0.3 * 3 - 0.6) / 4)
     # the folded path's closure takes the same (B, T) advantages
     token_loss = grpo.masked_token_loss(None, None, a_tok, mask, 0.2, 0.28, 0.0)
-    assert float(token_loss(logp[mask.bool()], 0, 4).sum()) == pytest.approx(0.375)
+    assert float(token_loss(logp[mask.bool()], 0, 4).sum().detach()) == pytest.approx(0.375)
 
 
 def test_compute_rewards_returns_spans_in_completion_coordinates():
-    import palmr
-    from data import Sample
-    s = Sample(id="x", image="", question="How many circles?", answer="2", facts=FACTS, reference=FULL)  # noqa
+    s = Sample(id="x", image="", question="How many circles?", answer="2", facts=FACTS, reference=FULL)
     text = "I see 3 red circles.</think> The answer is \\boxed{2}."
     c = palmr.Completion(token_ids=[1], text=text, logprobs=[0.0], finished=True)
     rewards, parts, stats, spans = grpo.compute_rewards(judge.RuleJudge(), [(s, c)], "palmr", prefill="<think>")
     assert [text[a:b] for a, b in spans[0]] == ["3 red circles"] and float(rewards[0]) == 0.0
 
 
+def test_after_reward_and_shaping_by_hand(tiny_ckpt):
+    # after_reward turns each row's character spans into its token indices; shape_advantages gives those
+    # tokens -max(|A|, c) and every other token (and every row it has no spans for) the row's advantage
+    processor = palmr.load_processor(tiny_ckpt)
+    tok = processor.tokenizer
+    args = grpo.get_args(["--credit", "token", "--credit-c", "0.5"])
+    texts = ["I see 3 red circles.", "I see 2 red circles."]
+    rows = [(None, palmr.Completion(tok(t, add_special_tokens=False)["input_ids"], t, [], True)) for t in texts]
+    hook = TokenCredit(args)
+    hook.after_reward(types.SimpleNamespace(processor=processor), rows, [[(6, 19)], []])
+    ids = rows[0][1].token_ids
+    marked = hook.wrong[id(rows[0][1])]
+    assert marked == naive_span_tokens(tok, ids, [(6, 19)]) and hook.wrong[id(rows[1][1])] == []
+    assert tok.decode([ids[i] for i in marked]).strip() == "3 red circles"
+    extra = (None, palmr.Completion([5, 6], "xy", [], True))  # a row the judge never saw (a method's extra group)
+    width = max(len(ids), len(rows[1][1].token_ids))
+    ctx = types.SimpleNamespace(rows=rows + [extra], spans=[[range(0, 2), range(2, 3)]], device=torch.device("cpu"),
+                                advantages=torch.tensor([0.0, 1.0, -2.0]),
+                                batches=[[{"mask": torch.ones(2, width)}, {"mask": torch.ones(1, 2)}]])
+    (shaped,), metrics = hook.shape_advantages(ctx)
+    want = torch.zeros(2, width)
+    want[0, marked] = -0.5  # A = 0: the wrong claim's tokens get -c
+    want[1] = 1.0
+    torch.testing.assert_close(shaped[0], want, atol=0, rtol=0)
+    torch.testing.assert_close(shaped[1], torch.tensor([[-2.0, -2.0]]), atol=0, rtol=0)
+    assert metrics == {}
+    share = hook.metrics(rows, None)["credit/wrong_tokens"]  # summed per row; the loop averages over rows
+    assert float(share) == pytest.approx(len(marked) / len(ids))
+
+
+# -----------------------------------------------------------------------------
+# what one update with token credit does to the policy
+
+
+def _credit_rows(warm_ckpt, shapes_file, processor):
+    """Two prompts x 2 rows of token ids written by hand: prompt 0's first row is its reference trace with one
+    group misread (data.hallucinated_trace), the other rows are references."""
+    tok = processor.tokenizer
+    samples = read_jsonl(shapes_file)[:2]
+    encoded = {s.id: palmr.encode_prompt(processor, palmr.render_prompt(processor, s.question, s.choices),
+                                         load_image(s), 112 * 112) for s in samples}
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def completion(text):
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [end]
+        return palmr.Completion(ids, text, [0.0] * len(ids), True)
+    texts = [hallucinated_trace(samples[0], random.Random(0)), samples[0].reference, samples[1].reference,
+             samples[1].reference]
+    return [(samples[i // 2], completion(t)) for i, t in enumerate(texts)], encoded
+
+
+def test_located_claim_lowers_exactly_its_tokens(warm_ckpt, shapes_file):
+    args = grpo.get_args(["--model", warm_ckpt, "--data", shapes_file, "--rollout-batch", "2", "--update-batch", "2",
+                          "--group-size", "2", "--beta", "0", "--credit", "token"])
+    processor = palmr.load_processor(warm_ckpt)
+    rows, encoded = _credit_rows(warm_ckpt, shapes_file, processor)
+    policy = grpo.prepare_model(warm_ckpt, torch.device("cpu"), train=True)
+    batch = grpo.training_batch(rows, encoded, processor.tokenizer.pad_token_id, torch.device("cpu"))
+    mask = batch["mask"].bool()
+
+    def logprobs():
+        with torch.no_grad():
+            return policy.completion_logprobs(batch, args.temperature)[0]
+
+    def params():
+        return {n: p.detach().clone() for n, p in policy.named_parameters()}
+    hook, run = TokenCredit(args), types.SimpleNamespace(processor=processor)
+    zero = torch.zeros(len(rows))  # every group's advantage is 0: no sequence-level policy gradient anywhere
+
+    # no located span: a zero-advantage update changes nothing at all, bit for bit
+    start, before = params(), logprobs()
+    hook.after_reward(run, rows, [[] for _ in rows])
+    grpo.train_on_rollouts(policy, None, torch.optim.SGD(policy.parameters(), lr=0.05), processor, rows, encoded,
+                           zero, args, torch.device("cpu"), hooks=[hook])
+    assert all(torch.equal(p, start[n]) for n, p in params().items())
+    assert torch.equal(logprobs(), before)
+
+    # one wrong claim, located by the rule judge in the misread row alone
+    _, _, _, located = grpo.compute_rewards(judge.make_judge("rule", locate=True), rows, "palmr")
+    assert located[0] and not any(located[1:]), located
+    hook.after_reward(run, rows, located)
+    text, ids = rows[0][1].text, rows[0][1].token_ids
+    marked = torch.zeros_like(mask)
+    for i, (_, c) in enumerate(rows):
+        marked[i, hook.wrong[id(c)]] = True
+    claim = " ".join(text[a:b] for a, b in located[0])
+    assert tok_text(processor, [ids[i] for i in hook.wrong[id(rows[0][1])]]) == claim  # e.g. "2 green squares"
+    assert 1 <= int(marked.sum()) <= 5, "a few tokens"
+    grpo.train_on_rollouts(policy, None, torch.optim.SGD(policy.parameters(), lr=0.05), processor, rows, encoded,
+                           zero, args, torch.device("cpu"), hooks=[hook])
+    delta = logprobs() - before
+    drop, rest = delta[marked], delta[mask & ~marked]
+    # Measured on the warm checkpoint (SGD lr 0.05, no clipping: grad norm 0.35; "2 green squares", 3 tokens):
+    # the marked tokens fall by 0.03, 0.27 and 1.67 nats (mean 0.66); every unmarked token of every row moves
+    # by at most 0.074 (the same-prompt reference row), 0.053 on the other prompt's rows, mean |change| 0.003
+    # to 0.009 per row. Unmarked tokens get no policy gradient (A = 0); they move only through the weights
+    # they share with the marked ones. Hence: every marked token falls, by 0.3 nats on average (half the
+    # measured), while no unmarked token moves by more than 0.2 (2.7x the measured) or a fifth of that mean
+    # drop, and their mean |change| stays under 0.02 (2x the worst row).
+    assert (drop < 0).all(), drop
+    assert float(drop.mean()) < -0.3, drop
+    assert float(rest.abs().max()) < min(0.2, 0.2 * float(-drop.mean())), float(rest.abs().max())
+    for i in range(len(rows)):
+        others = delta[i][mask[i] & ~marked[i]]
+        assert float(others.abs().mean()) < 0.02, (i, float(others.abs().mean()))
+
+
+def tok_text(processor, ids):
+    return processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+# -----------------------------------------------------------------------------
+# the trainer
+
+
 @pytest.mark.slow
-def test_token_credit_and_omissions_train(tmp_path, tiny_ckpt, shapes_file):
+def test_token_credit_and_omissions_train(tmp_path, warm_ckpt, shapes_file, monkeypatch):
     # two steps with both mechanisms on: the metrics say what was located, and the run resumes with them
-    flags = ["--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path), "--rollout-batch", "4",
-             "--update-batch", "2", "--group-size", "2", "--max-new-tokens", "16", "--warmup-steps", "0",
+    seen, compute_rewards = [], grpo.compute_rewards
+
+    def recording(judge_, rows, *a, **k):
+        out = compute_rewards(judge_, rows, *a, **k)
+        seen.append((rows, out[3]))
+        return out
+    monkeypatch.setattr(grpo, "compute_rewards", recording)
+    flags = ["--model", warm_ckpt, "--data", shapes_file, "--out", str(tmp_path), "--rollout-batch", "4",
+             "--update-batch", "2", "--group-size", "2", "--max-new-tokens", "32", "--warmup-steps", "0",
              "--credit", "token", "--judge-omissions", "--max-steps", "2", "--save-every", "2"]
     grpo.main(flags)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(0.0 <= r["credit/wrong_tokens"] <= 1.0 and 0.0 <= r["credit/located"] <= 1.0
-                                  for r in rows)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and len(seen) == 2
+    tok = palmr.load_processor(warm_ckpt).tokenizer
+    for m, (rows, located) in zip(metrics, seen):  # the step's means over its rows, recomputed from the judge's spans
+        assert len(rows) == 8 and len(located) == 8
+        assert m["credit/located"] == pytest.approx(sum(bool(sp) for sp in located) / 8)
+        share = [len(naive_span_tokens(tok, c.token_ids, sp)) / max(1, len(c.token_ids))
+                 for (_, c), sp in zip(rows, located)]
+        assert m["credit/wrong_tokens"] == pytest.approx(sum(share) / 8)
     args = json.loads((tmp_path / "args.json").read_text())
     assert args["credit"] == "token" and args["judge_omissions"] is True
     assert set(args["versions"]) == {"python", "torch", "transformers", "tokenizers"}

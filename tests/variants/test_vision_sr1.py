@@ -1,9 +1,8 @@
-"""Vision-SR1 (--reward vision_sr1): the description format, the fused reward by hand, the text-only self-reward
-pass (its prompts, its grading) and the trainer with it (one process and torchrun on 2 ranks)."""
+"""Vision-SR1 (variants/vision_sr1.py, --reward vision_sr1): the description format, the fused reward by hand, the
+text-only self-reward pass (its prompts, its grading), the trainer with it (torchrun on 2 ranks:
+tests/variants/test_base.py), and the SR1-format warm start."""
 import json
-import os
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,12 @@ import pytest
 import grpo
 import palmr
 import report
+import variants
+import variants.vision_sr1 as vision_sr1
+import warmup
 from data import Sample
 from rewards import fuse, score_completion
-
-ROOT = Path(__file__).resolve().parent.parent
+from variants.vision_sr1 import VisionSR1, self_rewards
 
 
 @pytest.mark.parametrize("text,description,ok", [
@@ -60,7 +61,7 @@ def test_self_rewards_prompt_and_grading(tiny_ckpt):
             (s, palmr.Completion([], "<think>I see 3 circles</think>\\boxed{3}", [], True))]
     engine = ScriptedEngine(["<think>the text says two</think> \\boxed{2}", "<think>three</think> \\boxed{3}"])
     args = grpo.get_args(["--reward", "vision_sr1", "--judge", "none"])
-    assert grpo.self_rewards(engine, processor, rows, args, step=0, rank=0) == [1.0, 0.0]
+    assert self_rewards(engine, processor, rows, args, step=0, rank=0) == [1.0, 0.0]
     first, second = (p.text for p in engine.prompts)
     assert all(p.image is None for p in engine.prompts) and "<|image_pad|>" not in first + second
     assert "Text description: two red circles\nQuestion: How many circles?" in first
@@ -69,38 +70,38 @@ def test_self_rewards_prompt_and_grading(tiny_ckpt):
     assert "Text description: <think>I see 3 circles</think>\\boxed{3}\nQuestion:" in second
 
 
-def test_trainer_step_with_the_real_engine(tmp_path, tiny_ckpt, shapes_file):
+def test_trainer_step_with_the_real_engine(tmp_path, tiny_ckpt, shapes_file, monkeypatch):
+    # the self-rewards the hook computed, and the seconds they took, recorded around variants.vision_sr1.self_rewards
+    seen = []
+
+    def recording(*a, **k):
+        t = time.time()
+        out = self_rewards(*a, **k)
+        seen.append((out, time.time() - t))
+        return out
+    monkeypatch.setattr(vision_sr1, "self_rewards", recording)
     grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path), "--max-steps", "1",
                "--reward", "vision_sr1", "--judge", "none", "--rollout-batch", "2", "--update-batch", "2",
                "--group-size", "2", "--max-new-tokens", "12", "--save-every", "100", "--log-rollouts-every", "0"])
     m = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert "reward/self" in m and 0.0 <= m["reward/self"] <= 1.0 and m["t_self_reward"] > 0
+    assert len(seen) == 1 and len(seen[0][0]) == 4  # one text-only pass per step, one answer per rollout
+    (s_self, seconds), = seen
+    assert m["reward/self"] == pytest.approx(sum(s_self) / 4)
+    assert m["t_self_reward"] == pytest.approx(seconds, abs=0.05)  # the pass's own time (0.05 s: the wrapper's)
     assert m["reward"] == pytest.approx(0.9 * m["reward/ans"] + 0.1 * m["reward/fmt"] + m["reward/self"])
-
-
-@pytest.mark.slow
-def test_vision_sr1_under_torchrun_two_ranks(tmp_path, tiny_ckpt, shapes_file):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "grpo.py"),
-           "--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path), "--max-steps", "2",
-           "--reward", "vision_sr1", "--judge", "none", "--rollout-batch", "4", "--update-batch", "2",
-           "--group-size", "2", "--max-new-tokens", "12", "--save-every", "100", "--log-rollouts-every", "0"]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and all("reward/self" in m and m["t_self_reward"] > 0 for m in metrics)
 
 
 def test_sr1_trace_by_hand():
     trace = "<think>I see 2 red circles and 1 blue square. So there are 2 circles.</think> The answer is \\boxed{2}."
-    sr1 = grpo.sr1_trace(trace)
+    sr1 = palmr.sr1_trace(trace)
     assert sr1 == ("<description>I see 2 red circles and 1 blue square.</description><think>So there are 2 "
                    "circles.</think> \\boxed{2}")
     assert palmr.parse_description(sr1) == ("I see 2 red circles and 1 blue square.", True)  # S_fmt = 1 for SR1
     assert score_completion("vision_sr1", sr1, "2", s_self=1.0)[0] == pytest.approx(2.0)
-    one = grpo.sr1_trace("<think>Two circles</think> \\boxed{2}")  # one sentence: in both blocks
+    one = palmr.sr1_trace("<think>Two circles</think> \\boxed{2}")  # one sentence: in both blocks
     assert one == "<description>Two circles</description><think>Two circles</think> \\boxed{2}"
     with pytest.raises(AssertionError, match="not a <think>"):
-        grpo.sr1_trace("no format at all")
+        palmr.sr1_trace("no format at all")
 
 
 def test_sr1_format_warm_start_and_its_evaluation(tmp_path, tiny_ckpt, shapes_file):
@@ -108,12 +109,25 @@ def test_sr1_format_warm_start_and_its_evaluation(tmp_path, tiny_ckpt, shapes_fi
     import eval as evaluation
     base = tmp_path / "tiny"
     shutil.copytree(tiny_ckpt, base)
-    path = grpo.ensure_warm_start(str(base), shapes_file, steps=2, hallucinated_share=0.5, trace_format="description")
+    build = (grpo.prepare_model, grpo.training_batch)  # warmup.py takes the trainer's model and batch layout
+    path = warmup.ensure_warm_start(str(base), shapes_file, 2, 0.5, *build, trace_format="description")
     assert Path(path).name == "tiny-warm2-h0.5-s0-sr1-v2" and (Path(path) / "config.json").exists()
     # cached apart from the <think>-format warm start of the same settings
-    assert grpo.ensure_warm_start(str(base), shapes_file, steps=2, hallucinated_share=0.5) != path
+    assert warmup.ensure_warm_start(str(base), shapes_file, 2, 0.5, *build) != path
     results = evaluation.main(["--bench", "shapes", "--checkpoints", f"w={path}", "--limit", "2", "--max-new-tokens", "4",
                                "--prompt", "sr1", "--out", str(tmp_path / "ev")])
     assert results["settings"]["prompt"] == palmr.SR1_INSTRUCTION and results["checkpoints"]["w"]["shapes"]["n"] == 2
     table = report.study_table({"start": results["checkpoints"]["w"], "start_sr1": results["checkpoints"]["w"]})
     assert "| start (SR1-format warm-up) | - |" in table
+
+
+def test_instruction_and_flags():
+    args = grpo.get_args(["--reward", "vision_sr1", "--judge", "none"])
+    hooks = variants.active(args, 1)
+    assert [type(h) for h in hooks] == [VisionSR1]
+    s = Sample(id="a", image="x.png", question="q", answer="2")
+    assert grpo.instruction(s, args, hooks) == palmr.SR1_INSTRUCTION
+    mixed = Sample(id="b", image="x.png", question="q", answer="2", meta={"reward": "grpo"})  # a --mix-data row
+    assert grpo.instruction(mixed, args, hooks) == palmr.INSTRUCTION
+    with pytest.raises(SystemExit, match="--vllm-tp 1"):
+        variants.active(grpo.get_args(["--reward", "vision_sr1", "--judge", "none", "--vllm-tp", "2"]), 2)

@@ -1,22 +1,25 @@
-"""Judge benchmark without human labels: the per-type gate report (judge.py agree) on the rule judge and on a
-local OpenAI-compatible server, over pairs.py's pairs (the pair synthesis itself: tests/test_pairs.py), and
-the ViCrit task (data.py vicrit, rewards.vicrit_match, --vicrit-data / --reward vicrit)."""
+"""ViCrit (variants/vicrit.py): the item builder (python -m variants.vicrit), the corrupted-phrase match and reward,
+ViCrit rows skipping the judge, the generic mix (--vicrit-data = --mix-data FILE --mix-reward vicrit) and the
+trainer with it. (From tests/test_judge_bench.py.)"""
 import json
 import random
-import tempfile
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import data
 import grpo
 import judge
 import palmr
-import pairs
-from chat_server import ChatServer, perfect_reply
+import variants
+import variants.vicrit as vicrit
 from data import Sample
-from rewards import score_completion, vicrit_match
+from rewards import score_completion
+from variants.vicrit import vicrit_match
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def obj(name, count, attributes, location=()):
@@ -28,59 +31,9 @@ SHAPES = {"objects": [obj("circle", 2, ["red"], ["top left", "top right"]), obj(
 REF = "<think>I see 2 red circles and 1 blue square. So there are 2 circles.</think> The answer is \\boxed{2}."
 
 
-def _shapes_pairs(n=40):
-    samples = data.read_jsonl(data.make_shapes(n, Path(tempfile.mkdtemp()), seed=5))
-    return pairs.make_pairs(samples, seed=0)[0]
-
-
-def test_gate_report_rule_judge_by_type():
-    pairs = _shapes_pairs()
-    report = judge.gate_report({"rule": judge.RuleJudge(), "rule+omissions": judge.RuleJudge(omissions=True)}, pairs)
-    rule = report["protocols"]["rule"]["types"]
-    # contradictions only: added and recoloured groups are caught, a skipped observation and an unsupported
-    # detail are not (no claim is wrong), faithful variants are never gated
-    assert rule["hallucinated_entity"]["agreement"] == 1.0 and rule["misgrounded"]["agreement"] == 1.0
-    assert rule["skipped_step"]["agreement"] == 0.0 and rule["over_specified"]["agreement"] == 0.0
-    assert rule["faithful"]["agreement"] == 1.0 and rule["faithful"]["false_gate"] == 0.0
-    assert rule["misgrounded"]["false_gate"] is None and rule["faithful"]["failed"] == 0.0
-    omissions = report["protocols"]["rule+omissions"]["types"]
-    assert omissions["skipped_step"]["agreement"] > 0.9 and omissions["faithful"]["false_gate"] == 0.0
-    n = sum(report["types"].values())
-    assert report["n"] == n == len(pairs) and report["types"]["faithful"] > report["types"]["misgrounded"]
-
-
-def test_agree_cli_per_type_on_a_local_server(tmp_path):
-    pairs = _shapes_pairs(12)
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    server = ChatServer(reply=perfect_reply)
-    try:
-        out = tmp_path / "agree.json"
-        judge.main(["agree", "--pairs", str(path), "--backend", "openai", "--base-url", server.base_url,
-                    "--model", "judge", "--out", str(out), "--timeout", "5"])
-    finally:
-        server.close()
-    report = json.loads(out.read_text())
-    gate = report["gate"]["protocols"]
-    assert set(gate) == {"pairwise", "pairwise+swap", "pointwise"}
-    for name in gate:  # the server judges by contradictions alone, like the rule judge
-        types = gate[name]["types"]
-        assert types["hallucinated_entity"]["agreement"] == 1.0 and types["misgrounded"]["agreement"] == 1.0
-        assert types["skipped_step"]["agreement"] == 0.0 and types["faithful"]["false_gate"] == 0.0
-        assert types["faithful"]["failed"] == 0.0 and types["misgrounded"]["tokens_per_item"] > 0
-    # swap asks twice per pair: twice the tokens
-    assert gate["pairwise+swap"]["overall"]["tokens_per_item"] == pytest.approx(
-        2 * gate["pairwise"]["overall"]["tokens_per_item"], rel=0.05)
-    from PIL import Image
-    assert Image.open(tmp_path / "agree.png").size[0] > 400
-
-
-# -----------------------------------------------------------------------------
-# ViCrit
-
 def test_vicrit_count_corruption_by_hand():
     facts = {"objects": [obj("circle", 1, ["red"], ["top left"])], "relations": ["the circle is alone"], "text": []}
-    description, old, new = data._vicrit_description(
+    description, old, new = vicrit._vicrit_description(
         [{"n": 1, "attrs": ["red"], "name": "circle", "locs": ["top left"]}], [], facts, "count", 0, True, random.Random(0))
     assert (old, new) == ("one red circle", "two red circles")  # one -> always one more
     assert description == "There are two red circles at top left. The circle is alone."
@@ -94,10 +47,10 @@ def test_vicrit_items_change_exactly_one_phrase(seed):
     facts = data.scene_facts(objects)
     facts["text"] = ["EXIT 4"] if seed % 3 == 0 else []
     s = Sample(id=f"s{seed}", image="x.png", question="q", answer="a", facts=facts)
-    item, why = data.vicrit_item(s, random.Random(seed))
+    item, why = vicrit.vicrit_item(s, random.Random(seed))
     assert why is None and item.answer in item.meta["description"] and item.answer != item.meta["original"]
     kind = item.meta["error_type"]
-    assert item.source == f"vicrit/{kind}" and item.question == data.VICRIT_PROMPT.format(description=item.meta["description"])
+    assert item.source == f"vicrit/{kind}" and item.question == vicrit.VICRIT_PROMPT.format(description=item.meta["description"])
     truth = item.meta["description"].replace(item.answer, item.meta["original"], 1)
     assert item.meta["description"].count(item.answer) == 1, "the corrupted phrase is unambiguous"
     for sentence in truth.split(". "):  # with the corruption undone, every sentence is true of the scene
@@ -113,7 +66,7 @@ def test_vicrit_items_change_exactly_one_phrase(seed):
         n, color, kind_word = item.answer.split()
         assert data.count_of(objects, color, kind_word if n == "one" else kind_word[:-1]) == 0
     if kind == "location":
-        assert item.answer in data.CELLS and item.answer not in cells
+        assert item.answer in vicrit.CELLS and item.answer not in cells
     if kind == "text":
         assert item.meta["original"] == "EXIT 4" and len(item.answer) == 6 and item.answer != "EXIT 4"
 
@@ -124,7 +77,7 @@ def test_vicrit_items_on_real_facts_are_never_true(seed):
     # another visible text; gray and grey are one colour; the answer occurs once
     facts = {"objects": [obj("dog", 1, []), obj("cat", 1, []), obj("car", 2, ["gray"]), obj("car", 1, ["red"])],
              "relations": [], "text": ["4", "5"]}
-    item, why = data.vicrit_item(Sample(id=f"r{seed}", image="x", question="q", answer="a", facts=facts),
+    item, why = vicrit.vicrit_item(Sample(id=f"r{seed}", image="x", question="q", answer="a", facts=facts),
                                  random.Random(seed))
     assert why is None and item.meta["description"].count(item.answer) == 1
     kind = item.meta["error_type"]
@@ -137,7 +90,7 @@ def test_vicrit_items_on_real_facts_are_never_true(seed):
 
 
 def test_vicrit_item_without_facts():
-    assert data.vicrit_item(Sample(id="z", image="x", question="q", answer="a", facts={"objects": []}),
+    assert vicrit.vicrit_item(Sample(id="z", image="x", question="q", answer="a", facts={"objects": []}),
                             random.Random(0)) == (None, "no object entries or visible text in the facts")
 
 
@@ -178,8 +131,9 @@ def test_vicrit_rows_skip_the_judge():
         def judge(self, items):
             self.seen = [it.question for it in items]
             return [judge.Verdict(0.0, preference="reference") for _ in items]
+    # a ViCrit row carries its own scheme (meta.reward: grpo.load_dataset sets it for --vicrit-data / --mix-data rows)
     vic = Sample(id="v-vicrit", image="x", question="find it", answer="two blue squares", source="vicrit/count",
-                 meta={"description": "There are two blue squares."})
+                 meta={"description": "There are two blue squares.", "reward": "vicrit"})
     plain = Sample(id="p", image="x", question="how many?", answer="2", facts=SHAPES, reference=REF)
     c = lambda t: palmr.Completion([1], t, [0.0], True)  # noqa: E731
     j = Recording()
@@ -201,19 +155,60 @@ def test_mixed_step_items():
     assert sorted(extra) == list(range(20)), "one epoch of the extra set over 10 steps, each item once"
 
 
+def _recording_rewards(monkeypatch):
+    """Record each step's rows and reward parts, around grpo.compute_rewards."""
+    seen, compute_rewards = [], grpo.compute_rewards
+
+    def recording(judge_, rows, *a, **k):
+        out = compute_rewards(judge_, rows, *a, **k)
+        seen.append((rows, out[1]))
+        return out
+    monkeypatch.setattr(grpo, "compute_rewards", recording)
+    return seen
+
+
 @pytest.mark.slow
-def test_trainer_mixes_vicrit_items(tmp_path, tiny_ckpt, shapes_file):
+def test_trainer_mixes_vicrit_items(tmp_path, tiny_ckpt, shapes_file, monkeypatch):
     vic = tmp_path / "vicrit.jsonl"
-    summary = data.vicrit_step(shapes_file, vic, seed=0)
+    proc = subprocess.run([sys.executable, "-m", "variants.vicrit", "--in", shapes_file, "--out", str(vic)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # the CLI (was `data.py vicrit`)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["items"] == 64 and sum(summary["types"].values()) == 64
+    assert summary == vicrit.vicrit_step(shapes_file, tmp_path / "again.jsonl", seed=0)
+    assert (tmp_path / "again.jsonl").read_text() == vic.read_text(), "deterministic per (seed, id)"
+    seen = _recording_rewards(monkeypatch)
     grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path / "run"), "--max-steps", "1",
                "--vicrit-data", str(vic), "--vicrit-ratio", "0.5", "--rollout-batch", "4", "--update-batch", "4",
                "--group-size", "2", "--max-new-tokens", "12", "--save-every", "100", "--log-rollouts-every", "0"])
     m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
-    assert m["vicrit/rows"] == 0.5 and 0.0 <= m["vicrit/acc"] <= 1.0
+    (rows, parts), = seen
+    is_vic = [vicrit.is_vicrit(s) for s, _ in rows]
+    assert [s.meta.get("reward") for s, _ in rows] == ["vicrit" if v else None for v in is_vic]
+    assert m["vicrit/rows"] == 0.5 and sum(is_vic) == 4
+    # ViCrit's accuracy over its own rows, recomputed from the step's answer parts
+    assert m["vicrit/acc"] == pytest.approx(sum(a for a, v in zip(parts["ans"].tolist(), is_vic) if v) / 4)
     grpo.main(["--model", tiny_ckpt, "--data", str(vic), "--reward", "vicrit", "--out", str(tmp_path / "only"),
                "--max-steps", "1", "--rollout-batch", "2", "--update-batch", "2", "--group-size", "2",
                "--max-new-tokens", "12", "--save-every", "100", "--log-rollouts-every", "0"])
     m = json.loads((tmp_path / "only" / "metrics.jsonl").read_text())
     assert m["vicrit/rows"] == 1.0
     assert m["reward"] == pytest.approx(0.9 * m["reward/ans"] + 0.1 * m["reward/fmt"])
+
+
+def test_vicrit_flags_mean_the_generic_mix():
+    args = grpo.get_args(["--vicrit-data", "v.jsonl", "--vicrit-ratio", "0.5"])
+    assert (args.mix_data, args.mix_reward, args.mix_ratio) == ("v.jsonl", "vicrit", 0.5)
+    assert [type(h) for h in variants.active(args, 1)] == [vicrit.ViCrit]
+    assert [type(h) for h in variants.active(grpo.get_args(["--reward", "vicrit"]), 1)] == [vicrit.ViCrit]
+    assert variants.active(grpo.get_args([]), 1) == []
+
+
+def test_vicrit_drops_what_is_not_a_vicrit_item():
+    hook = vicrit.ViCrit(grpo.get_args(["--reward", "vicrit"]))
+    item = Sample(id="v", image="x", question="q", answer="a", source="vicrit/count", meta={"description": "d"})
+    plain = Sample(id="p", image="x", question="q", answer="a", source="shapes")
+    assert hook.drop_reason(item, "vicrit") is None and hook.drop_reason(plain, "palmr") is None
+    assert hook.drop_reason(plain, "vicrit") == "not a ViCrit item (python -m variants.vicrit)"
+    no_description = Sample(id="n", image="x", question="q", answer="a", source="vicrit/count")
+    assert hook.drop_reason(no_description, "palmr") == "not a ViCrit item (python -m variants.vicrit)"
