@@ -36,3 +36,36 @@ def warm_ckpt(tmp_path_factory, tiny_ckpt, shapes_file):
     out = tmp_path_factory.mktemp("warm") / "ckpt"
     warmup.warmup(tiny_ckpt, shapes_file, out, grpo.prepare_model, grpo.training_batch, steps=150, batch=16, seed=0)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def thinking_ckpt(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint with a chat template whose generation prompt opens the reasoning itself."""
+    import json
+    import shutil
+
+    import palmr
+    out = tmp_path_factory.mktemp("thinking") / "ckpt"
+    shutil.copytree(tiny_ckpt, out)
+    template = palmr.CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
+    assert template != palmr.CHAT_TEMPLATE
+    (out / "chat_template.jinja").write_text(template)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    return str(out)
+
+
+@pytest.fixture()
+def mixed_items(tmp_path, shapes_file):
+    """Three shapes items, then one corrupt image and one 12 x 3000 strip (the processor's limit is 200:1)."""
+    import data
+    from PIL import Image
+    samples = data.read_jsonl(shapes_file)[:3]
+    (tmp_path / "corrupt.png").write_bytes(b"not an image")
+    Image.new("RGB", (12, 3000), "white").save(tmp_path / "strip.png")
+    bad = data.Sample("bad-corrupt", str(tmp_path / "corrupt.png"), "How many circles?", "1", facts=samples[0].facts,
+                      reference=samples[0].reference)
+    strip = data.Sample("tall-strip", str(tmp_path / "strip.png"), "How many circles?", "0", facts=samples[0].facts,
+                        reference=samples[0].reference)
+    path = tmp_path / "mixed.jsonl"
+    data.write_jsonl(path, samples + [bad, strip])
+    return path

@@ -693,21 +693,6 @@ def test_facts_keeps_good_items_when_others_are_blocked(tmp_path, shapes_file):
 # -----------------------------------------------------------------------------
 # one bad item: logged with its id and reason, the rest goes on
 
-@pytest.fixture()
-def mixed_items(tmp_path, shapes_file):
-    """Three shapes items, then one corrupt image and one 12 x 3000 strip (the processor's limit is 200:1)."""
-    samples = data.read_jsonl(shapes_file)[:3]
-    (tmp_path / "corrupt.png").write_bytes(b"not an image")
-    Image.new("RGB", (12, 3000), "white").save(tmp_path / "strip.png")
-    bad = data.Sample("bad-corrupt", str(tmp_path / "corrupt.png"), "How many circles?", "1", facts=samples[0].facts,
-                      reference=samples[0].reference)
-    strip = data.Sample("tall-strip", str(tmp_path / "strip.png"), "How many circles?", "0", facts=samples[0].facts,
-                        reference=samples[0].reference)
-    path = tmp_path / "mixed.jsonl"
-    data.write_jsonl(path, samples + [bad, strip])
-    return path
-
-
 def test_filter_step_logs_the_bad_item_and_goes_on(mixed_items, tiny_ckpt, tmp_path):
     processor = palmr.load_processor(tiny_ckpt)
     engine = palmr.HFEngine(palmr.load_model(tiny_ckpt), processor, 1003520)   # the default budget

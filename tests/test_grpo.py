@@ -4,17 +4,14 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-import data
 import grpo
 import judge
 import palmr
@@ -367,18 +364,6 @@ FACTS = {"objects": [{"name": "circle", "count": 2, "attributes": ["red"], "loca
 REF = "<think>I see 2 red circles.</think> \\boxed{2}"
 
 
-@pytest.fixture(scope="module")
-def thinking_ckpt(tiny_ckpt, tmp_path_factory):
-    """The tiny checkpoint with a chat template whose generation prompt opens the reasoning itself."""
-    out = tmp_path_factory.mktemp("thinking") / "ckpt"
-    shutil.copytree(tiny_ckpt, out)
-    template = palmr.CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
-    assert template != palmr.CHAT_TEMPLATE
-    (out / "chat_template.jinja").write_text(template)
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": template}))
-    return str(out)
-
-
 COMPLETION = "I see 2 red circles.\n</think>\nThe answer is \\boxed{2}."
 
 
@@ -436,21 +421,6 @@ def test_training_survives_a_judge_that_always_fails(tmp_path, tiny_ckpt, shapes
 
 # -----------------------------------------------------------------------------
 # one bad item in training (load_dataset, rollout)
-
-@pytest.fixture()
-def mixed_items(tmp_path, shapes_file):
-    """Three shapes items, then one corrupt image and one 12 x 3000 strip (the processor's limit is 200:1)."""
-    samples = data.read_jsonl(shapes_file)[:3]
-    (tmp_path / "corrupt.png").write_bytes(b"not an image")
-    Image.new("RGB", (12, 3000), "white").save(tmp_path / "strip.png")
-    bad = data.Sample("bad-corrupt", str(tmp_path / "corrupt.png"), "How many circles?", "1", facts=samples[0].facts,
-                      reference=samples[0].reference)
-    strip = data.Sample("tall-strip", str(tmp_path / "strip.png"), "How many circles?", "0", facts=samples[0].facts,
-                        reference=samples[0].reference)
-    path = tmp_path / "mixed.jsonl"
-    data.write_jsonl(path, samples + [bad, strip])
-    return path
-
 
 def test_training_data_check_drops_the_bad_item_and_rolls_out_the_strip(mixed_items, tiny_ckpt, capsys):
     args = grpo.get_args(["--data", str(mixed_items), "--model", tiny_ckpt, "--max-pixels", "1003520",

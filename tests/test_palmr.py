@@ -3,11 +3,9 @@ that prefills '<think>'; the one image loader (palmr.load_image, palmr.fit_pixel
 datasets hold, real photographs that a package ships (scikit-image's sample data), and the processor
 accepting what it returns."""
 import importlib.util
-import json
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -86,18 +84,6 @@ def test_render_prompt_without_an_image_has_no_placeholder(tiny_ckpt):
     assert "<|image_pad|>" not in text and "Is Paris in France?" in text
     enc = palmr.encode_prompt(processor, text, None, 112 * 112)
     assert set(enc) == {"input_ids"} and "pixel_values" not in palmr.collate_prompts([enc], 0)
-
-
-@pytest.fixture(scope="module")
-def thinking_ckpt(tiny_ckpt, tmp_path_factory):
-    """The tiny checkpoint with a chat template whose generation prompt opens the reasoning itself."""
-    out = tmp_path_factory.mktemp("thinking") / "ckpt"
-    shutil.copytree(tiny_ckpt, out)
-    template = palmr.CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
-    assert template != palmr.CHAT_TEMPLATE
-    (out / "chat_template.jinja").write_text(template)
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": template}))
-    return str(out)
 
 
 COMPLETION = "I see 2 red circles.\n</think>\nThe answer is \\boxed{2}."
