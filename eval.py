@@ -613,8 +613,8 @@ class Validator:
     """Greedy validation of the training policy through its rollout engine and this file's generation and
     scorers (the same prompt, extraction and scoring as `python eval.py`). Every rank generates every item
     (HF generate under FSDP keeps the ranks' forwards in step; keep --eval-limit small); rank 0 scores.
-    grpo.py imports this file only when validation is on: a departure from DESIGN.md ("nothing imports
-    eval.py"), so that validation runs eval.py's own code rather than a copy; no cycle (eval never imports grpo).
+    grpo.py imports this file for it: a departure from DESIGN.md ("nothing imports eval.py"), so that
+    validation runs eval.py's own code rather than a copy; no cycle (eval never imports grpo).
 
     Validator(args, engine, processor, out, rank) reads --eval-bench once (the shapes held-out split built by
     rank 0); validator(step) -> ({val/<bench>/<metric>: number} on rank 0, {} elsewhere; seconds), with the

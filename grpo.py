@@ -49,8 +49,7 @@ import variants  # variants: the other perception-aware methods (README "Fork ju
 from data import load_image, read_jsonl
 from judge import JudgeItem, judge_args, judge_batch, judge_from_args
 from kernels.lm_head import LOGPROB_MEMORY_MIB, fused_logprobs, fused_policy_loss, logprob_chunk
-from kernels.shared_prefix import (prefix_attention_mask, prefix_layout, shared_prefix_hidden,  # noqa: F401
-                                   use_prefix_attention)
+from kernels.shared_prefix import prefix_attention_mask, prefix_layout, shared_prefix_hidden, use_prefix_attention
 from palmr import print0
 from report import check_packages, report_args, run_report, start_logger
 from rewards import SCHEMES, score_completion
@@ -66,7 +65,7 @@ def get_args(argv=None):
     ap.add_argument("--data", default=None, help="training JSONL of Samples (default: synthetic shapes, built once)")
     ap.add_argument("--mix-data", default=None, help="a second JSONL of Samples mixed into every step")
     ap.add_argument("--mix-ratio", type=float, default=0.25, help="share of each step's prompts drawn from --mix-data")
-    ap.add_argument("--mix-reward", default=None, help="scheme of --mix-data rows without meta.reward (def.: --reward)")
+    ap.add_argument("--mix-reward", default=None, help="scheme of --mix-data rows without meta.reward_scheme (def.: --reward)")
     ap.add_argument("--out", default="out/grpo", help="run folder: metrics, rollouts, checkpoints")
     ap.add_argument("--max-pixels", type=int, default=112 * 112, help="image pixel budget (resize, never crop)")
     ap.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts are dropped at load, never truncated")
@@ -134,9 +133,10 @@ def check_args(args, world):
     for ok, why in ((args.rollout_batch % world == 0, f"--rollout-batch {args.rollout_batch} must divide over {world} ranks"),
                     (args.rollout_batch % args.update_batch == 0, "--rollout-batch must be a multiple of --update-batch"),
                     (args.update_batch % world == 0, f"--update-batch {args.update_batch} must divide over {world} ranks"),
-                    (args.judge != "none" or not SCHEMES[args.reward].needs, f"--reward {args.reward} needs a judge"),
-                    (0 <= args.mix_ratio <= 1, "--mix-ratio must be in [0, 1]"),
-                    (args.mix_reward in (None, *SCHEMES), f"--mix-reward {args.mix_reward}: not a reward scheme")):
+                    (args.mix_reward in (None, *SCHEMES), f"--mix-reward {args.mix_reward}: not a reward scheme"),
+                    (args.judge != "none" or not SCHEMES[args.reward].needs | SCHEMES.get(args.mix_reward, SCHEMES[
+                        args.reward]).needs, f"--reward {args.reward} / --mix-reward {args.mix_reward} needs a judge"),
+                    (0 <= args.mix_ratio <= 1, "--mix-ratio must be in [0, 1]")):
         if not ok:
             raise SystemExit(why)
 
@@ -146,8 +146,8 @@ def check_args(args, world):
 
 
 def row_scheme(sample, args):
-    """The reward scheme of a row: its own (meta.reward, set for --mix-data rows) or --reward."""
-    return sample.meta.get("reward") or args.reward
+    """The reward scheme of a row: its own (meta.reward_scheme; --mix-data rows get --mix-reward) or --reward."""
+    return sample.meta.get("reward_scheme") or args.reward
 
 
 def instruction(sample, args, hooks):
@@ -164,7 +164,7 @@ def load_dataset(args, processor, path=None, hooks=(), scheme=None):
     samples, kept, dropped = read_jsonl(path), [], {}
     for s in tqdm(samples, desc="checking data", disable=palmr.get_rank() != 0, mininterval=2):
         if scheme:
-            s.meta.setdefault("reward", scheme)  # a mixed dataset's rows carry their own scheme
+            s.meta.setdefault("reward_scheme", scheme)  # a mixed dataset's rows carry their own scheme
         try:
             if row_scheme(s, args) not in SCHEMES:
                 raise ValueError(f"unknown reward scheme {row_scheme(s, args)!r}")
@@ -232,8 +232,7 @@ def rollout(engine, processor, samples, args, step, rank, n=None, seed_offset=0,
         pooled = [s for part in gathered for s in part]
     prompts, encoded, own = [], {}, {s.id for s in samples}
     for s in pooled:
-        text = palmr.render_prompt(processor, s.question, s.choices, instruction=instruction(s, args, hooks))
-        image = load_image(s)
+        text, image = palmr.render_prompt(processor, s.question, s.choices, instruction=instruction(s, args, hooks)), load_image(s)
         if s.id in own:  # the trainer needs only its own prompts encoded
             encoded[s.id] = palmr.encode_prompt(processor, text, image, args.max_pixels)
         prompts.append(palmr.Prompt(text, image, encoded.get(s.id)))
@@ -250,13 +249,13 @@ def rollout(engine, processor, samples, args, step, rank, n=None, seed_offset=0,
 def compute_rewards(judge, rows, scheme, prefill="", signals=None, options=None):
     """-> rewards (N,), parts {name: (N,)}, judge metrics, located errors; the judge is asked once for the batch.
 
-    Each row is scored by its own scheme (meta.reward, else `scheme`); rows of a scheme that is not judged never
-    reach the judge. signals: per row, a method's {s_<part>: value} (rewards.score_completion); options: what
-    every row's scheme receives (a gate). Located errors: per row, the (start, end) character spans of the wrong
+    Each row is scored by its own scheme (meta.reward_scheme, else `scheme`); rows of a scheme that is not judged
+    never reach the judge. signals: per row, a method's {s_<part>: value} (rewards.score_completion); options:
+    what every row's scheme receives (a gate). Located errors: per row, the (start, end) character spans of the wrong
     claims the judge found in c.text. Format, answer and judge read the assistant turn as a whole: `prefill`
     (palmr.generation_prefill) + the completion. A failing judge never stops the run (judge.judge_batch).
     """
-    n, schemes = len(rows), [s.meta.get("reward") or scheme for s, _ in rows]
+    n, schemes = len(rows), [s.meta.get("reward_scheme") or scheme for s, _ in rows]
     s_vis, r_cov, spans, stats = [1.0] * n, [0.0] * n, [[] for _ in rows], {"failed": 0, "ties": 0}
     judged = [i for i in range(n) if SCHEMES[schemes[i]].judged]
     if judge is not None and judged:
@@ -406,9 +405,7 @@ def completion_loss(model, batch, temperature, token_loss=None):
     return loss, logp, entropy
 
 
-def completion_logprobs(model, batch, temperature):
-    """(B, T) log-probs and entropies of the completion tokens; masked positions are 0. An FSDP forward."""
-    return completion_loss(model, batch, temperature)
+completion_logprobs = completion_loss  # (model, batch, temperature) -> (B, T) log-probs, entropies; an FSDP forward
 
 
 # -----------------------------------------------------------------------------
@@ -692,7 +689,6 @@ def save_checkpoint(policy, optimizer, args, step):
 RESUME_MUST_MATCH = ("model", "data", "seed", "group_size", "rollout_batch", "update_batch", "reward", "judge",
                      "lr", "beta", "temperature", "max_new_tokens", "judge_omissions", "mix_data", "mix_ratio",
                      "mix_reward")
-RESUME_MUST_MATCH += variants.resume_keys()  # variants: each method's own flags
 
 
 def load_trainer_state(ckpt, policy, optimizer, args):
@@ -701,9 +697,13 @@ def load_trainer_state(ckpt, policy, optimizer, args):
     # mmap: the optimizer tensors are read only where used (rank 0 broadcasts them; a 7B AdamW state
     # is ~60 GB, too much to load once per rank)
     state = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False, map_location="cpu", mmap=True)
+    keys, old = RESUME_MUST_MATCH, dict(state["args"])
+    keys += variants.resume_keys()  # variants: each method's own flags (those registered by now included)
+    if old.get("vicrit_data"):  # saved before --mix-data existed (issue 24): its ViCrit flags were that mix
+        old.update(mix_data=old["vicrit_data"], mix_reward="vicrit", mix_ratio=old.get("vicrit_ratio", 0.25))
     defaults = vars(get_args([]))  # a run saved before an option existed ran with its default
-    saved = {k: state["args"].get(k, defaults.get(k)) for k in RESUME_MUST_MATCH}
-    differ = {k: (saved[k], getattr(args, k)) for k in RESUME_MUST_MATCH if saved[k] != getattr(args, k)}
+    saved = {k: old.get(k, defaults.get(k)) for k in keys}
+    differ = {k: (saved[k], getattr(args, k)) for k in keys if saved[k] != getattr(args, k)}
     assert not differ, f"--resume with other settings than the run in {args.out}: {differ} (saved, given)"
     distributed = dist.is_initialized() and palmr.get_world_size() > 1
     set_optimizer_state_dict(policy, optimizer, state["optimizer"] if palmr.get_rank() == 0 or not distributed else {},
@@ -727,8 +727,7 @@ def step_metrics(rows, encoded, rewards, parts, judge_stats, located, all_adv, a
              "prompt_len": torch.tensor(float(sum(len(encoded[s.id]["input_ids"]) for s, _ in rows))),
              "image_patches": torch.tensor(float(sum(encoded[s.id]["pixel_values"].shape[0] for s, _ in rows))),
              "finished": torch.tensor(float(sum(c.finished for _, c in rows))),
-             "judge/failed": torch.tensor(float(judge_stats["failed"])),
-             "judge/ties": torch.tensor(float(judge_stats["ties"])),
+             "judge/failed": torch.tensor(float(judge_stats["failed"])), "judge/ties": torch.tensor(float(judge_stats["ties"])),
              "judge/gated_zero": (parts["vis"] == 0).float().sum(),
              "judge/hallucinated_correct": ((parts["vis"] == 0) & (parts["ans"] == 1)).float().sum(),
              "credit/located": torch.tensor(float(sum(bool(sp) for sp in located))),  # rollouts with a located error
@@ -748,10 +747,9 @@ def step_metrics(rows, encoded, rewards, parts, judge_stats, located, all_adv, a
     return metrics
 
 
-def log_step(metrics, rows, rewards, args, step, out, logger, hooks):
+def log_step(m, rows, rewards, args, step, logger, hooks):
     """Rank 0: the step's metrics (report.RunLogger: metrics.jsonl, TensorBoard/W&B), the step line, and every
     --log-rollouts-every steps a few rollouts."""
-    m = metrics
     logger.log(m, step + 1)
     print(f"step {step + 1}/{args.max_steps} | reward {m['reward']:.3f} (fmt {m['reward/fmt']:.2f} "
           f"ans {m['reward/ans']:.2f} vis {m['reward/vis']:.2f}" + "".join(h.step_line(m) for h in hooks)
@@ -826,6 +824,7 @@ def main(argv=None):
     judge = judge_from_args(args, **{k: v for h in hooks for k, v in h.judge_options().items()})
     samples = load_dataset(args, processor, hooks=hooks)
     mixed = load_dataset(args, processor, args.mix_data, hooks, args.mix_reward or args.reward) if args.mix_data else []
+    assert not {s.id for s in samples} & {s.id for s in mixed}, "--data and --mix-data share item ids: rename one set"
     n_mixed = int(args.mix_ratio * args.rollout_batch + 0.5) if mixed else 0  # mixed prompts per step
     if mixed:
         print0(f"mix: {n_mixed} of the {args.rollout_batch} prompts of every step come from {args.mix_data}"
@@ -884,7 +883,7 @@ def main(argv=None):
         metrics = {"step": step + 1, **metrics, **stats, "t_rollout": t1 - t0 - moved, "t_reward": t2 - t1 + moved,
                    "t_train": t3 - t2, **{k: v for e in extras for k, v in e.metrics.items()}}
         if rank == 0:
-            log_step({**metrics, **val}, rows, rewards, args, step, out, logger, hooks)
+            log_step({**metrics, **val}, rows, rewards, args, step, logger, hooks)
         if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
             print0(f"saved {save_checkpoint(policy, optimizer, args, step + 1)}")
     if rank == 0:

@@ -1,8 +1,8 @@
 """PaLMR run and study reports: what a training run or a study left on disk, read back as markdown and charts.
 It owns the report of one training run (OUT/report.md, OUT/report.png from OUT/metrics.jsonl and OUT/args.json),
 the GRPO-vs-PaLMR study's table and curves (OUT/results.md, OUT/curves.png, OUT/curves_long.png from
-OUT/eval/results.json and OUT/<variant>-s<seed>/metrics.jsonl), and RunLogger, the trainer's TensorBoard / W&B
-mirror of metrics.jsonl. It loads no model and reads no benchmark (that is eval.py).
+OUT/eval/results.json and OUT/<variant>-s<seed>/metrics.jsonl), and RunLogger, which writes the trainer's
+metrics.jsonl and rollouts.jsonl and mirrors them to TensorBoard / W&B. It loads no model and reads no benchmark (that is eval.py).
 
     python grpo.py --report --out DIR      # DIR/report.md + DIR/report.png (also written at the end of every run)
     python report.py run DIR               # the same, from this file
@@ -260,12 +260,13 @@ def study_report(out):
 
 
 # -----------------------------------------------------------------------------
-# Run visibility: the trainer's mirror of metrics.jsonl in TensorBoard / W&B (grpo.py --report-to;
+# Run visibility: the trainer's metrics.jsonl / rollouts.jsonl, mirrored to TensorBoard / W&B (grpo.py --report-to;
 # README "Watching a run")
 
 
 class RunLogger:
-    """Rank 0's mirror of metrics.jsonl in TensorBoard (OUT/tb) and/or Weights & Biases. The packages are
+    """Rank 0's writer of OUT/metrics.jsonl and OUT/rollouts.jsonl, mirrored to TensorBoard (OUT/tb) and/or
+    Weights & Biases when --report-to asks. The packages are
     optional: a missing one stops the run at start with the command that installs it. W&B runs offline
     (files under OUT/wandb, no account) unless WANDB_MODE or WANDB_API_KEY says otherwise; its key is read
     by wandb itself from the environment and never passes through here. The arguments hold environment

@@ -2,7 +2,9 @@
 
     R_palmr = S_vis * (0.9 * S_ans + 0.1 * S_fmt)     # vision gates everything (METHOD.md section 2)
 
-No I/O and no model calls here: the judge's verdicts arrive as numbers. Answer grading uses
+No I/O and no model calls here: the judge's verdicts arrive as numbers. The fusion schemes live in a registry
+(SCHEMES, register_scheme: verl's pattern); this file registers the paper's (palmr and its ablations grpo, bonus,
+mix) and Perception-R1's, and each method in variants/ registers its own when imported. Answer grading uses
 math-verify (HuggingFace's LaTeX/sympy equivalence checker) only after cheap exact rules (choices,
 yes/no, plain numbers) have had their say: it is well kept and far more complete than hand-written
 LaTeX normalisation, and never does substring matching.

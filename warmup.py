@@ -3,7 +3,7 @@ so that RL starts from a policy that can do the task and sometimes misreads the 
 
     python grpo.py --warmup-only                       # build (or find) the cached warm start, print its path
 
-grpo.py calls ensure_warm_start when --model is the tiny default, passing its own model preparation and batch
+grpo.py calls embedded_default (which calls ensure_warm_start when --model is the tiny default), passing its own model preparation and batch
 layout (this file never imports grpo.py); the result is cached next to the tiny checkpoint, keyed by settings.
 """
 import json

@@ -16,7 +16,7 @@ Measured in README "Fused log-probs" (bench/logprob.py).
 import torch
 
 LOGPROB_CHUNK_CPU = 128  # CPU: the measured best (bench/logprob.py, README)
-LOGPROB_MEMORY_MIB = 1024  # GPU: the fused LM head's (chunk, V) working set, README "LM head"
+LOGPROB_MEMORY_MIB = 1024  # GPU: the fused LM head's (chunk, V) working set, README "Fused log-probs"
 
 
 def logprob_chunk(vocab, device_type, memory_mib=LOGPROB_MEMORY_MIB):

@@ -42,7 +42,7 @@ args=(
   --judge-protocol pairwise --judge-concurrency 32 --judge-timeout 600 --judge-max-tokens 8192
   # optimisation: lr 1e-6 (paper); weight decay 1e-2, beta 1e-2 (k3), clip 0.2 / 0.28 are ours
   --lr 1e-6 --weight-decay 1e-2 --beta 1e-2 --eps-low 0.2 --eps-high 0.28 --max-grad-norm 1.0
-  --micro-batch 4 --activation-checkpointing   # fused log-probs in 4096-row blocks: the CUDA default
+  --micro-batch 4 --activation-checkpointing   # fused log-probs in 704-row blocks at --logprob-memory 1024 (the GPU default)
   --max-steps 210 --save-every 20 --keep 3 --log-rollouts-every 10
 )
 CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6 VLLM_ENABLE_V1_MULTIPROCESSING=0 \

@@ -64,6 +64,7 @@ class Variant:
         """Refuse flags that cannot work: raise SystemExit with one line."""
 
     def judge_options(self):
+        """Keyword options for judge.make_judge that no flag sets (e.g. locate=True)."""
         return {}
 
     def instruction(self, sample, scheme):
@@ -88,7 +89,8 @@ class Variant:
         """-> per update, per micro-batch, advantages (B,) or (B, T) on ctx.device, and metrics (this rank's
         means, averaged over ranks by the loop); or None to keep the loop's. Runs under no_grad, before any update.
         ctx: policy, processor, rows, encoded, advantages (N,), spans (per update, the micro-batches' row
-        ranges), batches (the same, built on the CPU), old_logps (per update, per micro-batch, (B, T)),
+        ranges), batches (the same, built on the CPU), old_logps (per update, per micro-batch, (B, T); None
+        unless needs_old_logprobs or several updates per rollout batch),
         layout(rows, encoded) -> a CPU batch, on(batch) -> on the device, device, step, temperature, clock."""
         return None
 

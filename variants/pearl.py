@@ -146,7 +146,7 @@ class Pearl(Variant):
 
     @staticmethod
     def is_active(args):
-        return args.reward == "pearl"
+        return "pearl" in (args.reward, args.mix_reward)
 
     def __init__(self, args):
         super().__init__(args)
@@ -167,8 +167,8 @@ class Pearl(Variant):
     def questions(self, sample):  # the checklist's prompts show the same image with another question
         return [q for q, _ in self._checklist(sample)]
 
-    def drop_reason(self, sample, scheme):
-        return "no checkable facts for a PEARL checklist" if scheme == "pearl" and not self._checklist(sample) else None
+    def drop_reason(self, sample, scheme):  # every row gets its checklist groups, whatever its scheme
+        return None if self._checklist(sample) else "no checkable facts for a PEARL checklist"
 
     def after_rollout(self, run, samples, rows):
         t = time.time()

@@ -128,7 +128,8 @@ def vicrit_item(sample, rng):
                  f"The answer is \\boxed{{{new_span}}}.")
     return Sample(id=f"{sample.id}-vicrit", image=sample.image, question=VICRIT_PROMPT.format(description=description),
                   answer=new_span, source=f"vicrit/{kind}", facts=sample.facts, reference=reference,
-                  meta={"description": description, "original": old_span, "error_type": kind, "of": sample.id}), None
+                  meta={"description": description, "original": old_span, "error_type": kind, "of": sample.id,
+                        "reward_scheme": "vicrit"}), None
 
 
 def _vicrit_description(entries, texts, facts, kind, i, shapes, rng):
@@ -152,7 +153,6 @@ def _vicrit_description(entries, texts, facts, kind, i, shapes, rng):
             attrs[attrs.index(c)] = rng.choice(free)
         elif j == i and kind == "object":
             pool = KINDS if shapes else VICRIT_OBJECTS
-            colours = {a for a in attrs if a in COLOUR_WORDS}
             free = [k for k in pool if not any(x["name"] == k for x in entries)]  # a kind the facts do not have
             if not free:
                 return None
@@ -225,10 +225,10 @@ class ViCrit(Variant):
     @staticmethod
     def add_args(ap):
         g = ap.add_argument_group("ViCrit (variants/vicrit.py)")
-        g.add_argument("--vicrit-data", action=_MixViCrit, dest="mix_data", metavar="FILE",
+        g.add_argument("--vicrit-data", action=_MixViCrit, dest="mix_data", metavar="FILE", default=argparse.SUPPRESS,
                        help="ViCrit items (python -m variants.vicrit) mixed into every step; they earn ViCrit's reward "
                        "whatever --reward is (= --mix-data FILE --mix-reward vicrit)")
-        g.add_argument("--vicrit-ratio", type=float, dest="mix_ratio", metavar="R", help="= --mix-ratio (ours; the "
+        g.add_argument("--vicrit-ratio", type=float, dest="mix_ratio", metavar="R", default=argparse.SUPPRESS, help="= --mix-ratio (ours; the "
                        "paper trains on ViCrit alone: --reward vicrit --data FILE)")
 
     @staticmethod

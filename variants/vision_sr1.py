@@ -46,7 +46,7 @@ class VisionSR1(Variant):
 
     @staticmethod
     def is_active(args):
-        return args.reward == "vision_sr1"
+        return "vision_sr1" in (args.reward, args.mix_reward)
 
     def check(self, world):
         if self.args.vllm_tp != 1:

@@ -262,4 +262,27 @@ def test_pearl_flags_are_checked():
     lone = Sample(id="b", image="x", question="How many red circles are there?", answer="2",
                   facts={"objects": [obj("circle", 2, "red")]})
     assert hook.drop_reason(lone, "pearl") == "no checkable facts for a PEARL checklist"
-    assert hook.drop_reason(lone, "grpo") is None  # a --mix-data row with another scheme is not PEARL's
+    # a --mix-data row with another scheme gets checklist groups too, so it needs a checklist as well
+    assert hook.drop_reason(lone, "grpo") == "no checkable facts for a PEARL checklist"
+
+
+def test_rows_of_another_scheme_without_a_checklist_are_dropped_too():
+    # every row gets checklist groups under --reward pearl (a --mix-data row too), so one without checkable facts
+    # would leave its prompt without groups: dropped at load whatever its own scheme (review of issue 24)
+    import grpo
+    from data import Sample
+    from variants.pearl import Pearl
+    hook = Pearl(grpo.get_args(["--reward", "pearl", "--mix-data", "x.jsonl", "--mix-reward", "grpo"]))
+    textual = Sample("t1", "x.png", "What does the sign say?", "stop", facts={"objects": [], "text": ["STOP"]})
+    assert hook.drop_reason(textual, "grpo") == "no checkable facts for a PEARL checklist"
+    counted = Sample("c1", "x.png", "How many circles?", "2",
+                     facts={"objects": [{"name": "circle", "count": 2, "attributes": ["red"]}]})
+    assert hook.drop_reason(counted, "grpo") is None
+
+
+def test_a_mixed_dataset_under_pearl_switches_pearl_on():
+    import grpo
+    from variants.pearl import Pearl
+    from variants.vision_sr1 import VisionSR1
+    args = grpo.get_args(["--reward", "palmr", "--mix-data", "x.jsonl", "--mix-reward", "pearl"])
+    assert Pearl.is_active(args) and not VisionSR1.is_active(args)

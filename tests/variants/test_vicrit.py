@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import data
 import grpo
@@ -131,9 +132,9 @@ def test_vicrit_rows_skip_the_judge():
         def judge(self, items):
             self.seen = [it.question for it in items]
             return [judge.Verdict(0.0, preference="reference") for _ in items]
-    # a ViCrit row carries its own scheme (meta.reward: grpo.load_dataset sets it for --vicrit-data / --mix-data rows)
+    # a ViCrit row carries its own scheme (meta.reward_scheme: grpo.load_dataset sets it for --vicrit-data / --mix-data rows)
     vic = Sample(id="v-vicrit", image="x", question="find it", answer="two blue squares", source="vicrit/count",
-                 meta={"description": "There are two blue squares.", "reward": "vicrit"})
+                 meta={"description": "There are two blue squares.", "reward_scheme": "vicrit"})
     plain = Sample(id="p", image="x", question="how many?", answer="2", facts=SHAPES, reference=REF)
     c = lambda t: palmr.Completion([1], t, [0.0], True)  # noqa: E731
     j = Recording()
@@ -184,7 +185,7 @@ def test_trainer_mixes_vicrit_items(tmp_path, tiny_ckpt, shapes_file, monkeypatc
     m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     (rows, parts), = seen
     is_vic = [vicrit.is_vicrit(s) for s, _ in rows]
-    assert [s.meta.get("reward") for s, _ in rows] == ["vicrit" if v else None for v in is_vic]
+    assert [s.meta.get("reward_scheme") for s, _ in rows] == ["vicrit" if v else None for v in is_vic]
     assert m["vicrit/rows"] == 0.5 and sum(is_vic) == 4
     # ViCrit's accuracy over its own rows, recomputed from the step's answer parts
     assert m["vicrit/acc"] == pytest.approx(sum(a for a, v in zip(parts["ans"].tolist(), is_vic) if v) / 4)
@@ -212,3 +213,26 @@ def test_vicrit_drops_what_is_not_a_vicrit_item():
     assert hook.drop_reason(plain, "vicrit") == "not a ViCrit item (python -m variants.vicrit)"
     no_description = Sample(id="n", image="x", question="q", answer="a", source="vicrit/count")
     assert hook.drop_reason(no_description, "palmr") == "not a ViCrit item (python -m variants.vicrit)"
+
+
+def test_resume_reads_a_pre_mix_vicrit_run_as_its_mix(tmp_path):
+    # a run saved before --mix-data existed stored --vicrit-data / --vicrit-ratio; resuming it with the same flags
+    # must be accepted, and with another file refused (issue 24 review; the mapping is in grpo.load_trainer_state)
+    import random as pyrandom
+
+    import numpy as np
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    old_args = {k: v for k, v in vars(grpo.get_args([])).items() if k not in ("mix_data", "mix_ratio", "mix_reward")}
+    old_args.update(vicrit_data="items.jsonl", vicrit_ratio=0.5)
+    rng = {"torch": torch.get_rng_state(), "python": pyrandom.getstate(), "numpy": np.random.get_state(), "cuda": None}
+    torch.save({"step": 3, "args": old_args, "rng": [rng], "optimizer": get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True))}, tmp_path / "trainer_state.pt")
+    same = grpo.get_args(["--vicrit-data", "items.jsonl", "--vicrit-ratio", "0.5"])
+    assert grpo.load_trainer_state(tmp_path, model, optimizer, same) == 3
+    other = grpo.get_args(["--vicrit-data", "other.jsonl", "--vicrit-ratio", "0.5"])
+    with pytest.raises(AssertionError, match="mix_data"):
+        grpo.load_trainer_state(tmp_path, model, optimizer, other)

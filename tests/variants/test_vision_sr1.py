@@ -127,7 +127,7 @@ def test_instruction_and_flags():
     assert [type(h) for h in hooks] == [VisionSR1]
     s = Sample(id="a", image="x.png", question="q", answer="2")
     assert grpo.instruction(s, args, hooks) == palmr.SR1_INSTRUCTION
-    mixed = Sample(id="b", image="x.png", question="q", answer="2", meta={"reward": "grpo"})  # a --mix-data row
+    mixed = Sample(id="b", image="x.png", question="q", answer="2", meta={"reward_scheme": "grpo"})  # a --mix-data row
     assert grpo.instruction(mixed, args, hooks) == palmr.INSTRUCTION
     with pytest.raises(SystemExit, match="--vllm-tp 1"):
         variants.active(grpo.get_args(["--reward", "vision_sr1", "--judge", "none", "--vllm-tp", "2"]), 2)
