@@ -145,14 +145,14 @@ def check_args(args, world):
 # Data: every rank loads the same filtered list; prompt k of the run is a pure function of (seed, k)
 
 
-def row_scheme(sample, args):
-    """The reward scheme of a row: its own (meta.reward_scheme; --mix-data rows get --mix-reward) or --reward."""
-    return sample.meta.get("reward_scheme") or args.reward
+def row_scheme(sample, default):
+    """The reward scheme of a row: its own (meta.reward_scheme; --mix-data rows get --mix-reward) or `default`."""
+    return sample.meta.get("reward_scheme") or default
 
 
 def instruction(sample, args, hooks):
     """The prompt's instruction: PaLMR's <think> ... \\boxed{} unless a method asks for its own."""
-    scheme = row_scheme(sample, args)
+    scheme = row_scheme(sample, args.reward)
     return next((text for h in hooks if (text := h.instruction(sample, scheme))), palmr.INSTRUCTION)
 
 
@@ -165,9 +165,10 @@ def load_dataset(args, processor, path=None, hooks=(), scheme=None):
     for s in tqdm(samples, desc="checking data", disable=palmr.get_rank() != 0, mininterval=2):
         if scheme:
             s.meta.setdefault("reward_scheme", scheme)  # a mixed dataset's rows carry their own scheme
+        own = row_scheme(s, args.reward)
         try:
-            if row_scheme(s, args) not in SCHEMES:
-                raise ValueError(f"unknown reward scheme {row_scheme(s, args)!r}")
+            if own not in SCHEMES:
+                raise ValueError(f"unknown reward scheme {own!r}")
             image = palmr.fit_pixels(load_image(s), args.max_pixels)
             n_image = processor.image_processor.get_number_of_image_patches(image.height, image.width, {}) \
                 // processor.image_processor.merge_size ** 2
@@ -176,10 +177,10 @@ def load_dataset(args, processor, path=None, hooks=(), scheme=None):
             for q in (q for h in hooks for q in h.questions(s)):  # other prompts on the same image
                 n = max(n, count(palmr.render_prompt(processor, q)))
             reason = "prompt too long" if n > args.max_prompt_tokens else None
-            need_reference = "vis" in SCHEMES[row_scheme(s, args)].needs and args.judge not in ("none", "rule")
+            need_reference = "vis" in SCHEMES[own].needs and args.judge not in ("none", "rule")
             reason = reason or ("no reference trace" if need_reference and not s.reference else None)  # rule: facts alone
             for h in hooks:
-                reason = reason or h.drop_reason(s, row_scheme(s, args))
+                reason = reason or h.drop_reason(s, own)
         except ValueError as e:
             reason = str(e)
         if reason:
@@ -255,7 +256,7 @@ def compute_rewards(judge, rows, scheme, prefill="", signals=None, options=None)
     claims the judge found in c.text. Format, answer and judge read the assistant turn as a whole: `prefill`
     (palmr.generation_prefill) + the completion. A failing judge never stops the run (judge.judge_batch).
     """
-    n, schemes = len(rows), [s.meta.get("reward_scheme") or scheme for s, _ in rows]
+    n, schemes = len(rows), [row_scheme(s, scheme) for s, _ in rows]
     s_vis, r_cov, spans, stats = [1.0] * n, [0.0] * n, [[] for _ in rows], {"failed": 0, "ties": 0}
     judged = [i for i in range(n) if SCHEMES[schemes[i]].judged]
     if judge is not None and judged:
