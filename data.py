@@ -12,7 +12,9 @@ PaDLayer (METHOD.md section 1), one resumable step at a time or all in order:
     python data.py build --inputs raw/... --work work --model MODEL --provider gemini   # all four
 
 `ingest` reads the published layouts of the paper's sources, the RL-ready ones (EasyR1, verl, TRL
-messages, FineVision) and the benchmarks from one table, `LAYOUTS` (README: "layout -> fields read").
+messages, FineVision, LLaVA `conversations`) and the benchmarks from one table, `LAYOUTS` (README:
+"layout -> fields read"). Images are local: a row whose image is a URL is refused with that reason.
+`python data.py STEP -h` lists each step's flags with their defaults.
 
 Every step appends one line per finished item (flushed and fsynced), keeps a log of every decision
 beside its output (OUT.log.jsonl), and on restart skips the ids it has already decided: a kill loses
@@ -78,10 +80,26 @@ class Sample:
         return dataclasses.asdict(self)
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # http://, https://, gs://, s3://, hf:// ...
+
+
+def refuse_url(value):
+    """Raise ValueError when an image value is a URL: nothing here downloads, and joined onto a data folder a
+    URL would only become a path that does not exist. The message keeps the URL's scheme, host and path (not
+    its query, which may hold a signature) and says what to do."""
+    if isinstance(value, dict):
+        value = value.get("path") if not value.get("bytes") else None
+    if isinstance(value, str) and _URL.match(value.strip()):
+        url = value.strip().split("?", 1)[0].split("#", 1)[0]
+        url = url if len(url) <= 100 else url[:97] + "..."
+        raise ValueError(f"image is a URL: {url} (download the images and point the rows at local files)")
+
+
 def read_jsonl(path, errors=None):
     """Samples of a JSONL file, image paths resolved against the file's folder.
 
     A bad row is reported (file, line, id, cause) and skipped; pass a list as `errors` to collect them.
+    A row whose image is a URL is such a bad row (`refuse_url`).
     """
     path = Path(path)
     samples, seen = [], set()
@@ -96,6 +114,7 @@ def read_jsonl(path, errors=None):
             sample = Sample.from_dict(raw)
             if sample.id in seen:
                 raise ValueError("duplicate id")
+            refuse_url(sample.image)
         except (ValueError, TypeError) as e:
             item = raw.get("id", "?") if isinstance(raw, dict) else "?"
             msg = f"{path}:{lineno} (id {item}): {e}"
@@ -129,7 +148,11 @@ def write_jsonl(path, samples):
 
 def load_image(sample, max_pixels=None):
     """The sample's image as RGB PIL through palmr.load_image (the one loader); raises ValueError naming
-    the item and the cause when it is missing, corrupt or refused."""
+    the item and the cause when it is missing, corrupt or refused (a URL among them)."""
+    try:
+        refuse_url(sample.image)
+    except ValueError as e:  # the message holds the URL without its query: not the whole value again
+        raise ValueError(f"item {sample.id}: {e}") from None
     try:
         return palmr.load_image(sample.image, max_pixels=max_pixels)
     except ValueError as e:
@@ -247,7 +270,8 @@ def make_shapes(n, out_dir, split="train", seed=0, size=84):
     image_dir = out_dir / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"shapes-{split}-{seed}")
-    samples = [make_shapes_sample(i, rng, image_dir, size, prefix=f"shapes-{split}") for i in range(n)]
+    samples = [make_shapes_sample(i, rng, image_dir, size, prefix=f"shapes-{split}")
+               for i in tqdm(range(n), desc=f"shapes {split}", mininterval=2)]
     write_jsonl(out_dir / f"{split}.jsonl", samples)
     return str(out_dir / f"{split}.jsonl")
 
@@ -450,6 +474,27 @@ def _turn(messages, role, after=None):
     return None, None
 
 
+def _llava_turns(row):
+    """(question, answer) of a LLaVA row (haotian-liu/LLaVA docs/Finetune_Custom_Data.md; llava/train/train.py
+    reads `from` and `value` of each turn): the first `human` turn and the `gpt` turn right after it. Later
+    turns are not read (each row is one item; a follow-up question leans on the dialogue before it); their
+    number is kept in meta.later_turns. Raises ValueError naming what the conversation lacks."""
+    turns = [t for t in _as_list(row.get("conversations")) if isinstance(t, dict)]
+    if not turns:
+        raise ValueError("no conversations: a LLaVA row needs a `conversations` list of {from, value} turns")
+    first = next((i for i, t in enumerate(turns) if t.get("from") == "human"), None)
+    if first is None:
+        raise ValueError("no human turn in `conversations`")
+    if first + 1 >= len(turns) or turns[first + 1].get("from") != "gpt":
+        raise ValueError("no gpt turn after the first human turn in `conversations`")
+    question, answer = turns[first].get("value"), turns[first + 1].get("value")
+    if not _present(question) or not _no_image_tags(question).strip():
+        raise ValueError("missing question: the first human turn has no text besides <image>")
+    if not _present(answer) or not str(answer).strip():
+        raise ValueError("missing answer: the gpt turn has no text")
+    return _no_image_tags(question), _reply(answer), len(turns) - first - 2
+
+
 def _reply(text):
     """A free-text training reply as a gold: 'Answer: B.' -> 'B' (the_cauldron / FineVision style)."""
     if not _present(text):
@@ -545,6 +590,9 @@ LAYOUTS = [
     L("finevision", ("images", "texts"),  # also the_cauldron; the first turn of a multi-turn row
       question=lambda r: _no_image_tags(_as_list(r["texts"])[0]["user"]),
       answer=lambda r: _reply(_as_list(r["texts"])[0]["assistant"]), images=lambda r: _as_list(r["images"])),
+    L("llava", ("conversations",),  # LLaVA instruction data (also ShareGPT4V, LLaMA-Factory's sharegpt: `images`)
+      question=lambda r: _llava_turns(r)[0], answer=lambda r: _llava_turns(r)[1],
+      images=lambda r: _as_list(_first(r, "image", "images")), meta=lambda r: {"later_turns": _llava_turns(r)[2]}),
     L("easyr1", ("images", "problem", "answer"),
       question=lambda r: _no_image_tags(r["problem"]), answer=lambda r: r["answer"],
       images=lambda r: _as_list(r["images"]), choices=lambda r: [str(c) for c in _as_list(r.get("choices"))] or None),
@@ -712,9 +760,10 @@ _BELOW = {}  # base folder -> {relative path suffix: file} of the files one or t
 def resolve_image(value, base):
     """A relative image path against the dataset's folder, else one or two sub-folders below it (published
     archives keep images in images/, val/, png/, documents/ ...; the folders are indexed once per base);
-    bytes and structs pass through."""
+    bytes and structs pass through. A URL raises ValueError (`refuse_url`)."""
     if isinstance(value, dict) and value.get("bytes"):
         return value
+    refuse_url(value)
     if isinstance(value, dict):
         value = value.get("path")
     if not isinstance(value, str) or os.path.isabs(value):
@@ -723,10 +772,12 @@ def resolve_image(value, base):
     if direct.is_file():
         return str(direct)
     key = str(Path(base).resolve())
-    if key not in _BELOW:
+    if key not in _BELOW:  # a COCO-sized folder takes a while: show the count as it goes
         index = {}
         for pattern in ("*/*", "*/*/*", "*/*/*/*"):
-            for f in sorted(Path(base).glob(pattern)):
+            found = tqdm(Path(base).glob(pattern), desc=f"indexing {base}/{pattern}", unit=" files", mininterval=2,
+                         leave=False)
+            for f in sorted(found):
                 rel = f.relative_to(base).parts
                 for k in (1, 2):  # the path as written below one or two folder levels
                     if len(rel) > k and f.is_file():
@@ -771,6 +822,7 @@ def ingest(inputs, out_path, max_pixels=1003520):
     if clash:  # their ids would collide and the later input's rows would all be dropped as duplicates
         raise SystemExit(f"ingest: inputs share the source name(s) {clash}: rename the files or folders apart")
     for path in inputs:
+        print(f"ingest: {path}: reading", file=sys.stderr)  # a large JSON or parquet takes a while to load
         rows = list(raw_rows(path))
         first = next((raw for _, _, raw, _ in rows if "_unreadable" not in raw), {})
         layout = detect_layout(first, Path(path).suffix)  # one layout per file, from its first readable row
@@ -797,6 +849,8 @@ def ingest(inputs, out_path, max_pixels=1003520):
                 images = fields.pop("images")
                 if not images:
                     raise ValueError("no image (a text-only row)")
+                for value in images:  # its own reason, not "missing or corrupt image"
+                    refuse_url(value)
                 try:
                     image = load_images(images, base, max_pixels)
                 except ValueError as e:
@@ -850,6 +904,7 @@ def filter_step(in_path, out_path, engine, processor, k=8, min_pass=0.0, max_pas
     from rewards import grade_answer
     io_ = StepIO(out_path, "filter")
     todo = pending(in_path, io_)
+    print(f"filter: {len(todo)} items to do ({len(io_.done)} already decided), {k} rollouts each", file=sys.stderr)
     for start in tqdm(range(0, len(todo), batch), desc="filter", mininterval=2):
         chunk, groups = _rollouts(engine, processor, todo[start:start + batch], k, max_new_tokens, temperature,
                                   seed + start, max_pixels, io_)
@@ -967,7 +1022,12 @@ class GeminiProvider:
             base_url=base_url, timeout=int(timeout * 1000), retry_options=types.HttpRetryOptions(attempts=1)))
 
     def describe(self, png):
-        """-> (reply text, input tokens, output tokens); raises RetryableError or ValueError."""
+        """-> (reply text, input tokens, output tokens, thinking tokens); raises RetryableError or ValueError.
+
+        Output tokens are the billed ones: usageMetadata's candidatesTokenCount plus thoughtsTokenCount (a
+        thinking model such as gemini-2.5-flash counts its thoughts apart from the reply, and the pricing page
+        bills them at the output price: "Output price (including thinking tokens)"); thinking tokens are
+        that second part again, for the summary. Field names: google-genai GenerateContentResponseUsageMetadata."""
         from google.genai import errors
         try:
             r = self.client.models.generate_content(
@@ -986,7 +1046,9 @@ class GeminiProvider:
         usage = r.usage_metadata
         if not isinstance(r.text, str):  # blocked (safety, recitation) or cut off before any text
             raise ValueError(f"no text in the reply (finish reason: {getattr(r.candidates[0], 'finish_reason', '?') if r.candidates else 'none'})")
-        return r.text, getattr(usage, "prompt_token_count", 0) or 0, getattr(usage, "candidates_token_count", 0) or 0
+        thoughts = getattr(usage, "thoughts_token_count", 0) or 0
+        return (r.text, getattr(usage, "prompt_token_count", 0) or 0,
+                (getattr(usage, "candidates_token_count", 0) or 0) + thoughts, thoughts)
 
 
 class OpenAIVisionProvider:
@@ -1007,60 +1069,64 @@ class OpenAIVisionProvider:
             if "not retried" in reply.error:  # a 4xx other than 429
                 raise FatalError(reply.error)
             raise RetryableError(reply.error)
-        return reply.text, reply.tokens, 0
+        return reply.text, reply.tokens, 0, 0
 
 
 def facts_step(in_path, out_path, provider, concurrency=16, retries=4, backoff=1.0, price_in=0.30, price_out=2.50):
     """Question-agnostic structured facts per image: concurrent requests, retries with backoff on
     transient errors and invalid replies, every reply validated; cost in USD from per-1M-token prices
-    (defaults: Gemini 2.5 Flash list prices, check yours)."""
+    (defaults: Gemini 2.5 Flash list prices, check yours). `provider.describe(png)` returns (text, input
+    tokens, output tokens, thinking tokens), the thinking ones already inside the output ones (billed at the
+    output price); the summary's cost reports all three."""
     io_ = StepIO(out_path, "facts")
     todo = pending(in_path, io_)
-    cost = {"input_tokens": 0, "output_tokens": 0}
+    print(f"facts: {len(todo)} items to do ({len(io_.done)} already decided), {concurrency} requests in flight", file=sys.stderr)
+    cost = {"input_tokens": 0, "output_tokens": 0, "thought_tokens": 0}
 
     def work(sample):
         with open(sample.image, "rb") as f:
             png = f.read()
         buf = io.BytesIO()
         palmr.load_image(png).save(buf, format="PNG")  # decode check + one format for every provider
-        reason, tokens_in, tokens_out = "", 0, 0
+        reason, tokens = "", {"input_tokens": 0, "output_tokens": 0, "thought_tokens": 0}
         for attempt in range(retries + 1):
             try:
-                text, t_in, t_out = provider.describe(buf.getvalue())
-                tokens_in, tokens_out = tokens_in + t_in, tokens_out + t_out
+                text, *used = provider.describe(buf.getvalue())
+                for key, n in zip(tokens, used):  # every reply that arrived is paid for, valid or not
+                    tokens[key] += n
                 facts = json.loads(text)
                 validate(facts, FACTS_SCHEMA)
-                return facts, "", tokens_in, tokens_out
+                return facts, "", tokens
             except RetryableError as e:
                 reason = f"provider: {e}"
             except FatalError as e:
-                return None, f"provider: {e}", tokens_in, tokens_out
+                return None, f"provider: {e}", tokens
             except (ValueError, TypeError) as e:  # invalid JSON or schema: ask again
                 reason = f"invalid reply: {e}"
             if attempt < retries:
                 time.sleep(backoff * 2 ** attempt + random.uniform(0, backoff))
-        return None, reason, tokens_in, tokens_out
+        return None, reason, tokens
 
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         futures = {pool.submit(work, s): s for s in todo}
         for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="facts", mininterval=2):
             s = futures[future]
             try:
-                facts, reason, t_in, t_out = future.result()
+                facts, reason, tokens = future.result()
             except (OSError, ValueError) as e:
                 io_.drop(s.id, f"missing or corrupt image: {e}")
                 continue
             except Exception as e:  # noqa: BLE001 -- one bad item must not discard the others' paid replies
                 io_.fail(s.id, f"error: {type(e).__name__}: {e}")
                 continue
-            cost["input_tokens"] += t_in
-            cost["output_tokens"] += t_out
+            for key, n in tokens.items():
+                cost[key] += n
             if facts is None:
                 print(f"facts: item {s.id} failed after {retries + 1} attempts: {reason}", file=sys.stderr)
-                io_.fail(s.id, reason, input_tokens=t_in, output_tokens=t_out)
+                io_.fail(s.id, reason, **tokens)
             else:
                 s.facts = facts
-                io_.keep(s, input_tokens=t_in, output_tokens=t_out)
+                io_.keep(s, **tokens)
     cost["usd"] = (cost["input_tokens"] * price_in + cost["output_tokens"] * price_out) / 1e6
     summary = {**io_.summary(), "cost": cost}
     io_.close()
@@ -1077,6 +1143,7 @@ def reference_step(in_path, out_path, engine, processor, judge, n=8, batch=8, ma
     from judge import JudgeItem
     io_ = StepIO(out_path, "reference")
     todo = pending(in_path, io_)
+    print(f"reference: {len(todo)} items to do ({len(io_.done)} already decided), {n} rollouts each", file=sys.stderr)
     for start in tqdm(range(0, len(todo), batch), desc="reference", mininterval=2):
         chunk, groups = _rollouts(engine, processor, todo[start:start + batch], n, max_new_tokens, temperature,
                                   seed + start, max_pixels, io_)
@@ -1160,48 +1227,94 @@ def run_step(a):
         print(f"{step}: {json.dumps(summary)}")
     return out
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sp = sub.add_parser("shapes", help="write the synthetic shapes task")
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written; every flag with a default shows it (one whose help already says what an
+    unset flag does, or whose default is None, is left as written)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _flags_rollouts(p):
+    g = p.add_argument_group("rollouts (filter, reference)")
+    g.add_argument("--model", default=None, help="policy for rollouts (default: the tiny checkpoint)")
+    g.add_argument("--batch", type=int, default=8, help="items per generate call")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="tokens per rollout")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def _flags_filter(p):
+    g = p.add_argument_group("filter: keep the learnable items")
+    g.add_argument("--k", type=int, default=8, help="rollouts per item")
+    g.add_argument("--min-pass", type=float, default=0.0, help="keep pass rate > this")
+    g.add_argument("--max-pass", type=float, default=1.0, help="keep pass rate < this")
+
+
+def _flags_facts(p):
+    g = p.add_argument_group("facts: the structured description of each image")
+    g.add_argument("--provider", default="gemini", choices=["gemini", "openai"], help="who writes them")
+    g.add_argument("--facts-model", default=None, help="model name (default for gemini: gemini-2.5-flash)")
+    g.add_argument("--base-url", default=None, help="endpoint override (gemini) or server (openai)")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: env var holding the key")
+    g.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    g.add_argument("--retries", type=int, default=4, help="retries per item (transient errors, invalid JSON)")
+    g.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    g.add_argument("--price-in", type=float, default=0.30, help="USD per 1M input tokens")
+    g.add_argument("--price-out", type=float, default=2.50, help="USD per 1M output tokens (thinking tokens included)")
+
+
+def _flags_reference(p):
+    g = p.add_argument_group("reference: best-of-N trace")
+    g.add_argument("--n", type=int, default=8, help="rollouts per item")
+    g.add_argument("--judge", default="rule", choices=["rule", "openai", "hf"], help="ranks the correct rollouts")
+    g.add_argument("--judge-base-url", default=None, help="judge server (--judge openai)")
+    g.add_argument("--judge-model", default=None, help="judge model name or path (--judge openai, hf)")
+
+
+STEPS = {  # step -> (one-line help, its flag groups)
+    "ingest": ("read local datasets (any layout of LAYOUTS) into Samples", ()),
+    "filter": ("keep items whose pass rate over k rollouts is inside the bounds", (_flags_rollouts, _flags_filter)),
+    "facts": ("write each image's structured facts (Gemini or an OpenAI-compatible VLM)", (_flags_facts,)),
+    "reference": ("pick the most faithful correct of N rollouts as the reference", (_flags_rollouts, _flags_reference)),
+    "build": ("all four steps in order into --work", (_flags_rollouts, _flags_filter, _flags_facts, _flags_reference)),
+}
+
+
+def build_parser():
+    """The CLI: `shapes`, then the PaDLayer steps; each step's -h lists only the flags it reads."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+    sub = ap.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND")
+    sp = sub.add_parser("shapes", help="write the synthetic shapes task", formatter_class=_Help,
+                        description="Write the synthetic shapes task: OUT/SPLIT.jsonl and OUT/images/SPLIT/.")
     sp.add_argument("--n", type=int, default=2000, help="number of samples")
     sp.add_argument("--out", default="data/shapes", help="output folder (JSONL + images/)")
     sp.add_argument("--split", default="train", help="split name: the file is OUT/SPLIT.jsonl")
     sp.add_argument("--seed", type=int, default=0, help="scene and question seed")
     sp.add_argument("--size", type=int, default=84, help="image side in pixels (84: one 28-px vision token per grid cell)")
-    for name in ("ingest", "filter", "facts", "reference", "build"):
-        p = sub.add_parser(name, help=f"PaDLayer step: {name}" if name != "build" else "all steps in order")
+    for name, (about, groups) in STEPS.items():
+        p = sub.add_parser(name, help=f"PaDLayer: {about}", description=f"PaDLayer {name}: {about}.", formatter_class=_Help)
+        g = p.add_argument_group("input and output")
         if name in ("ingest", "build"):
-            p.add_argument("--inputs", nargs="+", required=True, help="JSONL files, parquet files, annotated image folders")
+            g.add_argument("--inputs", nargs="+", required=True, help="dataset files (JSONL, JSON, CSV, TSV, parquet) or folders")
         if name == "build":
-            p.add_argument("--work", required=True, help="folder for every step's output; train.jsonl is the result")
+            g.add_argument("--work", required=True, help="folder for every step's output; train.jsonl is the result")
         else:
             if name != "ingest":
-                p.add_argument("--in", dest="input", required=True, help="the previous step's JSONL")
-            p.add_argument("--out", required=True, help="this step's JSONL (appended; resumable)")
-        p.add_argument("--max-pixels", type=int, default=1003520, help="image pixel budget (resize, never crop)")
-        p.add_argument("--model", default=None, help="policy for rollouts (default: the tiny checkpoint)")
-        p.add_argument("--k", type=int, default=8, help="filter: rollouts per item")
-        p.add_argument("--min-pass", type=float, default=0.0, help="filter: keep pass rate > this")
-        p.add_argument("--max-pass", type=float, default=1.0, help="filter: keep pass rate < this")
-        p.add_argument("--n", type=int, default=8, help="reference: rollouts per item (best-of-N)")
-        p.add_argument("--batch", type=int, default=8, help="items per generate call")
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--provider", default="gemini", choices=["gemini", "openai"], help="facts: who writes them")
-        p.add_argument("--facts-model", default=None, help="facts: model name (gemini default: gemini-2.5-flash)")
-        p.add_argument("--base-url", default=None, help="facts: endpoint override (gemini) or server (openai)")
-        p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="facts, openai: env var with the key")
-        p.add_argument("--concurrency", type=int, default=16, help="facts: requests in flight")
-        p.add_argument("--retries", type=int, default=4, help="facts: retries per item (transient errors, invalid JSON)")
-        p.add_argument("--backoff", type=float, default=1.0, help="facts: first retry delay, doubled each time")
-        p.add_argument("--timeout", type=float, default=120.0, help="facts: seconds per request")
-        p.add_argument("--price-in", type=float, default=0.30, help="facts: USD per 1M input tokens")
-        p.add_argument("--price-out", type=float, default=2.50, help="facts: USD per 1M output tokens")
-        p.add_argument("--judge", default="rule", choices=["rule", "openai", "hf"], help="reference: ranks the correct rollouts")
-        p.add_argument("--judge-base-url", default=None)
-        p.add_argument("--judge-model", default=None)
-    a = ap.parse_args()
+                g.add_argument("--in", dest="input", required=True, help="the previous step's JSONL")
+            g.add_argument("--out", required=True, help="this step's JSONL (appended; resumable)")
+        if name != "facts":  # facts sends the stored (already resized) images as they are
+            g.add_argument("--max-pixels", type=int, default=1003520, help="image pixel budget (resize, never crop)")
+        for add in groups:
+            add(p)
+    return ap
+
+
+if __name__ == "__main__":
+    a = build_parser().parse_args()
     if a.cmd == "shapes":
         print(make_shapes(a.n, a.out, split=a.split, seed=a.seed, size=a.size))
     else:

@@ -1,4 +1,4 @@
-"""PaLMR evaluation: the paper's benchmarks from local files, scored by their official rules, plus the
+r"""PaLMR evaluation: the paper's benchmarks from local files, scored by their official rules, plus the
 process-hallucination rate.
 
     python eval.py --bench shapes                                  # tiny model, held-out shapes, exact judge
@@ -13,6 +13,9 @@ Benchmarks are read as published, through data.py's layout table (official JSON 
 Hugging Face parquet with {bytes, path} images, VLMEvalKit TSV with base64 images); each is scored by
 its official rule (README, "Benchmark scoring", names the source of each). A question without an image
 is asked text-only; a corrupt image is reported per item and counted (`missing_images`), not fatal.
+What cannot be scored stops the run, one line, before any model loads: an unknown benchmark name, a file
+whose layout (detected from its columns) is not the benchmark's (`NAME=FILE:LAYOUT` forces one), a file
+with no readable item.
 `--predictions LABEL=DIR` scores `<bench>.predictions.jsonl` files made elsewhere, loading no model.
 Generation goes through the sampling engine (greedy by default); the prompt, decoding settings, pixel
 limit and max tokens are recorded with every result, because published numbers move with them.
@@ -35,7 +38,7 @@ from tqdm import tqdm
 import palmr
 import report
 from judge import JudgeItem, RuleJudge, claims, contradictions, make_judge
-from data import detect_layout, load_images, mmstar_options, raw_rows, read_row
+from data import LAYOUTS, detect_layout, load_images, mmstar_options, raw_rows, read_row
 from rewards import grade_answer, strip_unit, unwrap_latex
 
 
@@ -56,15 +59,49 @@ def extract_answer(text):
 # -----------------------------------------------------------------------------
 # Loading: one item dict per question, through data.py's layout table (the same one ingest reads)
 
-def load_bench(bench, path, limit=None):
+# The layouts each benchmark is scored from (data.py's LAYOUTS names): its own published file, VLMEvalKit's
+# TSV of it, and for MMStar (letter gold, options in the question) any file with question/answer/image columns.
+# A file of another layout would be scored by the wrong rule (a HallusionBench file as MMMU): it is refused.
+BENCH_LAYOUTS = {"hallusion": ("hallusionbench", "vlmevalkit"), "mmmu": ("mmmu", "vlmevalkit"),
+                 "mathvista": ("mathvista", "vlmevalkit"), "mathverse": ("mathverse", "vlmevalkit"),
+                 "mmstar": ("mmstar", "vlmevalkit", "generic")}
+KNOWN_BENCHES = ("shapes", *BENCH_LAYOUTS)
+
+
+def _is_hallusion_tsv(row):
+    """VLMEvalKit's HallusionBench.tsv: its l2-category holds the VD_/VS_ keys its scorer splits (data.py's rule)."""
+    return str(row.get("l2-category", "")).startswith(("VD_", "VS_"))
+
+
+def check_layout(bench, path, row, layout):
+    """SystemExit (one line) when the file's layout is not one `bench` is scored from."""
+    name = layout.name + (" (HallusionBench)" if layout.name == "vlmevalkit" and _is_hallusion_tsv(row) else "")
+    hallusion_tsv = layout.name == "vlmevalkit" and (bench == "hallusion") != _is_hallusion_tsv(row)
+    if layout.name not in BENCH_LAYOUTS[bench] or hallusion_tsv:
+        own = next(l for l in LAYOUTS if l.name == BENCH_LAYOUTS[bench][0])
+        raise SystemExit(f"{path}: layout {name}, expected {bench}'s (columns {', '.join(own.needs)}; or VLMEvalKit's "
+                         f"TSV of it); to score it as {bench} anyway: --bench {bench}={path}:LAYOUT")
+
+
+def load_bench(bench, path, limit=None, layout=None):
     """-> (items, problems): items are dicts with id (the benchmark's own), question, choices, answer,
     image (PIL, or None for a question asked without one), meta; problems name each item that failed.
+    layout: a data.py layout name that overrides the detected one (and its check against the benchmark).
 
     A row without image values is asked as a text-only question (HallusionBench's 178), except in
     VLMEvalKit TSVs, which drop such rows (its skip_noimg) and so does this. A row whose image does not
-    load keeps image None with meta.image_error: it is not generated, and scores as wrong."""
+    load keeps image None with meta.image_error: it is not generated, and scores as wrong. SystemExit
+    (one line, before any model loads) for a missing file, a layout the benchmark is not scored from,
+    or a file with no readable item."""
+    if not Path(path).exists():
+        raise SystemExit(f"{path}: no such file or folder (--bench {bench}=FILE)")
     rows = list(raw_rows(path))
-    layout = detect_layout(next((r for _, _, r, _ in rows if "_unreadable" not in r), {}), Path(path).suffix)
+    first = next((r for _, _, r, _ in rows if "_unreadable" not in r), {})
+    if layout is None:
+        layout = detect_layout(first, Path(path).suffix)
+        check_layout(bench, path, first, layout)
+    else:
+        layout = next(l for l in LAYOUTS if l.name == layout)
     items, problems = [], []
     for _, index, raw, base in rows:
         if limit and len(items) >= limit:
@@ -93,6 +130,9 @@ def load_bench(bench, path, limit=None):
         if bench in ("mathverse", "mmstar") and layout.name != "vlmevalkit":
             item["choices"] = None  # the options are written inside the question; the gold is a letter
         items.append(item)
+    if not items:  # an acc of 0.0 over nothing would read as a result
+        why = f"; first problem: {problems[0]}" if problems else ""
+        raise SystemExit(f"{path}: no readable {bench} item in {len(rows)} rows (layout {layout.name}){why}")
     return items, problems
 
 
@@ -243,14 +283,23 @@ def mathvista_prediction(extraction, item):
     kind = str(meta.get("answer_type"))
     if kind in ("integer", "float"):
         text = strip_units(extraction, meta.get("unit"))
+        if THOUSANDS.fullmatch(text):  # '1,000' -> '1000'; a list ('1, 2, 3', '1,2,3') stays unreadable: wrong
+            text = text.replace(",", "")
         try:
-            value = float(text.replace(",", ""))
+            value = float(text)
             if kind == "integer":
                 return str(int(value))
             return str(round(value, int(float(meta.get("precision")))))
         except (ValueError, TypeError, OverflowError):
             return None
     return str(extraction)
+
+
+# A number with thousands separators: groups of three digits after the first (math-verify's parser.py
+# lazy_expr_regex, format 1, with commas only). MathVista's normalize_extracted_answer calls float() on its GPT
+# extraction, which writes 1000; our rule-based extraction stands in for it, so only these commas are dropped.
+THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")  # '1,000' whole; '1,2,3' as 1, 2, 3
 
 
 def strip_units(text, unit=None):
@@ -269,8 +318,9 @@ MCQ_REJECT = ("Sorry, I can't help with images of people yet.", "I can't process
 def mcq_letter(answer, options):
     """VLMEvalKit's can_infer (vlmeval/utils/matching_util.py) without a judge model: options {letter: text}.
     can_infer_option: . ( ) [ ] , : ; ! * # { } become spaces; exactly one option letter as a whole
-    word, within the last 4 words -> it; else 'answer is X' anywhere -> X; else can_infer_text: one
-    option text inside a reply at most twice as long as all options -> its letter. Else 'Z' (wrong)."""
+    word, within the last 4 words -> it; else 'answer is X' anywhere -> X (ours: not the article in 'the
+    answer is a cube'); else can_infer_text: one option text inside a reply at most twice as long as all
+    options -> its letter. Else 'Z' (wrong)."""
     if any(r in answer for r in MCQ_REJECT):
         return "Z"
     words = re.sub(r"[.()\[\],:;!*#{}]", " ", answer).split()
@@ -279,9 +329,13 @@ def mcq_letter(answer, options):
         return present[0]
     if not present and "Z" in words:
         return "Z"
-    m = re.search(r"(?i)(?:correct\s+)?answer\s+is\s+\**([A-J])\**", answer)
-    if m and m.group(1).upper() in options:
-        return m.group(1).upper()
+    # upstream's _VERBOSE_ANSWER_RE reads any letter after 'answer is', case-insensitively, so 'the answer is a
+    # cube' gives A. Ours: a capital letter as a whole word, or a lower-case one with no word after it ('answer
+    # is b.'): the article 'a' before a noun is not an option.
+    m = re.search(r"(?i:(?:correct\s+)?answer\s+is)\s+\**\(?(?:([A-J])\b|([a-j])(?![\w-])(?!\s*\**\s*[A-Za-z]))", answer)
+    letter = m and (m.group(1) or m.group(2)).upper()
+    if letter and letter in options:
+        return letter
     texts = {k: str(v).lower() for k, v in options.items() if v}
     if texts and len(answer) <= 2 * sum(len(v) for v in texts.values()):
         hits = [k for k, v in texts.items() if v in answer.lower()]
@@ -313,7 +367,7 @@ def score_item(bench, item, prediction):
     if bench == "mathvista":
         kind = str(meta.get("answer_type"))
         if boxed is None and kind in ("integer", "float"):
-            numbers = re.findall(r"-?\d[\d,]*\.?\d*", answer)
+            numbers = NUMBER.findall(answer)
             answer = numbers[-1] if numbers else ""
         pred = mathvista_prediction(answer, item)
         if str(meta.get("question_type")) != "multi_choice" and kind == "text":
@@ -330,7 +384,8 @@ def score_item(bench, item, prediction):
 
 def aggregate(bench, items, predictions):
     """Benchmark scores from items and their raw predictions."""
-    right = [score_item(bench, it, predictions[it["id"]]) for it in items]
+    right = [score_item(bench, it, predictions[it["id"]])  # math-verify may take seconds: a bar after 5 s
+             for it in tqdm(items, desc=f"score {bench}", mininterval=2, delay=5)]
     acc = 100.0 * sum(right) / max(1, len(right))
     if bench == "hallusion":
         recs = [{**{k: it["meta"].get(k) for k in ("category", "subcategory", "set_id", "figure_id", "question_id",
@@ -429,7 +484,7 @@ def generate(engine, processor, bench, items, cache_path, args):
                 chunk = part[s:s + args.batch]
                 try:
                     texts = run(chunk, args.seed + s)
-                except (ValueError, RuntimeError, AssertionError) as e:  # find the item(s) at fault
+                except (ValueError, RuntimeError, AssertionError):  # find the item(s) at fault
                     texts = []
                     for k, it in enumerate(chunk):
                         try:
@@ -465,11 +520,26 @@ def bench_scores(name, items, preds, judge=None, facts=None, path=""):
     return scores
 
 
-def load_items(spec, limit=None):
-    """`shapes` or NAME=PATH -> (name, path, items, problems)."""
+def parse_bench(spec):
+    """`shapes`, NAME=FILE or NAME=FILE:LAYOUT -> (name, path, layout or None); SystemExit (one line) for an
+    unknown benchmark or layout, or a benchmark without its file."""
     name, _, path = spec.partition("=")
-    assert name == "shapes" or path, f"--bench {name} needs a path: {name}=FILE"
-    items, problems = shapes_items(limit) if name == "shapes" else load_bench(name, path, limit)
+    if name not in KNOWN_BENCHES:
+        raise SystemExit(f"--bench {spec}: unknown benchmark {name!r}; known: {', '.join(KNOWN_BENCHES)}")
+    if name != "shapes" and not path:
+        raise SystemExit(f"--bench {spec}: {name} needs its file: {name}=FILE")
+    head, _, tail = path.rpartition(":")
+    if head and not Path(path).exists():  # FILE:LAYOUT (a path may hold ':' itself, so only when FILE is not one)
+        if tail not in {l.name for l in LAYOUTS}:
+            raise SystemExit(f"--bench {spec}: unknown layout {tail!r}; known: {', '.join(l.name for l in LAYOUTS)}")
+        return name, head, tail
+    return name, path, None
+
+
+def load_items(spec, limit=None):
+    """`shapes`, NAME=FILE or NAME=FILE:LAYOUT -> (name, path, items, problems)."""
+    name, path, layout = parse_bench(spec)
+    items, problems = shapes_items(limit) if name == "shapes" else load_bench(name, path, limit, layout)
     return name, path, items, problems
 
 
@@ -484,31 +554,40 @@ def shapes_items(limit):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bench", nargs="+", default=["shapes"],
-                    help="NAME=PATH for hallusion, mmmu, mathvista, mathverse, mmstar; plain `shapes` needs no path")
-    ap.add_argument("--checkpoints", nargs="+", default=None,
-                    help="LABEL=PATH or PATH (default: the tiny checkpoint, unless --predictions is given)")
-    ap.add_argument("--predictions", nargs="+", default=[], metavar="LABEL=DIR",
-                    help="score predictions made elsewhere, no model loaded: DIR/<bench>.predictions.jsonl of "
-                         "{id, prediction} (the layout of OUT/<checkpoint>/); LABEL is the column")
-    ap.add_argument("--out", default="out/eval", help="results.json, results.md and the prediction caches")
-    ap.add_argument("--limit", type=int, default=None, help="first N items of each benchmark (quick runs)")
-    ap.add_argument("--max-new-tokens", type=int, default=1024)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-pixels", type=int, default=1003520, help="image pixel budget (shapes: 112 x 112)")
-    ap.add_argument("--batch", type=int, default=16, help="prompts per generate call")
-    ap.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prompt", default="palmr", choices=["palmr", "sr1"], help="the instruction every checkpoint "
-                    "gets: PaLMR's <think> format, or Vision-SR1's <description><think> (for policies trained in it)")
-    ap.add_argument("--facts", default=None, help="JSONL of {id, facts[, reference]} for the hallucination rate")
-    ap.add_argument("--judge", default="rule", choices=["rule", "openai", "hf"])
-    ap.add_argument("--judge-base-url", default=None)
-    ap.add_argument("--judge-model", default=None)
-    ap.add_argument("--study-report", default=None, metavar="OUT",
-                    help="only write runs/shapes_study.sh's OUT/results.md and OUT/curves.png from its runs")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=palmr.HelpFormatter)  # layout kept, defaults shown
+    # what to evaluate
+    g = ap.add_argument_group("benchmarks and models")
+    g.add_argument("--bench", nargs="+", default=["shapes"], metavar="NAME=FILE[:LAYOUT]",
+                   help=f"NAME one of {', '.join(KNOWN_BENCHES)} (shapes needs no file); the file's layout is detected "
+                        "from its columns and refused when it is not the benchmark's; :LAYOUT (a data.py layout name, "
+                        "e.g. mmstar=preds.jsonl:generic) overrides the detection")
+    g.add_argument("--checkpoints", nargs="+", default=None, metavar="[LABEL=]PATH",
+                   help="LABEL=PATH or PATH (none: the tiny checkpoint, unless --predictions is given)")
+    g.add_argument("--predictions", nargs="+", default=[], metavar="LABEL=DIR",
+                   help="score predictions made elsewhere, no model loaded: DIR/<bench>.predictions.jsonl of "
+                        "{id, prediction} (the layout of OUT/<checkpoint>/); LABEL is the column")
+    g.add_argument("--out", default="out/eval", help="results.json, results.md and the prediction caches")
+    g.add_argument("--limit", type=int, default=None, help="first N items of each benchmark (quick runs)")
+    # generation: recorded with every result
+    g = ap.add_argument_group("generation")
+    g.add_argument("--prompt", default="palmr", choices=["palmr", "sr1"], help="the instruction every checkpoint "
+                   "gets: PaLMR's <think> format, or Vision-SR1's <description><think> (for policies trained in it)")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per reply (a cut reply has no answer)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")
+    g.add_argument("--max-pixels", type=int, default=1003520, help="image pixel budget (shapes: 112 x 112)")
+    g.add_argument("--batch", type=int, default=16, help="prompts per generate call")
+    g.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"], help="auto: vLLM when installed and on GPU")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (per batch: seed + offset)")
+    # process-hallucination rate
+    g = ap.add_argument_group("process-hallucination rate")
+    g.add_argument("--facts", default=None, help="JSONL of {id, facts[, reference]} for the hallucination rate")
+    g.add_argument("--judge", default="rule", choices=["rule", "openai", "hf"], help="the visual-fidelity judge (judge.py)")
+    g.add_argument("--judge-base-url", default=None, help="--judge openai: the server's /v1 URL")
+    g.add_argument("--judge-model", default=None, help="--judge openai: model name; --judge hf: a local folder")
+    g = ap.add_argument_group("other")
+    g.add_argument("--study-report", default=None, metavar="OUT",
+                   help="only write runs/shapes_study.sh's OUT/results.md and OUT/curves.png from its runs")
     a = ap.parse_args(argv)
     a.instruction = palmr.SR1_INSTRUCTION if a.prompt == "sr1" else palmr.INSTRUCTION
     if a.study_report:
@@ -523,7 +602,13 @@ def main(argv=None):
         label, _, path = c.partition("=")
         assert path and Path(path).is_dir(), f"--predictions {c}: expected LABEL=DIR with <bench>.predictions.jsonl files"
         made_elsewhere[label] = Path(path)
-    benches = {b.partition("=")[0]: b.partition("=")[2] for b in a.bench}
+    benches = {name: path for name, path, _ in map(parse_bench, a.bench)}  # every spec checked before any loading
+    loaded = {}  # read (and refused) before a judge or checkpoint loads
+    for spec in a.bench:
+        name, _, items, problems = load_items(spec, a.limit)
+        loaded[name] = (items, problems)
+        for p in problems:
+            print(p, file=sys.stderr)
     facts = {}
     if a.facts:
         for line in Path(a.facts).read_text().splitlines():
@@ -534,12 +619,6 @@ def main(argv=None):
                 f"temperature {a.temperature}, top_p {a.top_p}", "max_new_tokens": a.max_new_tokens,
                 "max_pixels": {b: (112 * 112 if b == "shapes" else a.max_pixels) for b in benches},
                 "limit": a.limit, "answer_extraction": "last \\boxed{}, else <answer>, else the benchmark's rule"}
-    loaded = {}
-    for spec in a.bench:
-        name, _, items, problems = load_items(spec, a.limit)
-        loaded[name] = (items, problems)
-        for p in problems:
-            print(p, file=sys.stderr)
     results = {"settings": settings, "checkpoints": {}}
 
     def score(label, name, items, preds, problems):
@@ -614,7 +693,8 @@ class Validator:
     scorers (the same prompt, extraction and scoring as `python eval.py`). Every rank generates every item
     (HF generate under FSDP keeps the ranks' forwards in step; keep --eval-limit small); rank 0 scores.
     grpo.py imports this file for it: a departure from DESIGN.md ("nothing imports eval.py"), so that
-    validation runs eval.py's own code rather than a copy; no cycle (eval never imports grpo).
+    validation runs eval.py's own code rather than a copy; no cycle (eval never imports grpo). The prompt is
+    the one the run trains with (--reward vision_sr1: palmr.SR1_INSTRUCTION), not eval.py's --prompt default.
 
     Validator(args, engine, processor, out, rank) reads --eval-bench once (the shapes held-out split built by
     rank 0); validator(step) -> ({val/<bench>/<metric>: number} on rank 0, {} elsewhere; seconds), with the
@@ -631,6 +711,11 @@ class Validator:
         if (args.eval_max_new_tokens or 0) > args.max_new_tokens and not isinstance(engine, palmr.HFEngine):
             palmr.print0(f"warning: --eval-max-new-tokens {args.eval_max_new_tokens} exceeds --max-new-tokens "
                          f"{args.max_new_tokens}: vLLM's max_model_len was sized for the latter and may cut replies")
+        # the prompt the policy trains with (a method's own, e.g. Vision-SR1's <description> format; PaLMR's
+        # otherwise), as Vision-SR1's EasyR1 config formats train and val items with one format_prompt
+        import variants
+        self.instruction = next((text for v in variants.VARIANTS if v.is_active(args)
+                                 if (text := v(args).instruction(None, args.reward))), palmr.INSTRUCTION)
         self.benches = []
         for spec in args.eval_bench:
             name, path, items, problems = load_items(spec, args.eval_limit)
@@ -645,7 +730,7 @@ class Validator:
         t, args, engine, rank = time.time(), self.args, self.engine, self.rank
         engine.wake()
         gen = types.SimpleNamespace(max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
-                                    temperature=0.0, top_p=1.0, batch=16, seed=args.seed)
+                                    temperature=0.0, top_p=1.0, batch=16, seed=args.seed, instruction=self.instruction)
         folder = self.out / "val" / (f"step-{step:06d}" if rank == 0 else f".rank{rank}-step-{step:06d}")
         metrics, kept = {}, engine.max_pixels
         for name, path, items in self.benches:

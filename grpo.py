@@ -33,6 +33,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import types
 from pathlib import Path
@@ -47,11 +48,11 @@ import palmr
 import warmup
 import variants  # variants: the other perception-aware methods (README "Fork just PaLMR": delete these lines)
 from data import load_image, read_jsonl
-from judge import JudgeItem, judge_args, judge_batch, judge_from_args
+from judge import JudgeItem, check_judge, judge_args, judge_batch, judge_from_args
 from kernels.lm_head import LOGPROB_MEMORY_MIB, fused_logprobs, fused_policy_loss, logprob_chunk
 from kernels.shared_prefix import prefix_attention_mask, prefix_layout, shared_prefix_hidden, use_prefix_attention
 from palmr import print0
-from report import check_packages, report_args, run_report, start_logger
+from report import check_packages, log_step, open_run_folder, report_args, run_report, start_logger
 from rewards import SCHEMES, score_completion
 
 # -----------------------------------------------------------------------------
@@ -59,86 +60,113 @@ from rewards import SCHEMES, score_completion
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # model and data
-    ap.add_argument("--model", default=palmr.DEFAULT_TINY, help="policy checkpoint (HF folder); the tiny one is built if missing")
-    ap.add_argument("--data", default=None, help="training JSONL of Samples (default: synthetic shapes, built once)")
-    ap.add_argument("--mix-data", default=None, help="a second JSONL of Samples mixed into every step")
-    ap.add_argument("--mix-ratio", type=float, default=0.25, help="share of each step's prompts drawn from --mix-data")
-    ap.add_argument("--mix-reward", default=None, help="scheme of --mix-data rows without meta.reward_scheme (def.: --reward)")
-    ap.add_argument("--out", default="out/grpo", help="run folder: metrics, rollouts, checkpoints")
-    ap.add_argument("--max-pixels", type=int, default=112 * 112, help="image pixel budget (resize, never crop)")
-    ap.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts are dropped at load, never truncated")
-    # rollout
-    ap.add_argument("--group-size", type=int, default=8, help="G completions per prompt (paper: 16)")
-    ap.add_argument("--rollout-batch", type=int, default=8, help="prompts per step, all ranks (paper: 512)")
-    ap.add_argument("--update-batch", type=int, default=8, help="prompts per optimizer update, all ranks (paper: 128)")
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="completion length cap (8xH100 preset: 2048)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, also used for the trainer's log-probs")
-    ap.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
-    ap.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"], help="sampler: vllm on GPUs when installed, else HF generate")
-    ap.add_argument("--vllm-tp", type=int, default=1, help="vLLM tensor parallel size (consecutive ranks share an engine)")
-    ap.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="vLLM gpu_memory_utilization (KV cache + weights)")
-    ap.add_argument("--vllm-max-model-len", type=int, default=None,
-                    help="vLLM max_model_len (default: prompt + new tokens, clamped to the checkpoint's limit)")
-    ap.add_argument("--is-cap", type=float, default=0.0, help="sequence-level IS correction for sampler/trainer mismatch: "
-                    "mask sequences whose ratio exceeds this cap (0: off)")
-    ap.add_argument("--debug-logprobs", action="store_true", help="log sampler vs trainer log-prob gaps on the first batch after each sync")
-    # reward
-    ap.add_argument("--reward", default="palmr", choices=list(SCHEMES), help="fusion scheme (rewards.py, variants/)")
+    """The flags, checked here (argparse errors, before any model loads): conflicts, --model, files, --resume."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=palmr.HelpFormatter)
+    g = ap.add_argument_group("model and data")
+    g.add_argument("--model", default=palmr.DEFAULT_TINY, help="policy checkpoint (HF folder); the tiny one is built if missing")
+    g.add_argument("--data", default=None, help="training JSONL of Samples (default: synthetic shapes, built once)")
+    g.add_argument("--mix-data", default=None, help="a second JSONL of Samples mixed into every step")
+    g.add_argument("--mix-ratio", type=float, default=0.25, help="share of each step's prompts drawn from --mix-data")
+    g.add_argument("--mix-reward", default=None, help="scheme of --mix-data rows without meta.reward_scheme (def.: --reward)")
+    g.add_argument("--max-pixels", type=int, default=112 * 112, help="image pixel budget (resize, never crop)")
+    g.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts are dropped at load, never truncated")
+    g = ap.add_argument_group("rollout")
+    g.add_argument("--group-size", type=int, default=8, help="G completions per prompt (paper: 16)")
+    g.add_argument("--rollout-batch", type=int, default=8, help="prompts per step, all ranks (paper: 512)")
+    g.add_argument("--update-batch", type=int, default=8, help="prompts per optimizer update, all ranks (paper: 128)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="completion length cap (8xH100 preset: 2048)")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, also used for the trainer's log-probs")
+    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
+    g.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"], help="sampler: vllm on GPUs when installed, else HF generate")
+    g.add_argument("--vllm-tp", type=int, default=1, help="vLLM tensor parallel size (consecutive ranks share an engine)")
+    g.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="vLLM gpu_memory_utilization (KV cache + weights)")
+    g.add_argument("--vllm-max-model-len", type=int, default=None,
+                   help="vLLM max_model_len (default: prompt + new tokens, clamped to the checkpoint's limit)")
+    g.add_argument("--is-cap", type=float, default=0.0, help="sequence-level IS correction for sampler/trainer mismatch: "
+                   "mask sequences whose ratio exceeds this cap (0: off)")
+    g.add_argument("--debug-logprobs", action="store_true", help="log sampler vs trainer log-prob gaps on the first batch after each sync")
+    g = ap.add_argument_group("reward")
+    g.add_argument("--reward", default="palmr", choices=list(SCHEMES), help="fusion scheme (rewards.py, variants/)")
+    g.add_argument("--judge-max-failed", type=float, default=0.2, help="stop the run when the judge fails on more "
+                   "than this share of a step's rollouts (they would pass the gate ungraded); any failure is a "
+                   "warning in the step line")
     judge_args(ap)  # the visual-fidelity judge's flags (judge.py)
-    # optimisation
-    ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (tiny default; paper: 1e-6 for 7B)")
-    ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
-    ap.add_argument("--beta", type=float, default=1e-2, help="k3 KL weight; 0 loads no reference model")
-    ap.add_argument("--eps-low", type=float, default=0.2, help="PPO clip below 1")
-    ap.add_argument("--eps-high", type=float, default=0.28, help="PPO clip above 1")
-    ap.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"], help="advantage std: per group, whole batch, or none")
-    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    ap.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward per rank")
-    ap.add_argument("--micro-tokens", type=int, default=0, help="micro-batches of about this many tokens instead of "
-                    "--micro-batch rows (0: off); every rank runs the same number of micro-batches")
-    ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=None,
-                    help="score each prompt once per group, its completions as branches of one sequence "
-                    "(kernels/shared_prefix.py); default: on for CPU, where it was measured faster, off on GPUs")
-    ap.add_argument("--prefix-attention", default="branch", choices=["branch", "dense"],
-                    help="shared-prefix attention: branch (one SDPA call per completion on [prompt; itself], exact, "
-                    "no (L, L) mask) or dense ((L, L) boolean masks through SDPA); ignored with --no-shared-prefix")
-    ap.add_argument("--logprob-memory", type=int, default=LOGPROB_MEMORY_MIB,
-                    help="GPU: MiB for the fused LM head's (chunk, V) buffers, which sets its chunk (kernels/lm_head.py)")
-    ap.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
+    g = ap.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (tiny default; paper: 1e-6 for 7B)")
+    g.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
+    g.add_argument("--beta", type=float, default=1e-2, help="k3 KL weight; 0 loads no reference model")
+    g.add_argument("--eps-low", type=float, default=0.2, help="PPO clip below 1")
+    g.add_argument("--eps-high", type=float, default=0.28, help="PPO clip above 1")
+    g.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"], help="advantage std: per group, whole batch, or none")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    g = ap.add_argument_group("memory and speed")
+    g.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward per rank")
+    g.add_argument("--micro-tokens", type=int, default=0, help="micro-batches of about this many tokens instead of "
+                   "--micro-batch rows (0: off); every rank runs the same number of micro-batches")
+    g.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=None,
+                   help="score each prompt once per group, its completions as branches of one sequence "
+                   "(kernels/shared_prefix.py); default: on for CPU, where it was measured faster, off on GPUs")
+    g.add_argument("--prefix-attention", default="branch", choices=["branch", "dense"],
+                   help="shared-prefix attention: branch (one SDPA call per completion on [prompt; itself], exact, "
+                   "no (L, L) mask) or dense ((L, L) boolean masks through SDPA); ignored with --no-shared-prefix")
+    g.add_argument("--logprob-memory", type=int, default=LOGPROB_MEMORY_MIB,
+                   help="GPU: MiB for the fused LM head's (chunk, V) buffers, which sets its chunk (kernels/lm_head.py)")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: OMP_NUM_THREADS if set, else "
+                   "every core, shared by the ranks of this machine)")
     warmup.warmup_args(ap)  # the embedded default's warm start (warmup.py)
-    ap.add_argument("--max-steps", type=int, default=20, help="rollout steps to run (total, counting resumed ones)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and init")
-    # logging and checkpoints
-    ap.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
-    ap.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk (oldest removed)")
-    ap.add_argument("--log-rollouts-every", type=int, default=5, help="print a few decoded rollouts every N steps")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    ap.add_argument("--eval-every", type=int, default=0, help="greedy validation every N steps (0: off), through "
-                    "the rollout engine and eval.py's scorers, logged as val/<bench>/<metric>")
-    ap.add_argument("--eval-bench", nargs="+", default=["shapes"], help="validation benchmarks: shapes (the "
-                    "held-out split) or NAME=FILE as eval.py takes them")
-    ap.add_argument("--eval-limit", type=int, default=50, help="validation: first K items of each benchmark")
-    ap.add_argument("--eval-max-new-tokens", type=int, default=None, help="validation reply budget "
-                    "(default: --max-new-tokens)")
-    ap.add_argument("--eval-before-train", action="store_true", help="validate the starting policy (step 0)")
+    g = ap.add_argument_group("run folder, checkpoints and validation")
+    g.add_argument("--out", default="out/grpo", help="run folder: metrics, rollouts, checkpoints (one run each)")
+    g.add_argument("--max-steps", type=int, default=20, help="rollout steps to run (total, counting resumed ones)")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and init")
+    g.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk (oldest removed)")
+    g.add_argument("--log-rollouts-every", type=int, default=5, help="print a few decoded rollouts every N steps")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --out (its logs and checkpoints)")
+    g.add_argument("--eval-every", type=int, default=0, help="greedy validation every N steps (0: off), through "
+                   "the rollout engine and eval.py's scorers, logged as val/<bench>/<metric>")
+    g.add_argument("--eval-bench", nargs="+", default=["shapes"], help="validation benchmarks: shapes (the "
+                   "held-out split) or NAME=FILE as eval.py takes them")
+    g.add_argument("--eval-limit", type=int, default=50, help="validation: first K items of each benchmark")
+    g.add_argument("--eval-max-new-tokens", type=int, default=None, help="validation reply budget "
+                   "(default: --max-new-tokens)")
+    g.add_argument("--eval-before-train", action="store_true", help="validate the starting policy (step 0)")
     report_args(ap)  # TensorBoard / W&B and the run report (report.py)
     variants.add_args(ap)  # variants: each method's flags, in its own group
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not args.report:
+        check_args(args, int(os.environ.get("WORLD_SIZE", 1)), ap.error)
+    return args
 
 
-def check_args(args, world):
-    """Flag conflicts, refused before any model loads: SystemExit with one line."""
-    for ok, why in ((args.rollout_batch % world == 0, f"--rollout-batch {args.rollout_batch} must divide over {world} ranks"),
+def check_args(args, world, error):
+    """Flag conflicts and missing inputs, refused before any model loads: error(one line) (argparse's: exit 2)."""
+    needs = SCHEMES[args.reward].needs | SCHEMES.get(args.mix_reward, SCHEMES[args.reward]).needs
+    for ok, why in ((args.group_size >= 2, f"--group-size {args.group_size}: a group advantage compares rollouts of "
+                     "one prompt, so with fewer than 2 every advantage is 0 and nothing trains"),
+                    (args.rollout_batch % world == 0, f"--rollout-batch {args.rollout_batch} must divide over {world} ranks"),
                     (args.rollout_batch % args.update_batch == 0, "--rollout-batch must be a multiple of --update-batch"),
                     (args.update_batch % world == 0, f"--update-batch {args.update_batch} must divide over {world} ranks"),
                     (args.mix_reward in (None, *SCHEMES), f"--mix-reward {args.mix_reward}: not a reward scheme"),
-                    (args.judge != "none" or not SCHEMES[args.reward].needs | SCHEMES.get(args.mix_reward, SCHEMES[
-                        args.reward]).needs, f"--reward {args.reward} / --mix-reward {args.mix_reward} needs a judge"),
-                    (0 <= args.mix_ratio <= 1, "--mix-ratio must be in [0, 1]")):
+                    (args.judge != "none" or not needs, f"--reward {args.reward} / --mix-reward {args.mix_reward} needs a judge"),
+                    (args.judge != "openai" or (args.judge_base_url and args.judge_model),
+                     "--judge openai needs --judge-base-url and --judge-model"),
+                    (args.judge != "hf" or args.judge_model, "--judge hf needs --judge-model (a local folder)"),
+                    (0 <= args.mix_ratio <= 1, "--mix-ratio must be in [0, 1]"),
+                    (0 <= args.judge_max_failed <= 1, "--judge-max-failed must be in [0, 1]"),
+                    (args.temperature > 0, "--temperature must be > 0 (the trainer's log-probs divide by it)"),
+                    (min(args.max_steps, args.save_every, args.keep, args.micro_batch) >= 1,
+                     "--max-steps, --save-every, --keep and --micro-batch must be >= 1"),
+                    (not (args.resume and args.overwrite), "--resume and --overwrite: choose one"),
+                    (not args.resume or (Path(args.out) / "latest").exists(), f"--resume: no checkpoint in {args.out}")):
         if not ok:
-            raise SystemExit(why)
+            error(why)
+    for flag in ("data", "mix_data"):
+        if getattr(args, flag) and not Path(getattr(args, flag)).is_file():
+            error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file")
+    if args.model != palmr.DEFAULT_TINY and (why := palmr.check_model(args.model)):
+        error(f"--model {args.model}: {why}")
 
 
 # -----------------------------------------------------------------------------
@@ -188,7 +216,8 @@ def load_dataset(args, processor, path=None, hooks=(), scheme=None):
         else:
             kept.append(s)
     print0(f"data: {len(kept)} of {len(samples)} items kept from {path}; dropped: {dropped or 'none'}")
-    assert kept, f"no trainable items in {path}"
+    if not kept:
+        raise SystemExit(f"{path}: no trainable items (dropped: {dropped})")
     return kept
 
 
@@ -705,7 +734,8 @@ def load_trainer_state(ckpt, policy, optimizer, args):
     defaults = vars(get_args([]))  # a run saved before an option existed ran with its default
     saved = {k: old.get(k, defaults.get(k)) for k in keys}
     differ = {k: (saved[k], getattr(args, k)) for k in keys if saved[k] != getattr(args, k)}
-    assert not differ, f"--resume with other settings than the run in {args.out}: {differ} (saved, given)"
+    if differ:
+        raise SystemExit(f"--resume with other settings than the run in {args.out}: {differ} (saved, given)")
     distributed = dist.is_initialized() and palmr.get_world_size() > 1
     set_optimizer_state_dict(policy, optimizer, state["optimizer"] if palmr.get_rank() == 0 or not distributed else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed))
@@ -748,24 +778,6 @@ def step_metrics(rows, encoded, rewards, parts, judge_stats, located, all_adv, a
     return metrics
 
 
-def log_step(m, rows, rewards, args, step, logger, hooks):
-    """Rank 0: the step's metrics (report.RunLogger: metrics.jsonl, TensorBoard/W&B), the step line, and every
-    --log-rollouts-every steps a few rollouts."""
-    logger.log(m, step + 1)
-    print(f"step {step + 1}/{args.max_steps} | reward {m['reward']:.3f} (fmt {m['reward/fmt']:.2f} "
-          f"ans {m['reward/ans']:.2f} vis {m['reward/vis']:.2f}" + "".join(h.step_line(m) for h in hooks)
-          + f") | ent {m['entropy']:.2f} adv_std {m['adv_std']:.2f} zero_var {m['zero_var_groups']:.2f} | kl "
-          f"{m['kl']:.4f} clip {m['clip_frac']:.3f} | len {m['completion_len']:.1f} | judge failed "
-          f"{m['judge/failed']:.2f} gated {m['judge/gated_zero']:.2f} | gen {m['t_rollout']:.1f}s rew "
-          f"{m['t_reward']:.1f}s train {m['t_train']:.1f}s", flush=True)
-    if any(k.startswith("val/") for k in m):
-        print("  validation: " + " ".join(f"{k} {v:.3g}" for k, v in m.items()
-                                          if k.endswith(("/acc", "/hallucination_rate", "/perception_acc"))))
-    if args.log_rollouts_every and (step + 1) % args.log_rollouts_every == 0:
-        logger.rollouts([{"step": step + 1, "id": s.id, "question": s.question, "answer": s.answer, "completion":
-                          c.text, "reward": r} for (s, c), r in list(zip(rows, rewards.tolist()))[:2]], step + 1)
-
-
 # -----------------------------------------------------------------------------
 # Setup and the main loop
 
@@ -797,13 +809,15 @@ def main(argv=None):
         print(f"{md}" + (f", {png}" if png else ""))
         return None
     check_packages(args.report_to)  # every rank stops, not just rank 0
-    rank, world, device = palmr.init_dist()
-    check_args(args, world)
+    rank, world, device = palmr.init_dist(args.threads)
     hooks = []  # the active perception-aware methods (variants/): none for plain PaLMR
     hooks = variants.active(args, world)  # variants: the methods these flags switch on
     out = Path(args.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    resume_from = out / (out / "latest").read_text().strip() if args.resume else None
+    logged = open_run_folder(out, rank, args.resume, args.overwrite, int(resume_from.name.split("-")[-1])
+                             if resume_from else 0)  # one owner; a resume's logs cut back to its checkpoint
+    judge = judge_from_args(args, **{k: v for h in hooks for k, v in h.judge_options().items()})
+    check_judge(judge)  # a dead judge stops the run here, not after hours of ungated rewards
     warmup.embedded_default(args, rank, prepare_model, training_batch)  # tiny model, shapes, warm start
     if args.warmup_only:
         print0(args.model)
@@ -811,27 +825,24 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    latest = out / "latest"
-    resume_from = out / latest.read_text().strip() if args.resume and latest.exists() else None
-    assert not args.resume or resume_from is not None, f"--resume: no checkpoint in {out}"
     args.model_source = args.model
     processor = palmr.load_processor(args.model)
+    samples = load_dataset(args, processor, hooks=hooks)
+    mixed = load_dataset(args, processor, args.mix_data, hooks, args.mix_reward or args.reward) if args.mix_data else []
+    if shared := {s.id for s in samples} & {s.id for s in mixed}:
+        raise SystemExit(f"--data and --mix-data share {len(shared)} item ids (e.g. {min(shared)}): rename one set")
     policy, reference, optimizer, start = build_trainer(args, device, resume_from)
     engine, args.max_prompt_tokens = palmr.make_engine(  # HF generate on the policy, or a colocated vLLM per rank
         args.engine, policy, processor, resume_from or args.model, args.max_pixels, device, args.seed, args.vllm_tp,
         args.vllm_gpu_memory, args.max_prompt_tokens, args.max_new_tokens, args.vllm_max_model_len)
     if resume_from:  # the sampler must start from exactly the trainer's weights
         engine.load_weights(palmr.full_parameters(policy))
-    judge = judge_from_args(args, **{k: v for h in hooks for k, v in h.judge_options().items()})
-    samples = load_dataset(args, processor, hooks=hooks)
-    mixed = load_dataset(args, processor, args.mix_data, hooks, args.mix_reward or args.reward) if args.mix_data else []
-    assert not {s.id for s in samples} & {s.id for s in mixed}, "--data and --mix-data share item ids: rename one set"
     n_mixed = int(args.mix_ratio * args.rollout_batch + 0.5) if mixed else 0  # mixed prompts per step
     if mixed:
         print0(f"mix: {n_mixed} of the {args.rollout_batch} prompts of every step come from {args.mix_data}"
                + (" (none: raise --mix-ratio or --rollout-batch)" if n_mixed == 0 else ""))
     prefill = palmr.generation_prefill(palmr.render_prompt(processor, ""))  # '' for Qwen2.5-VL's own template
-    logger = start_logger(args, out, rank, start)  # rank 0's; None elsewhere
+    logger = start_logger(args, out, rank, start, logged)  # rank 0's; None elsewhere
     validator = evaluation.Validator(args, engine, processor, out, rank) if args.eval_every > 0 or \
         args.eval_before_train else None  # greedy validation through eval.py's generation and scorers
     if args.eval_before_train and start == 0:
@@ -885,6 +896,9 @@ def main(argv=None):
                    "t_train": t3 - t2, **{k: v for e in extras for k, v in e.metrics.items()}}
         if rank == 0:
             log_step({**metrics, **val}, rows, rewards, args, step, logger, hooks)
+        if metrics["judge/failed"] > args.judge_max_failed:  # the same global share on every rank: all stop
+            raise SystemExit(f"step {step + 1}: the judge failed on {metrics['judge/failed']:.0%} of the rollouts "
+                             f"(over --judge-max-failed {args.judge_max_failed:g}; errors above): stopping")
         if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
             print0(f"saved {save_checkpoint(policy, optimizer, args, step + 1)}")
     if rank == 0:
@@ -895,6 +909,11 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: one line, not a traceback per rank
+        if palmr.get_rank() == 0:
+            print("interrupted: --resume continues from the latest checkpoint", file=sys.stderr, flush=True)
+        sys.exit(130)
     if dist.is_initialized():
         dist.destroy_process_group()

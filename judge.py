@@ -1,6 +1,7 @@
 """PaLMR's visual-fidelity judge: is a rollout's reasoning less faithful to the image than the reference's?
 
     vllm serve Qwen/Qwen3-30B-A3B --port 8000                     # the paper's judge, on its own GPU
+    python tests/chat_server.py --port 8000                       # or, without a GPU: a test judge (exact, shapes)
     python grpo.py --judge openai --judge-base-url http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen3-30B-A3B
     python judge.py agree --pairs examples/judge_pairs.jsonl --backend openai \
         --base-url http://127.0.0.1:8000/v1 --model Qwen/Qwen3-30B-A3B --out agree.json
@@ -22,7 +23,8 @@ alone: faithful or not), so the two can be compared (`agree`). Our choices (flag
 randomised A/B order per item (seeded), optional position swap (the reference must win both orders),
 a tie, an unparseable reply or a request that failed is "no preference" (S_vis = 1); failures are
 counted (judge/failed) and ties are counted apart (judge/ties): two equally faithful traces tie, and
-calling that a failure would make a faithful policy look like a broken judge.
+calling that a failure would make a faithful policy look like a broken judge. Before any work, `check_judge`
+sends an LLM judge's server one small request, so a wrong URL, key or model name stops the run in one line.
 """
 import argparse
 import collections
@@ -362,7 +364,7 @@ def _why_no_verdict(reply):
     """A judge failure's reason: the request's error, reasoning never closed, or no verdict line."""
     if reply.error:
         return reply.error
-    return "reasoning but no final answer" if final_answer(reply.text) is None else "unparseable verdict"
+    return NO_ANSWER if final_answer(reply.text) is None else "unparseable verdict"
 
 
 # -----------------------------------------------------------------------------
@@ -380,6 +382,7 @@ class Reply:
 
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
+NO_ANSWER = "reasoning but no final answer"  # a live model that thought and never answered
 
 
 class OpenAIClient:
@@ -393,7 +396,7 @@ class OpenAIClient:
         self.url = base_url.rstrip("/") + "/chat/completions"
         parts = urllib.parse.urlsplit(self.url)  # errors name the server, never credentials in the URL
         self.where = f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"
-        self.model, self.api_key_env = model, api_key_env
+        self.model, self.api_key_env, self.reasoning = model, api_key_env, reasoning
         self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
         self.params = {"max_tokens": max_tokens, "temperature": temperature,
                        "chat_template_kwargs": {"enable_thinking": reasoning},  # Qwen3 on vLLM / SGLang
@@ -426,27 +429,43 @@ class OpenAIClient:
                 replies[i] = reply if n == 0 else dataclasses.replace(reply, cached=True, latency=0.0, tokens=0)
         return replies
 
-    def _send(self, messages):
-        body = json.dumps({"model": self.model, "messages": messages, **self.params}).encode()
+    def probe(self, timeout):
+        """One short request, not retried and not cached, with the judge's own parameters (so a server that
+        rejects them fails here too) but a small token budget -> Reply (check_judge)."""
+        return self._send([{"role": "user", "content": "Reply with the word OK."}],
+                          dict(self.params, max_tokens=16), timeout, max_retries=0)
+
+    def _send(self, messages, params=None, timeout=None, max_retries=None):
+        params = self.params if params is None else params
+        timeout = self.timeout if timeout is None else timeout
+        max_retries = self.max_retries if max_retries is None else max_retries
+        body = json.dumps({"model": self.model, "messages": messages, **params}).encode()
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         error = ""
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(max_retries + 1):
             start, retry_after = time.time(), None
             try:
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
                     data = json.loads(resp.read())
                 choice = data["choices"][0]
-                text, usage = choice["message"].get("content"), data.get("usage") or {}
-                tokens = int(usage.get("total_tokens", 0))
+                message, usage = choice["message"], data.get("usage") or {}
+                text, tokens = message.get("content"), int(usage.get("total_tokens", 0))
+                # vLLM's reasoning field: `reasoning_content` until vLLM PR #27752 renamed it `reasoning` (both
+                # sent for a while, RFC issue #27755), then PR #33402 removed `reasoning_content`
+                thought = message.get("reasoning") or message.get("reasoning_content")
                 if choice.get("finish_reason") == "length":  # a rerun at temperature 0 stops there again
-                    return Reply(text, error=f"stopped on the token limit (max_tokens {self.params['max_tokens']})",
+                    return Reply(text, error=f"stopped on the token limit (max_tokens {params['max_tokens']})",
                                  truncated=True, latency=time.time() - start, tokens=tokens)
-                if text is None and choice["message"].get("reasoning_content") is not None:
-                    return Reply(error="reasoning but no final answer", latency=time.time() - start, tokens=tokens)
+                if not text and thought:
+                    if self.reasoning:  # it thought and never answered: a rerun at temperature 0 does the same
+                        return Reply(error=NO_ANSWER, latency=time.time() - start, tokens=tokens)
+                    # thinking off, yet a reasoning parser (e.g. --reasoning-parser qwen3) filed the whole answer
+                    # under reasoning, content null or "" (vLLM issues #19839, #53284): that text is the answer
+                    text = thought
                 if not isinstance(text, str):
                     raise ValueError("reply has no text content")
                 return Reply(text, latency=time.time() - start, tokens=tokens)
@@ -459,11 +478,11 @@ class OpenAIClient:
                 error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (ValueError, KeyError, IndexError, TypeError) as e:  # 200 with a malformed body
                 error = f"malformed reply: {type(e).__name__}: {e}"
-            if attempt < self.max_retries:
+            if attempt < max_retries:
                 delay = self.backoff * 2 ** attempt
                 delay = min(60.0, float(retry_after) if retry_after and retry_after.isdigit() else delay)
                 time.sleep(delay + random.uniform(0, self.backoff))  # jitter keeps ranks from retrying in step
-        return Reply(error=f"{error} from {self.where} after {self.max_retries + 1} attempts")
+        return Reply(error=f"{error} from {self.where} after {max_retries + 1} attempt{'s' if max_retries else ''}")
 
 
 class HFClient:
@@ -664,6 +683,26 @@ def judge_from_args(args, **options):
         seed=args.seed, omissions=args.judge_omissions, **options)
 
 
+def check_judge(judge):
+    """Probe an LLM judge's server once before any work (the trainer's start, `judge.py agree`) -> the probe's
+    latency in seconds, or None when there is no server to probe (rule, hf, None). A refused connection, an
+    HTTP error (401: the key; 404: the model name), a timeout or a malformed body raise SystemExit with one
+    line naming the endpoint and the cause: a run would otherwise log every judgement as failed for days."""
+    client = getattr(judge, "client", None)
+    if not isinstance(client, OpenAIClient):
+        return None
+    timeout = min(client.timeout, 30.0)  # a live server answers 16 tokens in seconds, even under load
+    reply = client.probe(timeout)
+    # a reply cut off on the token limit, or reasoning with no final text, still comes from a live model
+    if reply.text is None and not reply.truncated and reply.error != NO_ANSWER:
+        key = f"; is ${client.api_key_env} set to the server's key?"  # the variable's name, never its value
+        hint = {"HTTP 401": key, "HTTP 403": key, "HTTP 404": "; does the URL end in /v1, and does the server "
+                "serve this model (GET /v1/models)?"}.get(reply.error[:8], "")
+        hint = f"; no reply within {timeout:g} s" if "timed out" in reply.error else hint
+        raise SystemExit(f"judge check failed for model {client.model!r}: {reply.error}{hint}")
+    return reply.latency
+
+
 def judge_batch(judge, items, coverage=False, offset=0):
     """Verdicts for a batch of JudgeItems -> s_vis, spans, r_cov (per item) and stats (failed, ties, unmatched and
     the backend's own counters). spans: the located wrong claims' (start, end) character spans, moved back by
@@ -716,6 +755,7 @@ def agreement_report(judge, pairs):
             "failed": sum(v.failed for v in pair_verdicts),
             "pointwise_agreement": sum(p == l for p, l in zip(point_pred, labels)) / max(1, n),
             "pointwise_failed": sum(v.failed for v in cand + ref),
+            "first_failure": next((v.reason for v in pair_verdicts + cand + ref if v.failed), None),
             "swap": judge.swap, "judge": judge.name,
             "items": [{"label": l, "pairwise": p, "pointwise": q} for l, p, q in zip(labels, pair_pred, point_pred)]}
 
@@ -729,11 +769,13 @@ def gate_report(judges, pairs):
     right), gated (share gated), false_gate (faithful pairs gated, only for 'faithful'), failed (share
     with no usable verdict), tokens per item, latency (mean seconds per request sent; LLM judges) and
     seconds per item (wall time of the type's batch / n). Each type is one batch, so its counts are its own.
+    Over all protocols and types: judged (verdicts asked for), failed_count and first_failure (its reason).
     """
     by_type = collections.defaultdict(list)
     for p in pairs:
         by_type[p.get("error_type") or ("faithful" if p["label"] != "reference" else "unspecified")].append(p)
-    report = {"n": len(pairs), "types": {t: len(v) for t, v in by_type.items()}, "protocols": {}}
+    report = {"n": len(pairs), "types": {t: len(v) for t, v in by_type.items()}, "protocols": {},
+              "judged": 0, "failed_count": 0, "first_failure": None}
     for name, j in judges.items():
         rows, overall = {}, {"n": 0, "right": 0, "failed": 0, "tokens": 0, "seconds": 0.0}
         for t, group in by_type.items():
@@ -743,6 +785,7 @@ def gate_report(judges, pairs):
             j.stats, start = {}, time.time()
             verdicts = j.judge(items)
             seconds = time.time() - start
+            report["first_failure"] = report["first_failure"] or next((v.reason for v in verdicts if v.failed), None)
             gated = [v.s_vis == 0.0 for v in verdicts]
             should = [p["label"] == "reference" for p in group]
             right = sum(g == w for g, w in zip(gated, should))
@@ -755,6 +798,8 @@ def gate_report(judges, pairs):
                        "seconds_per_item": seconds / n}
             for k, v in (("n", n), ("right", right), ("failed", failed), ("tokens", tokens), ("seconds", seconds)):
                 overall[k] += v
+        report["judged"] += overall["n"]
+        report["failed_count"] += overall["failed"]
         n = max(1, overall["n"])
         report["protocols"][name] = {"overall": {"agreement": overall["right"] / n, "failed": overall["failed"] / n,
                                                  "tokens_per_item": overall["tokens"] / n,
@@ -805,6 +850,9 @@ def main(argv=None):
                     "pairwise+swap, pointwise (LLM backends; default all three) or rule, rule+omissions (rule)")
     ag.add_argument("--concurrency", type=int, default=32)
     ag.add_argument("--timeout", type=float, default=120.0)
+    ag.add_argument("--max-failed", type=float, default=0.1, help="refuse to report agreement when more than this "
+                    "share of the judgements failed (no usable verdict: a server error, an unparseable reply); "
+                    "default 0.1")
     ag.add_argument("--out", required=True, help="JSON report path (the chart goes next to it, .png)")
     a = ap.parse_args(argv)
     pairs = [json.loads(line) for line in open(a.pairs) if line.strip()]
@@ -818,13 +866,23 @@ def main(argv=None):
         assert set(names) <= {"pairwise", "pairwise+swap", "pointwise"}, f"unknown protocols {names}"
         base = make_judge(a.backend, a.base_url, a.model, a.api_key_env, swap=a.swap, concurrency=a.concurrency,
                           timeout=a.timeout, reasoning=not a.no_reasoning, omissions=a.omissions)
+        check_judge(base)  # a refused URL or a wrong model stops here, in one line, before any work
         report = agreement_report(base, pairs)  # the three-way labels: pairwise and point-wise agreement
         # a client (and cache) per protocol, so that each one's tokens and latency are its own
         judges = {n: make_judge(a.backend, a.base_url, a.model, a.api_key_env, swap=n == "pairwise+swap",
                                 protocol="pointwise" if n == "pointwise" else "pairwise", concurrency=a.concurrency,
                                 timeout=a.timeout, reasoning=not a.no_reasoning, omissions=a.omissions)
                   for n in names}
-    report["gate"] = gate_report(judges, pairs)
+    gate = report["gate"] = gate_report(judges, pairs)
+    # agreement over judgements that mostly never happened (a server gone down, replies without a verdict)
+    # would measure the outage, not the judge: refuse it, naming the first cause
+    judged, failed, first = gate["judged"], gate["failed_count"], gate["first_failure"]
+    if not rule:  # the three-way agreement asked n pairwise and 2n point-wise judgements too
+        judged, failed = judged + 3 * report["n"], failed + report["failed"] + report["pointwise_failed"]
+        first = report["first_failure"] or first
+    if failed > a.max_failed * judged:
+        raise SystemExit(f"judge.py agree: {failed} of {judged} judgements failed (first: {first}): no agreement "
+                         f"reported (--max-failed {a.max_failed})")
     with open(a.out, "w") as f:
         json.dump(report, f, indent=2)
     chart = gate_chart(report["gate"], os.path.splitext(a.out)[0] + ".png")

@@ -25,7 +25,7 @@ import sys
 import types
 
 from judge import OpenAIClient  # the rewriter's HTTP client (retries, backoff), the judge's own
-from palmr import COLOUR_WORDS, parse_response, plural_noun  # the colour list and plurals (palmr.py owns them)
+from palmr import COLOUR_WORDS, HelpFormatter, parse_response, plural_noun  # the colour list and plurals (palmr.py owns them)
 
 
 # -----------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def _pairs_cli(a):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--in", dest="inp", required=True, help="Samples JSONL with facts and reference")
     ap.add_argument("--out", required=True, help="pairs JSONL (a .summary.json goes next to it)")
     ap.add_argument("--seed", type=int, default=0)

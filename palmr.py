@@ -38,6 +38,7 @@ SR1_TEXT_INSTRUCTION = ("You cannot see the image: answer from the text descript
                         "inside <think> </think>, then give the final answer in \\boxed{}.")
 _SR1_FORMAT = re.compile(r"^\s*<description>(.*?)</description>\s*<think>.*?</think>\s*\\boxed\{.*\}\s*$", re.DOTALL)
 _DESCRIPTION = re.compile(r"<description>(.*?)</description>", re.DOTALL)
+_SR1_TAG_SPACES = re.compile(r"\s*(<|>|/)\s*")  # the official reward deletes these spaces before its format check
 
 
 def format_question(question, choices=None, instruction=INSTRUCTION):
@@ -51,10 +52,11 @@ def format_question(question, choices=None, instruction=INSTRUCTION):
 
 def parse_description(text):
     """Vision-SR1's reply -> (description or None, well_formed). Well formed: <description>...</description>,
-    then <think>...</think>, then \\boxed{...} and nothing else (the official format reward's regex). The
-    description is the first <description> block's text, stripped."""
+    then <think>...</think>, then \\boxed{...} and nothing else (the official format reward's regex), checked
+    as the official compute_score does, after deleting spaces around '<', '>' and '/' ('< /think >' counts;
+    see_think_selfReward.py, "handle qwen2.5vl-32b format"). The description is the first block's text, stripped."""
     m = _DESCRIPTION.search(text)
-    return (m.group(1).strip() if m else None), bool(_SR1_FORMAT.match(text))
+    return (m.group(1).strip() if m else None), bool(_SR1_FORMAT.match(_SR1_TAG_SPACES.sub(r"\1", text)))
 
 
 def sr1_trace(trace):
@@ -241,6 +243,30 @@ def ensure_tiny_checkpoint(path=DEFAULT_TINY, seed=0):
 
 # -----------------------------------------------------------------------------
 # Loading a policy checkpoint and its processor
+
+SUPPORTED_MODEL_TYPES = {"qwen2_5_vl": "Qwen2.5-VL"}  # config.json model_type -> family this project trains
+
+
+def check_model(path):
+    """Why `path` cannot be trained here, or None: no such folder, no readable config.json, or a model type outside
+    SUPPORTED_MODEL_TYPES (a text-only model, another VLM family). Cheap: reads the config, loads no weights."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return ("no such folder" + (" (models are not downloaded: pass a local Hugging Face folder)"
+                                    if "/" in str(path) and not str(path).startswith((".", "/", "~")) else ""))
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        return f"no config.json in it (found: {', '.join(sorted(p.name for p in folder.iterdir())[:6]) or 'nothing'})"
+    except ValueError as e:
+        return f"config.json is not JSON ({e})"
+    kind = config.get("model_type")
+    if kind not in SUPPORTED_MODEL_TYPES:
+        text_only = "vision_config" not in config
+        return (f"model_type {kind!r}" + (" (a text-only model)" if text_only else "") + "; supported: "
+                + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items()))
+    return None
+
 
 class LiteProcessor:
     """What this project needs of a processor (tokenizer, image processor, chat template), without torchvision."""
@@ -713,8 +739,51 @@ def collate_prompts(rows, pad_id, device="cpu"):
 # -----------------------------------------------------------------------------
 # Distributed helpers: stock torchrun environment, one process per device
 
-def init_dist():
-    """-> (rank, world_size, device). NCCL on GPUs, gloo on CPU; plain `python` runs as a world of one."""
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """-h keeps the docstring's layout and shows every flag's default."""
+
+
+def cpu_threads(threads=0):
+    """CPU threads for this process: `threads`, else OMP_NUM_THREADS, else the machine's cores over its local
+    ranks (torch's own default gives every rank all cores, so two ranks oversubscribe a shared machine)."""
+    if threads > 0:
+        return threads
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def stop_with_launcher():
+    """Under torchrun: exit when the launcher dies (a `kill -9` on it would leave the ranks running and writing
+    the run folder). A daemon thread polls the parent pid; SIGTERM becomes SystemExit so exit handlers run
+    (the run folder's lock is released), and a rank stuck in a collective is ended 10 s later."""
+    import signal
+    import threading
+    if "LOCAL_RANK" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        print(f"[rank {os.environ.get('RANK', '?')}] the launcher (pid {parent}) is gone: stopping", file=sys.stderr,
+              flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10.0)
+        os._exit(1)
+    signal.signal(signal.SIGTERM, on_term)
+    threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
+
+
+def init_dist(threads=0):
+    """-> (rank, world_size, device). NCCL on GPUs, gloo on CPU; plain `python` runs as a world of one.
+    threads: CPU threads per process (cpu_threads). Under torchrun the ranks stop when the launcher dies."""
+    torch.set_num_threads(cpu_threads(threads))
+    stop_with_launcher()
     if "RANK" in os.environ and not dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():

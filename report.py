@@ -30,7 +30,7 @@ REPORT_PANELS = [  # (title, [(metric, label)]): the metrics a panel plots, when
     ("reward and its parts", [("reward", "reward"), ("reward/fmt", "S_fmt"), ("reward/ans", "S_ans"),
                               ("reward/vis", "S_vis"), ("reward/perc", "PEARL checklist")]),
     ("gated share", [("judge/gated_zero", "S_vis = 0"), ("pearl/gated", "PEARL gate closed"),
-                     ("judge/hallucinated_correct", "right answer, misread scene")]),
+                     ("judge/hallucinated_correct", "right answer, misread scene"), ("judge/failed", "judge failed")]),
     ("KL to the reference policy", [("kl", "k3 KL")]),
     ("entropy", [("entropy", "token entropy")]),
     ("completion length", [("completion_len", "tokens")]),
@@ -78,6 +78,12 @@ def run_report(out):
                 if key in last:
                     mean = statistics.mean(r[key] for r in tail if key in r)
                     md.append(f"| {label} (`{key}`) | {last[key]:.4g} | {mean:.4g} |")
+    failing = [r for r in train if r.get("judge/failed", 0) > 0]
+    if failing:  # a failed item passes the gate ungraded: those steps' rewards are partly plain GRPO's
+        worst = max(failing, key=lambda r: r["judge/failed"])
+        md[2:2] = [f"**Warning: the judge failed** on {len(failing)} of {len(train)} steps, up to "
+                   f"{worst['judge/failed']:.0%} of the rollouts (step {worst['step']}); those rollouts were scored "
+                   "as no preference (S_vis = 1).", ""]
     if val_keys:
         md += ["", "Validation (greedy):", "", "| step | " + " | ".join(k[4:] for k in val_keys) + " |",
                "|---" * (len(val_keys) + 1) + "|"]
@@ -260,6 +266,112 @@ def study_report(out):
 
 
 # -----------------------------------------------------------------------------
+# The run folder: one owner, no row written twice (issue 25)
+
+RUN_OUTPUTS = ("metrics.jsonl", "rollouts.jsonl", "latest", "args.json", "report.md", "report.png", "wandb_id.txt",
+               "tb", "wandb", "val")  # what --overwrite removes, with checkpoint-*
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def claim_run_folder(out, resume=False, overwrite=False):
+    """Make OUT this process's run folder (rank 0): OUT/run.lock holds {pid, host, started} until exit.
+
+    Refused, SystemExit with one line: a folder another live run writes (its pid and host named; a lock left by a
+    dead process on this host is taken over), and a fresh run into a folder that holds a run unless `overwrite`
+    (which removes that run's outputs and checkpoints first) or `resume`. -> the lock's path."""
+    import atexit
+    import shutil
+    import socket
+    import time
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock, host = out / "run.lock", socket.gethostname()
+    if lock.exists():
+        try:
+            owner = json.loads(lock.read_text())
+        except ValueError:
+            owner = {}  # a lock torn by a crash mid-write: nobody owns it
+        if owner and not (owner.get("host") == host and not _alive(int(owner.get("pid", 0)))):
+            raise SystemExit(f"{out} is in use by pid {owner.get('pid')} on {owner.get('host')} (since "
+                             f"{owner.get('started')}): wait for that run, or delete {lock} if it is gone")
+        lock.unlink(missing_ok=True)  # stale: its process is gone
+    held = [p.name for p in [out / "metrics.jsonl", out / "latest", *sorted(out.glob("checkpoint-*"))] if p.exists()]
+    if held and not resume and not overwrite:
+        raise SystemExit(f"{out} holds a run ({', '.join(held[:3])}): --resume continues it, --overwrite replaces it, "
+                         "or pick another --out")
+    try:  # O_EXCL: of two runs starting at once, one gets the lock
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise SystemExit(f"{out} is being claimed by another run right now: pick another --out") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+
+    def release():  # at exit, also on SystemExit and Ctrl-C; a SIGKILLed run leaves a stale lock (taken over)
+        try:
+            if json.loads(lock.read_text()).get("pid") == os.getpid():
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
+    atexit.register(release)
+    if overwrite and not resume:
+        for p in [*(out / name for name in RUN_OUTPUTS), *out.glob("checkpoint-*"), *out.glob(".checkpoint-*")]:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return lock
+
+
+def trim_run_logs(out, step):
+    """Cut OUT/metrics.jsonl and OUT/rollouts.jsonl back to the rows of steps <= `step` (a resumed run logs the
+    later ones again), each by an atomic replace; a torn last line goes too. -> the last step the files held
+    before (so the logger knows whether W&B already has steps past `step`)."""
+    last = 0
+    for name in ("metrics.jsonl", "rollouts.jsonl"):
+        path = Path(out) / name
+        if not path.exists():
+            continue
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            last = max(last, int(row.get("step", 0)))
+            if int(row.get("step", 0)) <= step:
+                kept.append(line)
+        tmp = path.with_name(name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, path)
+    return last
+
+
+def open_run_folder(out, rank, resume=False, overwrite=False, start=0):
+    """Rank 0 claims OUT (claim_run_folder) and, resuming from the checkpoint of step `start`, cuts its logs back
+    to that step (trim_run_logs); a refusal stops every rank, with rank 0's one line. -> the last step the logs
+    held before the cut (0 on a fresh run), for RunLogger."""
+    import torch
+    import torch.distributed as dist
+    ok, logged = 1, 0
+    if rank == 0:
+        try:
+            claim_run_folder(out, resume, overwrite)
+            logged = trim_run_logs(out, start) if resume else 0
+        except SystemExit as e:
+            print(e, file=sys.stderr, flush=True)
+            ok = 0
+    if not int(palmr.all_reduce(torch.tensor(ok), dist.ReduceOp.MIN)):
+        raise SystemExit(1)
+    return logged
+
+
+# -----------------------------------------------------------------------------
 # Run visibility: the trainer's metrics.jsonl / rollouts.jsonl, mirrored to TensorBoard / W&B (grpo.py --report-to;
 # README "Watching a run")
 
@@ -272,7 +384,7 @@ class RunLogger:
     by wandb itself from the environment and never passes through here. The arguments hold environment
     variable names (--judge-api-key-env), never their values."""
 
-    def __init__(self, targets, out, args, start=0):
+    def __init__(self, targets, out, args, start=0, logged=0):
         self.tb = self.wandb = None
         self.out = Path(out)
         targets = [t for t in targets if t != "none"]
@@ -295,12 +407,24 @@ class RunLogger:
             except ImportError:
                 raise SystemExit("--report-to wandb needs the wandb package: pip install wandb") from None
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-            id_file = Path(out) / "wandb_id.txt"  # one W&B run per run folder: a --resume continues it
-            run_id = id_file.read_text().strip() if id_file.exists() else f"{Path(out).name}-{os.urandom(4).hex()}"
+            # One W&B run per run folder: a --resume continues it. But W&B keeps a run's history and drops any
+            # row whose step is not above the last one it has (its "step must be monotonically increasing"
+            # warning), so a resume from a checkpoint older than the last logged step would keep the dead
+            # run's rows for those steps. Then the resume opens a new W&B run and replays the rows
+            # metrics.jsonl kept (each step once). W&B's rewind (resume_from) needs the server: not offline.
+            id_file = Path(out) / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if id_file.exists() else None
+            replay = bool(start and run_id and logged > start)
+            if run_id is None or replay:
+                run_id = f"{Path(out).name}-{os.urandom(4).hex()}"
             id_file.write_text(run_id)
             self.wandb = wandb
             self.run = wandb.init(project=args.wandb_project, name=Path(out).name, dir=str(out), config=config,
                                   mode=mode, id=run_id, resume="allow")
+            if replay:
+                for row in read_metrics(out):
+                    wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(
+                        v, bool) and k != "step"}, step=row.get("step", 0))
 
     def log(self, metrics, step):
         """One row of OUT/metrics.jsonl (appended), mirrored to TensorBoard / W&B."""
@@ -340,6 +464,27 @@ class RunLogger:
             self.run.finish()
 
 
+def log_step(m, rows, rewards, args, step, logger, hooks):
+    """Rank 0: the step's metrics (report.RunLogger: metrics.jsonl, TensorBoard/W&B), the step line, and every
+    --log-rollouts-every steps a few rollouts."""
+    logger.log(m, step + 1)
+    print(f"step {step + 1}/{args.max_steps} | reward {m['reward']:.3f} (fmt {m['reward/fmt']:.2f} "
+          f"ans {m['reward/ans']:.2f} vis {m['reward/vis']:.2f}" + "".join(h.step_line(m) for h in hooks)
+          + f") | ent {m['entropy']:.2f} adv_std {m['adv_std']:.2f} zero_var {m['zero_var_groups']:.2f} | kl "
+          f"{m['kl']:.4f} clip {m['clip_frac']:.3f} | len {m['completion_len']:.1f} | judge failed "
+          f"{m['judge/failed']:.2f} gated {m['judge/gated_zero']:.2f} | gen {m['t_rollout']:.1f}s rew "
+          f"{m['t_reward']:.1f}s train {m['t_train']:.1f}s", flush=True)
+    if m.get("judge/failed", 0) > 0:  # failed items pass the gate ungraded (S_vis 1): the reward is partly GRPO's
+        print(f"  warning: the judge failed on {m['judge/failed']:.0%} of this step's rollouts (scored as no "
+              f"preference; the run stops above --judge-max-failed {getattr(args, 'judge_max_failed', 0.2):g})", flush=True)
+    if any(k.startswith("val/") for k in m):
+        print("  validation: " + " ".join(f"{k} {v:.3g}" for k, v in m.items()
+                                          if k.endswith(("/acc", "/hallucination_rate", "/perception_acc"))))
+    if args.log_rollouts_every and (step + 1) % args.log_rollouts_every == 0:
+        logger.rollouts([{"step": step + 1, "id": s.id, "question": s.question, "answer": s.answer, "completion":
+                          c.text, "reward": r} for (s, c), r in list(zip(rows, rewards.tolist()))[:2]], step + 1)
+
+
 def report_args(ap):
     """The flags of watching a run, for grpo.py's parser."""
     g = ap.add_argument_group("watching a run (report.py)")
@@ -361,15 +506,16 @@ def check_packages(targets):
                 "pip install -r requirements-report.txt" if target == "tensorboard" else "pip install wandb"))
 
 
-def start_logger(args, out, rank, start):
-    """OUT/args.json and the RunLogger on rank 0 (None elsewhere); a logger that fails there stops every rank."""
+def start_logger(args, out, rank, start, logged=0):
+    """OUT/args.json and the RunLogger on rank 0 (None elsewhere); a logger that fails there stops every rank.
+    logged: the last step the run folder held before a resume (trim_run_logs)."""
     import torch
     import torch.distributed as dist
     logger, ok = None, 1
     if rank == 0:
         (Path(out) / "args.json").write_text(json.dumps({**vars(args), "versions": palmr.versions()}, indent=2))
         try:
-            logger = RunLogger(args.report_to, out, args, start)
+            logger = RunLogger(args.report_to, out, args, start, logged)
         except (Exception, SystemExit) as e:  # noqa: BLE001 -- every rank must stop, not rank 0 alone
             print(f"--report-to: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             ok = 0

@@ -53,9 +53,18 @@ def normalize(s):
     return re.sub(r"\s+", " ", s)
 
 
+# Commas: thousands separators only in groups of three ('1,000', '12,345.5'), as math-verify's number regex
+# reads them (math_verify/parser.py, lazy_expr_regex format 1); any other comma makes a list ('1,2,3',
+# '2, 3'), which math-verify parses as a set (order-free: '3, 2' equals '2, 3') and which is never one number.
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
+
+
 def as_number(s):
-    """A float for '3', '-2.50', '1,000', '3/4', '\\frac{3}{4}', '50%' (as 50), '−3' (U+2212), '3\\times10^{-7}'; else None."""
-    s = normalize(s).replace(",", "").rstrip("%").strip()
+    """A float for '3', '-2.50', '1,000', '3/4', '\\frac{3}{4}', '50%' (as 50), '−3' (U+2212), '3\\times10^{-7}'; else None
+    ('1,2,3' and '1, 2, 3' are lists, not 123)."""
+    s = normalize(s).rstrip("%").strip()
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
     m = re.fullmatch(r"(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}", s)
     if m:
         s = f"{m.group(1)}{m.group(2)}/{m.group(3)}"

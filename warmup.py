@@ -68,11 +68,12 @@ def warmup(model_path, data_path, out_dir, prepare_model, layout, steps=300, bat
     return history
 
 
-def ensure_warm_start(base, data_path, steps, hallucinated_share, prepare_model, layout, seed=0, trace_format="think"):
+def ensure_warm_start(base, data_path, steps, hallucinated_share, prepare_model, layout, seed=0, trace_format="think",
+                      threads=0):
     """The warm-up checkpoint for these settings, built once next to `base` by rank 0; the others wait.
 
-    Rank 0 builds with every core: torchrun leaves each process one thread, and the waiting ranks use
-    none. (Measured: a data-parallel FSDP warm-up over 2 gloo ranks ran 3.2 steps/s against 4.7 for one
+    Rank 0 builds with `threads` threads, by default every core: torchrun leaves each process one thread, and the
+    waiting ranks use none (on a shared machine, --threads caps it). (Measured: a data-parallel FSDP warm-up over 2 gloo ranks ran 3.2 steps/s against 4.7 for one
     process with both cores; the tiny model is too small for per-layer collectives to pay.)
     """
     sr1 = "-sr1" if trace_format == "description" else ""
@@ -80,15 +81,15 @@ def ensure_warm_start(base, data_path, steps, hallucinated_share, prepare_model,
     if palmr.get_rank() == 0 and not (path / "config.json").exists():
         print0(f"building the warm start ({steps} SFT steps, {hallucinated_share:.0%} misread traces) -> {path}")
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")  # two builds at once never share a folder
-        threads = torch.get_num_threads()
-        torch.set_num_threads(os.cpu_count() or threads)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or os.cpu_count() or 1)
         try:
             warmup(base, data_path, tmp, prepare_model, layout, steps=steps, seed=seed,
                    hallucinated_share=hallucinated_share, trace_format=trace_format)
             (tmp / "versions.json").write_text(json.dumps(palmr.versions()))  # what built it (constraints.txt)
             os.replace(tmp, path)
         finally:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(before)
             shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing half-written
     built = path / "versions.json"
     if palmr.get_rank() == 0 and built.exists() and json.loads(built.read_text()) != palmr.versions():
@@ -124,4 +125,5 @@ def embedded_default(args, rank, prepare_model, layout):
         args.data = args.data or ensure_shapes()
     if tiny and args.warmup_steps > 0:  # the embedded default starts from a warm, cached tiny policy
         args.model = ensure_warm_start(args.model, ensure_shapes(), args.warmup_steps, args.warmup_hallucinated,
-                                       prepare_model, layout, trace_format=args.warmup_format)
+                                       prepare_model, layout, trace_format=args.warmup_format,
+                                       threads=getattr(args, "threads", 0))

@@ -20,7 +20,8 @@ FACTS = {"objects": [{"name": "circle", "count": 2, "attributes": ["red"], "loca
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=type("Help", (
+        argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))  # defaults shown
     ap.add_argument("--items", type=int, default=64)
     ap.add_argument("--latency", type=float, default=0.2, help="seconds the server waits before each reply")
     ap.add_argument("--concurrency", default="1,32")

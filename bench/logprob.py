@@ -106,7 +106,8 @@ def run_variant(a):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=type("Help", (
+        argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))  # defaults shown
     ap.add_argument("--n", type=int, default=2048, help="completion tokens (rows)")
     ap.add_argument("--hidden", type=int, default=512, help="hidden size H")
     ap.add_argument("--vocab", type=int, default=151936, help="vocabulary V")
@@ -128,11 +129,13 @@ def main():
             print("liger: skipped (needs liger-kernel installed and a GPU)")
             continue
         cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", v]
+        print(f"{v}: measuring ({a.repeats} timed runs in a fresh process) ...", flush=True)  # each takes ~1 min on CPU
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
         if proc.returncode != 0:
             print(f"{v}: failed\n{proc.stderr[-2000:]}")
             continue
         results[v] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{v}: {results[v]['seconds'] * 1000:.1f} ms, {results[v]['extra_mib']:.0f} MiB extra peak", flush=True)
     base = results.get("naive")
     device = a.device
     if a.device.startswith("cuda"):

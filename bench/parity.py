@@ -104,7 +104,8 @@ def compare(a_path, b_path, rel=1e-3):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=type("Help", (
+        argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))  # defaults shown
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("record", help="run every config in a checkout and write its metrics")
     r.add_argument("--tree", default=".", help="the checkout to run (its grpo.py)")

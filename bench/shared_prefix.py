@@ -98,6 +98,8 @@ def run_config(name, a, policy, reference, processor, samples, device):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = grpo.train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device)
+            print(f"  {name} | pass {rep}/{a.repeats}{' (warm-up)' if rep == 0 else ''} | {k}: "
+                  f"{t['t_ref_logprobs'] + t['t_policy']:.1f} s", flush=True)  # a config takes minutes on CPU
             if rep > 0:
                 times[k].append({p: t[p] for p in ("t_ref_logprobs", "t_policy")})
     med = {k: {p: statistics.median(x[p] for x in times[k]) for p in ("t_ref_logprobs", "t_policy")} for k in times}
@@ -114,7 +116,8 @@ def run_config(name, a, policy, reference, processor, samples, device):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=type("Help", (
+        argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))  # defaults shown
     ap.add_argument("--configs", nargs="+", default=["default", "g16-img448", "g16-img448-c256"], choices=list(CONFIGS))
     ap.add_argument("--model", default=None, help="policy checkpoint (default: the tiny one, built here)")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per rollout batch (one update)")

@@ -23,7 +23,6 @@ on a GPU yet (no GPU machine was lent to the session that wrote it).
 """
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -131,7 +130,8 @@ def phase_flops(counts, m, act_ckpt, shared_by=1):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=type("Help", (
+        argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))  # defaults shown
     ap.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES])
     ap.add_argument("--steps", type=int, default=3, help="trainer steps; the first is not averaged")
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])

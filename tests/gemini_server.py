@@ -5,6 +5,10 @@ answers the facts registered for its pixels (`register(image, facts)`), or a sma
 Faults: `faults` is a queue consumed by the next requests in arrival order; `always` maps a pixel hash
 to a fault that every request for that image gets. Kinds: "429", "500", "slow" (sleeps `slow_seconds`),
 "badjson" (text that is not JSON), "schema" (JSON that breaks the facts schema).
+Usage: every reply reports `prompt_tokens` in and `reply_tokens` out, plus `thought_tokens` as
+usageMetadata.thoughtsTokenCount when above 0, the way a thinking model (gemini-2.5-flash) reports the
+tokens it thought apart from its reply (totalTokenCount is the sum of the three; google-genai's
+GenerateContentResponseUsageMetadata documents the fields).
 """
 import base64
 import hashlib
@@ -26,8 +30,9 @@ def pixel_hash(image):
 
 
 class GeminiServer:
-    def __init__(self, latency=0.0, slow_seconds=2.0):
+    def __init__(self, latency=0.0, slow_seconds=2.0, prompt_tokens=300, reply_tokens=60, thought_tokens=0):
         self.latency, self.slow_seconds = latency, slow_seconds
+        self.prompt_tokens, self.reply_tokens, self.thought_tokens = prompt_tokens, reply_tokens, thought_tokens
         self.facts, self.faults, self.always, self.requests = {}, [], {}, []
         self.lock = threading.Lock()
         server = self
@@ -68,10 +73,13 @@ class GeminiServer:
                 time.sleep(server.slow_seconds if fault == "slow" else server.latency)
                 text = {"badjson": "{objects: many", "schema": json.dumps({"objects": "many", "relations": []})}.get(
                     fault, json.dumps(facts))
+                usage = {"promptTokenCount": server.prompt_tokens, "candidatesTokenCount": server.reply_tokens,
+                         "totalTokenCount": server.prompt_tokens + server.reply_tokens + server.thought_tokens}
+                if server.thought_tokens:  # the API leaves the field out when the model did not think
+                    usage["thoughtsTokenCount"] = server.thought_tokens
                 return self._send(200, {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
                                                         "finishReason": "STOP"}],
-                                        "usageMetadata": {"promptTokenCount": 300, "candidatesTokenCount": 60,
-                                                          "totalTokenCount": 360}})
+                                        "usageMetadata": usage})
 
         class Server(ThreadingHTTPServer):
             request_queue_size = 256

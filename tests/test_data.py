@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -386,6 +387,27 @@ def case_vlmevalkit_tsv(root):  # VLMEvalKit TSV: base64 images; a short image c
                                        "MMStar_vlm/11": dict(answer="B", choices=["light", "dark"], size=(60, 40))}
 
 
+def case_llava(root):  # LLaVA docs/Finetune_Custom_Data.md: a JSON list of {id, image, conversations [{from, value}]}
+    uid = "997bb945-628d-4724-b370-b84de974a19f"
+    save(root / "llava" / "part-000001" / f"{uid}.jpg", "green")            # image paths: relative, JPEG
+    save(root / "llava" / "coco" / "train2017" / "000000033471.jpg", "blue", (64, 48))
+    rows = [{"id": uid, "image": f"part-000001/{uid}.jpg",
+             "conversations": [{"from": "human", "value": "<image>\nWhat colour is the picture?"},
+                               {"from": "gpt", "value": "Green."}]},
+            # multi-turn, <image> after the question (llava_instruct_150k writes it either side)
+            {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
+             "conversations": [{"from": "human", "value": "What are the colors of the bus in the image?\n<image>"},
+                               {"from": "gpt", "value": "The bus in the image is white and red."},
+                               {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+                               {"from": "gpt", "value": "The back of the bus features an advertisement."}]}]
+    (root / "llava" / "llava_instruct.json").write_text(json.dumps(rows, indent=2))
+    return [root / "llava" / "llava_instruct.json"], {
+        f"llava_instruct/{uid}": dict(question="What colour is the picture?", answer="Green", choices=None,
+                                      meta={"later_turns": 0, "native_id": uid}),
+        "llava_instruct/000000033471": dict(question="What are the colors of the bus in the image?", size=(64, 48),
+                                            answer="The bus in the image is white and red", meta={"later_turns": 2})}
+
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
@@ -420,6 +442,7 @@ def test_each_layout_is_detected_by_name(tmp_path):
     assert seen["scienceqa"] == {"scienceqa"} and seen["vizwiz"] == {"vizwiz"} and seen["textvqa"] == {"vqa_answers"}
     assert seen["hallusion_json"] == {"hallusionbench"} and seen["vlmevalkit_tsv"] == {"vlmevalkit"}
     assert seen["tabmwp"] == {"tabmwp"} and seen["figureqa"] == {"figureqa"} and seen["mathvista"] == {"mathvista"}
+    assert seen["llava"] == {"llava"}
     assert all(seen[n] != {"generic"} for n in seen), f"every published layout has its own row in LAYOUTS: {seen}"
 
 
@@ -469,6 +492,112 @@ def test_hallusionbench_as_parquet_is_still_hallusionbench(tmp_path):
     inputs = [parquet(tmp_path / "hallusion_bench.parquet", rows)]
     s = read_jsonl(_ingest(inputs, tmp_path))[0]
     assert s.meta["layout"] == "hallusionbench" and s.id == "hallusion_bench/VD_math_0_0_0" and s.answer == "no"
+
+
+def test_llava_rows_with_broken_conversations_are_dropped_by_name_and_the_rest_kept(tmp_path):
+    root = tmp_path / "llava"
+    save(root / "images" / "a.jpg", "red")
+    ask = lambda q="<image>\nHow many?", a="2": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    rows = [{"id": "ok1", "image": "images/a.jpg", "conversations": ask()},
+            {"id": "empty", "image": "images/a.jpg", "conversations": []},                   # no turns
+            {"id": "absent", "image": "images/a.jpg"},                                        # no conversations key
+            {"id": "nogpt", "image": "images/a.jpg", "conversations": ask()[:1]},             # question only
+            {"id": "gptfirst", "image": "images/a.jpg", "conversations": ask()[::-1][:1]},    # no human turn
+            {"id": "noanswer", "image": "images/a.jpg", "conversations": ask(a=None)},        # gpt value null
+            {"id": "tagonly", "image": "images/a.jpg", "conversations": ask(q="<image>")},    # nothing but the tag
+            {"id": "textonly", "conversations": ask(q="What is 2 + 2?", a="4")},             # LLaVA's text-only rows
+            {"id": "ok2", "image": "images/a.jpg", "conversations": ask(q="Is it red?\n<image>", a="Yes")}]
+    (root / "mix.json").write_text(json.dumps(rows))
+    out = tmp_path / "work" / "ingested.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "data.py"), "ingest", "--inputs", str(root / "mix.json"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kept = {s.id: s for s in read_jsonl(out)}
+    assert sorted(kept) == ["mix/ok1", "mix/ok2"], "the good rows survive the bad ones"
+    assert (kept["mix/ok1"].question, kept["mix/ok1"].answer) == ("How many?", "2")
+    assert (kept["mix/ok2"].question, kept["mix/ok2"].answer) == ("Is it red?", "Yes")
+    reasons = {r["id"]: r["reason"] for r in _log(out) if r["status"] == "dropped"}
+    assert reasons == {"mix/empty": "no conversations: a LLaVA row needs a `conversations` list of {from, value} turns",
+                       "mix/absent": "no conversations: a LLaVA row needs a `conversations` list of {from, value} turns",
+                       "mix/nogpt": "no gpt turn after the first human turn in `conversations`",
+                       "mix/gptfirst": "no human turn in `conversations`",
+                       "mix/noanswer": "missing answer: the gpt turn has no text",
+                       "mix/tagonly": "missing question: the first human turn has no text besides <image>",
+                       "mix/textonly": "no image (a text-only row)"}
+    for item, reason in reasons.items():  # and each is named on stderr as it happens
+        assert f"item {item} " in proc.stderr and reason in proc.stderr
+
+
+class CountingServer:
+    """A real HTTP server on 127.0.0.1 that serves a PNG to any GET and counts the requests: a URL pointing
+    at it would load if the code fetched."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.requests = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append(self.path)
+                body = png("red")
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_image_urls_are_refused_with_the_reason_and_never_fetched(tmp_path):
+    http = CountingServer()
+    try:
+        save(tmp_path / "raw" / "local.png", "blue")
+        signed = f"{http.url}/imgs/a.png?X-Amz-Signature=s3cr3t"
+        rows = [{"id": "local", "image": "local.png", "question": "q", "answer": "a"},
+                {"id": "http", "image": signed, "question": "q", "answer": "a"},
+                {"id": "https", "image": "https://example.org/b.jpg", "question": "q", "answer": "a"},
+                {"id": "gs", "images": ["local.png", "gs://bucket/c.png"], "question": "q", "answer": "a"},
+                {"id": "s3", "image": {"bytes": None, "path": "s3://bucket/d.png"}, "question": "q", "answer": "a"}]
+        (tmp_path / "raw" / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out = tmp_path / "work" / "ingested.jsonl"
+        summary = data.ingest([tmp_path / "raw" / "set.jsonl"], out)
+        assert [s.id for s in read_jsonl(out)] == ["set/local"] and summary["dropped"] == {"image is a URL": 4}
+        reasons = {r["id"]: r["reason"] for r in _log(out) if r["status"] == "dropped"}
+        hint = "(download the images and point the rows at local files)"
+        assert reasons == {"set/http": f"image is a URL: {http.url}/imgs/a.png {hint}",  # the signature is not logged
+                           "set/https": f"image is a URL: https://example.org/b.jpg {hint}",
+                           "set/gs": f"image is a URL: gs://bucket/c.png {hint}",
+                           "set/s3": f"image is a URL: s3://bucket/d.png {hint}"}
+        # a Samples JSONL (what filter, facts, reference and grpo.py read): the row is reported by id and skipped
+        (tmp_path / "samples.jsonl").write_text(json.dumps({**BASE, "id": "u1", "image": signed}) + "\n"
+                                                + json.dumps({**BASE, "id": "u2", "image": "raw/local.png"}) + "\n")
+        errors = []
+        assert [s.id for s in read_jsonl(tmp_path / "samples.jsonl", errors)] == ["u2"]
+        assert len(errors) == 1 and "(id u1): image is a URL: http://127.0.0.1" in errors[0]
+        io_ = data.StepIO(tmp_path / "facts.jsonl", "facts")
+        assert [s.id for s in data.pending(tmp_path / "samples.jsonl", io_)] == ["u2"]
+        io_.close()
+        assert [r["id"] for r in _log(tmp_path / "facts.jsonl") if "image is a URL" in r["reason"]] == ["u1"]
+        with pytest.raises(ValueError, match=r"^item u3: image is a URL: s3://bucket/e.png \(download") as e:
+            data.load_image(Sample("u3", "s3://bucket/e.png?X-Amz-Signature=s3cr3t", "q", "a"))
+        assert "s3cr3t" not in str(e.value)
+        with pytest.raises(ValueError, match="image is a URL"):  # eval.py resolves benchmark images here
+            data.load_images([signed], tmp_path)
+        assert http.requests == [], "nothing is downloaded"
+    finally:
+        http.close()
 
 
 def _log(out):
@@ -690,6 +819,26 @@ def test_facts_keeps_good_items_when_others_are_blocked(tmp_path, shapes_file):
     assert len(read_jsonl(out)) == 2
 
 
+def test_facts_cost_bills_thinking_tokens_at_the_output_price(tmp_path, shapes_file, monkeypatch):
+    # gemini-2.5-flash thinks by default: usageMetadata.thoughtsTokenCount, apart from candidatesTokenCount,
+    # billed at the output price ("Output price (including thinking tokens)", Gemini API pricing)
+    server = GeminiServer(prompt_tokens=258, reply_tokens=70, thought_tokens=900)
+    monkeypatch.setenv("GEMINI_API_KEY", "gk-test-secret")
+    try:
+        src, _ = _facts_inputs(tmp_path, shapes_file, 3)
+        provider = data.GeminiProvider("gemini-2.5-flash", base_url=server.base_url, timeout=10.0)
+        out = tmp_path / "facts.jsonl"
+        summary = data.facts_step(src, out, provider, concurrency=2, retries=0, price_in=0.30, price_out=2.50)
+    finally:
+        server.close()
+    assert summary["kept"] == 3
+    cost = summary["cost"]
+    assert (cost["input_tokens"], cost["output_tokens"], cost["thought_tokens"]) == (3 * 258, 3 * (70 + 900), 3 * 900)
+    # by hand: 774 in * 0.30 + 2910 out * 2.50 = 232.2 + 7275 = 7507.2 micro-USD
+    assert cost["usd"] == pytest.approx(0.0075072)
+    assert all((r["output_tokens"], r["thought_tokens"]) == (970, 900) for r in _log(out) if r["status"] == "kept")
+
+
 # -----------------------------------------------------------------------------
 # one bad item: logged with its id and reason, the rest goes on
 
@@ -819,3 +968,65 @@ def test_build_on_shapes_gives_a_file_grpo_trains_on(tmp_path, shapes_file, warm
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "step 1/1" in proc.stdout and (tmp_path / "run" / "checkpoint-000001").exists()
+
+
+# -----------------------------------------------------------------------------
+# the CLI: each command's -h lists only its own flags, with their defaults
+
+ROLLOUTS = {"--model": None, "--batch": "8", "--max-new-tokens": "256", "--seed": "0"}
+FILTER = {"--k": "8", "--min-pass": "0.0", "--max-pass": "1.0"}
+FACTS = {"--provider": "gemini", "--facts-model": None, "--base-url": None, "--api-key-env": "OPENAI_API_KEY",
+         "--concurrency": "16", "--retries": "4", "--backoff": "1.0", "--timeout": "120.0", "--price-in": "0.3",
+         "--price-out": "2.5"}
+REFERENCE = {"--n": "8", "--judge": "rule", "--judge-base-url": None, "--judge-model": None}
+STEP_FLAGS = {  # command -> {flag: default shown, None for a required flag or one without a default}
+    "shapes": {"--n": "2000", "--out": "data/shapes", "--split": "train", "--seed": "0", "--size": "84"},
+    "ingest": {"--inputs": None, "--out": None, "--max-pixels": "1003520"},
+    "filter": {"--in": None, "--out": None, "--max-pixels": "1003520", **ROLLOUTS, **FILTER},
+    "facts": {"--in": None, "--out": None, **FACTS},
+    "reference": {"--in": None, "--out": None, "--max-pixels": "1003520", **ROLLOUTS, **REFERENCE},
+    "build": {"--inputs": None, "--work": None, "--max-pixels": "1003520", **ROLLOUTS, **FILTER, **FACTS, **REFERENCE},
+}
+
+
+def _help(*argv):
+    proc = subprocess.run([sys.executable, str(ROOT / "data.py"), *argv, "-h"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "100"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("step", sorted(STEP_FLAGS))
+def test_each_command_help_lists_its_own_flags_with_defaults(step):
+    text = _help(step)
+    entries, flag = {}, None  # flag -> its help text (wrapped lines joined)
+    for line in text.splitlines():
+        m = re.match(r"^  (--[a-z-]+)", line)
+        if m:
+            flag = m.group(1)
+            entries[flag] = line
+        elif flag and line.startswith("    "):
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    entries.pop("--help", None)
+    assert set(entries) == set(STEP_FLAGS[step]), f"{step} -h: extra {set(entries) - set(STEP_FLAGS[step])}, " \
+                                                  f"missing {set(STEP_FLAGS[step]) - set(entries)}"
+    for flag, default in STEP_FLAGS[step].items():
+        if default is not None:
+            assert f"(default: {default})" in " ".join(entries[flag].split()), f"{step} {flag}: {entries[flag]}"
+
+
+def test_readme_data_commands_still_parse_and_help_lists_every_command():
+    # the commands README shows (and runs/*.sh, if any) must keep working with the per-command flags
+    import shlex
+    top = _help()
+    for step in STEP_FLAGS:
+        assert re.search(rf"^    {step}\b", top, re.MULTILINE), f"{step} missing from data.py -h:\n{top}"
+    text = (ROOT / "README.md").read_text() + "".join(p.read_text() for p in sorted((ROOT / "runs").glob("*.sh")))
+    text = text.replace("\\\n", " ")
+    commands = [shlex.split(re.split(r"[`#]", line.split("python data.py ", 1)[1])[0])
+                for line in text.splitlines() if "python data.py " in line]
+    assert len(commands) >= 5, commands
+    for argv in commands:
+        data.build_parser().parse_args(argv)  # exits (SystemExit) on a flag the command no longer has

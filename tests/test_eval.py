@@ -12,6 +12,7 @@ import io
 import json
 import math
 import random
+import re
 
 import pytest
 from PIL import Image
@@ -147,12 +148,16 @@ LENGTH_OPTIONS = ["12", "15 cm", "twenty", "none of these"]
     ("The correct option is 45 V", MMMU_OPTIONS, "C"),                 # pass 3: option text, more than 5 words
     ("I think the length must be 15 cm in total here", LENGTH_OPTIONS, "B"),  # pass 3: option text in a longer reply
     ("Between 75 V and 95 V I pick 95 V", MMMU_OPTIONS, "D"),          # pass 3: the latest mention wins
+    # the article 'a' (issue 25): pass 2 matches capitals only, so 'a rectangle' is option text, never A
+    ("The answer is a rectangle, so the area is six", ["sphere", "cube", "cone", "rectangle"], "D"),
+    ("the answer is (A)", ["sphere", "cube", "cone", "rectangle"], "A"), ("the answer is A.", MMMU_OPTIONS, "A"),
 ])
 def test_mmmu_choice_is_the_official_parser(response, options, expected):
     assert ev.mmmu_choice(response, options, "validation_Physics_1") == expected
 
 
-@pytest.mark.parametrize("response", ["A. 75 V", "45 V", "b", "(b)", "C)", "The answer is **C**", "no idea", "??"])
+@pytest.mark.parametrize("response", ["A. 75 V", "45 V", "b", "(b)", "C)", "The answer is **C**", "no idea", "??",
+                                      "the answer is a cube"])   # the article is no letter: the seeded pick
 def test_mmmu_unparsed_choices_fall_to_the_seeded_random_letter(response):
     # official: no pass matches these; the random pick is seeded per item here (ours: reproducible)
     assert ev.mmmu_choice(response, MMMU_OPTIONS, "id-9") == random.Random("id-9").choice("ABCD")
@@ -178,6 +183,12 @@ def test_mmmu_unparsed_choices_fall_to_the_seeded_random_letter(response):
     ("x = 3.4289", "['24/7', '3.429']", True), ("The final answer is 24/7", "['24/7', '3.429']", True),
     ("x = 5", "['5', '5.0']", True),                         # a list of acceptable golds
     ("0.015625", "1/64", False),
+    # commas (issue 25): a number key loses its commas (normalize_str: float(s.replace(',', '')))
+    ("The answer is 1,000", "1000", True),
+    ("The answer is 1, 2, 3", "123", False),       # the 'is ' tail is no number; extract_numbers finds 3 only
+    ("The answer is 1, 2, 3", "3", True),          # ... so a gold of 3 is found (official)
+    ("The answer is 1,2,3", "123", True),          # official: '1,2,3'.replace(',', '') is 123 (kept as upstream)
+    ("The answer is 2, 3", "2, 3", True), ("The answer is 2,3", "2, 3", False),   # a string gold: containment
 ])
 def test_mmmu_open_is_the_official_rule(response, gold, expected):
     assert ev.mmmu_open(response, gold) == expected
@@ -453,3 +464,155 @@ def test_hallucination_rate_with_facts_pairwise_and_pointwise():
     # items without facts are not judged
     s = ev.hallucination(judge.RuleJudge(), items, preds, right, {"a": facts})
     assert s["hallucination_rate"] == 100.0 and s["hallucination_n"] == 1
+
+
+# -----------------------------------------------------------------------------
+# refusals: what eval.py cannot score stops it, one line each, before any model loads (issue 25)
+
+def _mmmu_parquet(tmp_path):
+    """MMMU/MMMU validation parquet as published: id, question, options (a list string), answer, image_1..7 structs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.table({"id": ["validation_Math_1"], "question": ["<image 1> Which shape is shown?"],
+                      "options": ["['cube', 'sphere', 'cone', 'cylinder']"], "answer": ["A"],
+                      "image_1": [{"bytes": _png("blue"), "path": "1.png"}], "image_2": [None],
+                      "question_type": ["multiple-choice"], "subfield": ["Geometry"]})
+    pq.write_table(table, tmp_path / "mmmu_validation.parquet")
+    return tmp_path / "mmmu_validation.parquet"
+
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    monkeypatch.setattr(palmr, "load_model", lambda *a, **k: pytest.fail("a refused run must not load a model"))
+    monkeypatch.setattr(palmr, "load_processor", lambda *a, **k: pytest.fail("a refused run must not load a model"))
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("mmlu=x.json", "--bench mmlu=x.json: unknown benchmark 'mmlu'; known: shapes, hallusion, mmmu, mathvista, "
+                    "mathverse, mmstar"),                                       # unknown name with a file
+    ("hallusionbench", "unknown benchmark 'hallusionbench'"),                  # unknown bare name
+    ("mmmu", "--bench mmmu: mmmu needs its file: mmmu=FILE"),                  # known, without its file
+    ("mmstar=MMStar.tsv:mmstarr", "unknown layout 'mmstarr'"),                 # a misspelt layout override
+])
+def test_unknown_benchmarks_and_layouts_are_refused(spec, message, tmp_path, no_model):
+    (tmp_path / "MMStar.tsv").write_text("index\timage\tquestion\tanswer\n")
+    spec = spec.replace("MMStar.tsv", str(tmp_path / "MMStar.tsv"))
+    with pytest.raises(SystemExit, match=re.escape(message)) as e:
+        ev.main(["--bench", spec, "--checkpoints", "tiny=nowhere", "--out", str(tmp_path / "out")])
+    assert "\n" not in str(e.value)
+
+
+def test_a_file_of_another_benchmark_is_refused(tmp_path, no_model):
+    # regression: a HallusionBench file passed as mmmu=FILE was scored by MMMU's rule
+    hallusion, mmmu = _hallusion_json(tmp_path), _mmmu_parquet(tmp_path)
+    argv = ["--checkpoints", "tiny=nowhere", "--out", str(tmp_path / "out"), "--bench"]
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv + [f"mmmu={hallusion}"])
+    assert str(e.value) == (f"{hallusion}: layout hallusionbench, expected mmmu's (columns options, image_1, question_type; "
+                            f"or VLMEvalKit's TSV of it); to score it as mmmu anyway: --bench mmmu={hallusion}:LAYOUT")
+    with pytest.raises(SystemExit, match=f"{mmmu}: layout mmmu, expected hallusion's"):
+        ev.main(argv + [f"hallusion={mmmu}"])
+    # VLMEvalKit's HallusionBench.tsv (l2-category VD_/VS_) is not MMStar's, nor is an MMStar TSV HallusionBench's
+    img = base64.b64encode(_png("red")).decode()
+    (tmp_path / "HallusionBench.tsv").write_text("index\timage\tquestion\tanswer\tcategory\tl2-category\n"
+                                                 f"VD_figure_x_0_0_0\t{img}\tq?\tYes\tVD\tVD_figure\n")
+    with pytest.raises(SystemExit, match="layout vlmevalkit \\(HallusionBench\\), expected mmstar's"):
+        ev.main(argv + [f"mmstar={tmp_path / 'HallusionBench.tsv'}"])
+    (tmp_path / "MMStar.tsv").write_text(f"index\timage\tquestion\tanswer\tcategory\n0\t{img}\tq? Options: A: x, B: y\tA\tc\n")
+    with pytest.raises(SystemExit, match="layout vlmevalkit, expected hallusion's"):
+        ev.main(argv + [f"hallusion={tmp_path / 'MMStar.tsv'}"])
+    # the published layouts themselves load
+    assert [it["id"] for it in ev.load_bench("mmmu", mmmu)[0]] == ["validation_Math_1"]
+    assert len(ev.load_bench("hallusion", tmp_path / "HallusionBench.tsv")[0]) == 1
+
+
+def test_an_explicit_layout_overrides_the_detection(tmp_path, monkeypatch):
+    monkeypatch.setattr(palmr, "load_model", lambda *a, **k: pytest.fail("--predictions must not load a model"))
+    # a HallusionBench file read as a plain question/answer file: the user says so, the check steps aside
+    bench = _hallusion_json(tmp_path)
+    with pytest.raises(SystemExit, match="layout hallusionbench, expected mmstar's"):
+        ev.load_items(f"mmstar={bench}")
+    name, path, items, _ = ev.load_items(f"mmstar={bench}:generic")
+    assert (name, path) == ("mmstar", str(bench)) and [it["meta"]["layout"] for it in items] == ["generic", "generic"]
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / "mmstar.predictions.jsonl").write_text(json.dumps({"id": "0", "prediction": "\\boxed{no}"}) + "\n")
+    res = ev.main(["--bench", f"mmstar={bench}:generic", "--predictions", f"other={made}", "--out", str(tmp_path / "out")])
+    assert res["checkpoints"]["other"]["mmstar"]["n"] == 2
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "no readable mmstar item in 0 rows"),                                               # empty file
+    ('{"index": 0, "question": "q", "answer": "", "image": "x.png"}\n',
+     "no readable mmstar item in 1 rows (layout generic); first problem: mmstar row 1: missing answer"),  # every row bad
+])
+def test_a_file_without_readable_items_is_refused(content, message, tmp_path, no_model):
+    # regression: such a file printed acc 0.0 as if it were a result
+    (tmp_path / "bench.jsonl").write_text(content)
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'bench.jsonl'}: {message}")):
+        ev.main(["--bench", f"mmstar={tmp_path / 'bench.jsonl'}", "--checkpoints", "tiny=nowhere", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no such file"):
+        ev.main(["--bench", f"mmstar={tmp_path / 'missing.tsv'}", "--checkpoints", "tiny=nowhere", "--out", str(tmp_path)])
+
+
+def test_help_groups_flags_and_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        ev.main(["-h"])
+    out = capsys.readouterr().out
+    assert "python eval.py --bench shapes" in out and "checkpoint-000210 \\\n" in out      # the docstring, as written
+    for group in ("benchmarks and models:", "generation:", "process-hallucination rate:"):
+        assert group in out
+    flat = " ".join(out.split())  # argparse wraps to the terminal's width
+    assert "(default: 1024)" in flat and "(default: rule)" in flat and "(default: palmr)" in flat
+
+
+# -----------------------------------------------------------------------------
+# commas: thousands separators versus lists (issue 25)
+
+@pytest.mark.parametrize("pred,item,expected", [
+    # MathVista (normalize_extracted_answer: float() of the extraction; ours stands in for its GPT extraction)
+    ("\\boxed{1,000}", _mv("1000", answer_type="integer"), True),              # thousands separator
+    ("\\boxed{12,345.5}", _mv("12345.5", answer_type="float", precision=1.0), True),
+    ("\\boxed{1,2,3}", _mv("123", answer_type="integer"), False),              # a list, not 123
+    ("\\boxed{1, 2, 3}", _mv("123", answer_type="integer"), False),
+    ("The total is 1,000 people.", _mv("1000", answer_type="integer"), True),  # no box: the last number, whole
+    ("I count 1,2,3 so 3", _mv("123", answer_type="integer"), False),          # no box: 1,2,3 is three numbers
+    ("\\boxed{[2, 3]}", _mv("[2, 3]", answer_type="list"), True),              # list: str equality (official)
+    ("\\boxed{[2,3]}", _mv("[2, 3]", answer_type="list"), False),
+    ("\\boxed{[3, 2]}", _mv("[2, 3]", answer_type="list"), False),
+    ("\\boxed{2,3}", _mv("2, 3", answer_type="text"), True),                   # free-form text: math-verify's sets
+    ("\\boxed{3, 2}", _mv("2, 3", answer_type="text"), True),
+    ("\\boxed{1,2,3}", _mv("123", answer_type="text"), False),
+])
+def test_mathvista_commas(pred, item, expected):
+    assert ev.score_item("mathvista", item, pred) == expected
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("\\boxed{1,000}", "1000", True), ("\\boxed{1,2,3}", "123", False), ("\\boxed{1, 2, 3}", "123", False),
+    ("\\boxed{2,3}", "2, 3", True), ("\\boxed{3, 2}", "2, 3", True),           # math-verify: sets, order-free
+])
+def test_mathverse_free_form_commas(pred, gold, expected):
+    item = {"id": "1", "answer": gold, "choices": None, "meta": {"question_type": "free-form"}}
+    assert ev.score_item("mathverse", item, pred) == expected
+
+
+# -----------------------------------------------------------------------------
+# choice letters after an article (issue 25)
+
+SHAPE_OPTIONS = {"A": "sphere", "B": "cube", "C": "cone", "D": "rectangle"}
+
+
+@pytest.mark.parametrize("pred,letter", [
+    ("the answer is a cube", "B"),                                   # the article is not option A; the text is B
+    ("The answer is a rectangle, so the area is 6.", "D"),
+    ("the answer is a shape with six faces, I think", "Z"),          # no option named: nothing, not A
+    ("the answer is (A)", "A"), ("the answer is A.", "A"), ("\\boxed{A}", "A"), ("The answer is **A**", "A"),
+    ("answer is b", "B"), ("The correct answer is **C**. Here's why: not A and not D", "C"),
+    ("the answer is A because the other shapes have corners and edges", "A"),
+])
+def test_mcq_letter_skips_the_article(pred, letter):
+    item = {"id": "0", "answer": letter, "choices": None, "meta": {"options": list(SHAPE_OPTIONS.values())}}
+    assert ev.mcq_letter(ev.extract_answer(pred) or pred, SHAPE_OPTIONS) == letter
+    if letter != "Z":
+        assert ev.score_item("mmstar", item, pred)

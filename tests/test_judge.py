@@ -1,10 +1,15 @@
 """judge.py: the rule judge (claims, contradictions, coverage); verdict parsing, including replies as real
 models write them (Qwen3 thinking and non-thinking forms); LLM judging against a real HTTP server on
 127.0.0.1 that injects faults (the server's finish_reason matters for cut-off replies); the hf backend on
-the tiny model; the agreement CLI."""
+the tiny model; the start-up probe (check_judge); the agreement CLI; the test server's command line."""
 import hashlib
 import json
 import re
+import select
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -412,6 +417,61 @@ def test_reasoning_switch_reaches_the_server(server):
 
 
 # -----------------------------------------------------------------------------
+# the start-up probe (check_judge): one small request; a dead endpoint stops the run in one line
+
+def test_check_judge_probes_once_and_is_a_no_op_without_a_server(server):
+    latency = judge.check_judge(llm_judge(server, max_tokens=4096, reasoning=False))
+    assert isinstance(latency, float) and latency > 0
+    payload = server.requests[0]["payload"]
+    assert server.count() == 1 and payload["max_tokens"] <= 16, "one small request"
+    assert payload["chat_template_kwargs"] == {"enable_thinking": False}, "with the judge's own parameters"
+    assert judge.check_judge(judge.make_judge("rule")) is None and judge.check_judge(None) is None
+    assert server.count() == 1
+
+
+@pytest.mark.parametrize("fault", ["truncated", "reasoning", "reasoning-new", "noverdict"])
+def test_check_judge_passes_a_live_server_whatever_it_answers(server, fault):
+    server.inject("", fault)  # "" is in every request: the probe gets the fault
+    assert judge.check_judge(llm_judge(server)) > 0 and server.count() == 1
+
+
+@pytest.mark.parametrize("fault,cause,hint", [
+    ("401", "http 401", "is $palmr_test_key set to the server's key?"),
+    ("404", "http 404", "does the server serve this model (get /v1/models)?"),
+    ("malformed", "malformed reply: jsondecodeerror", ""),
+    ("nocontent", "malformed reply: keyerror", ""),
+    ("slow", "timed out", "no reply within 0.5 s"),  # the client's timeout (0.5 s) is below the probe's 30 s
+    ("drop", "remote end closed connection", ""),
+])
+def test_check_judge_stops_on_a_dead_endpoint_in_one_line(server, monkeypatch, fault, cause, hint):
+    monkeypatch.setenv("PALMR_TEST_KEY", "sk-secret-123")
+    server.inject("", fault)
+    j = llm_judge(server, api_key_env="PALMR_TEST_KEY", max_retries=4)
+    with pytest.raises(SystemExit) as e:
+        judge.check_judge(j)
+    message = str(e.value)
+    assert "\n" not in message and j.client.where in message and "'judge-model'" in message, message
+    assert cause in message.lower() and hint in message.lower(), message
+    assert "sk-secret" not in message and server.count() == 1, "one probe, not retried, the key never shown"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_check_judge_names_a_refused_url_without_its_credentials():
+    port = _free_port()  # nothing listens there
+    with pytest.raises(SystemExit) as e:
+        judge.check_judge(judge.make_judge("openai", f"http://127.0.0.1:{port}/v1", "m", backoff=0.01))
+    assert f"http://127.0.0.1:{port}/v1/chat/completions" in str(e.value) and "refused" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        judge.check_judge(judge.make_judge("openai", f"http://me:pw-secret@127.0.0.1:{port}/v1", "m", backoff=0.01))
+    assert f"http://127.0.0.1:{port}/v1" in str(e.value) and "pw-secret" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
 # cut-off replies from a thinking model: counted failures, not verdicts
 
 REPLY_FACTS = {"objects": [{"name": "circle", "count": 2, "attributes": ["red"], "location": []}]}
@@ -419,7 +479,9 @@ REF = "<think>I see 2 red circles.</think> \\boxed{2}"
 
 
 @pytest.mark.parametrize("fault,reason", [("truncated", "stopped on the token limit"),
-                                          ("reasoning", "reasoning but no final answer")])
+                                          # reasoning only, under vLLM's old name and its current one
+                                          ("reasoning", "reasoning but no final answer"),
+                                          ("reasoning-new", "reasoning but no final answer")])
 def test_cut_off_judge_replies_are_counted_failures_not_verdicts(fault, reason):
     server = ChatServer()
     try:
@@ -432,6 +494,20 @@ def test_cut_off_judge_replies_are_counted_failures_not_verdicts(fault, reason):
         assert not ok.failed and ok.s_vis == 0.0   # the same item, answered: the reference is preferred
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("fault", ["answer-in-reasoning", "answer-in-reasoning_content", "answer-in-reasoning-empty"])
+def test_thinking_off_answer_filed_under_reasoning_is_the_answer(server, fault):
+    """Thinking off + a reasoning parser: vLLM files the whole answer under reasoning (issues #19839, #53284)."""
+    item = JudgeItem("MARK How many circles?", REPLY_FACTS, "<think>I see 3 red circles.</think> \\boxed{2}", REF)
+    server.inject("MARK", fault, fault)
+    off = judge.make_judge("openai", server.base_url, "qwen3", reasoning=False, max_retries=2, backoff=0.01, timeout=5)
+    v = off.judge([item])[0]
+    assert not v.failed and v.s_vis == 0.0 and v.preference == "reference", v.reason
+    # thinking on, the same shape is reasoning that never answered: a failure, not asked again
+    on = judge.make_judge("openai", server.base_url, "qwen3", max_retries=2, backoff=0.01, timeout=5)
+    v = on.judge([item])[0]
+    assert v.failed and v.reason == "reasoning but no final answer" and server.count("MARK") == 2
 
 
 def test_pointwise_truncated_reply_is_a_failure():
@@ -650,3 +726,58 @@ def test_agree_cli_per_type_on_a_local_server(tmp_path):
         2 * gate["pairwise"]["overall"]["tokens_per_item"], rel=0.05)
     from PIL import Image
     assert Image.open(tmp_path / "agree.png").size[0] > 400
+
+
+def test_agree_cli_stops_on_a_refused_url_before_any_work(tmp_path):
+    port, out = _free_port(), tmp_path / "agree.json"
+    start = time.time()
+    with pytest.raises(SystemExit) as e:
+        judge.main(["agree", "--pairs", str(ROOT / "examples" / "judge_pairs.jsonl"), "--backend", "openai",
+                    "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "judge", "--out", str(out)])
+    message = str(e.value)
+    assert "\n" not in message and f"127.0.0.1:{port}/v1" in message and "refused" in message, message
+    assert not out.exists() and time.time() - start < 5, "one probe, no retries, no report"
+
+
+def test_agree_cli_refuses_to_report_when_too_many_judgements_failed(server, tmp_path):
+    out = tmp_path / "agree.json"
+    argv = ["agree", "--pairs", str(ROOT / "examples" / "judge_pairs.jsonl"), "--backend", "openai", "--base-url",
+            server.base_url, "--model", "judge", "--protocols", "pairwise", "--out", str(out)]
+    # the first 10 judge requests (the three-way report's pairwise batch of 14) get no verdict line; judgements:
+    # 14 pairwise + 28 point-wise (three-way report) + 14 (gate report, pairwise) = 56, and 10/56 > 0.1
+    server.inject("Image facts", *["noverdict"] * 10)
+    with pytest.raises(SystemExit) as e:
+        judge.main(argv)
+    assert str(e.value) == ("judge.py agree: 10 of 56 judgements failed (first: unparseable verdict): no agreement "
+                            "reported (--max-failed 0.1)")
+    assert not out.exists()
+    server.inject("Image facts", *["noverdict"] * 10)  # the same again, with a looser threshold: reported
+    report = judge.main(argv + ["--max-failed", "0.2"])
+    assert report["failed"] == 10 and report["gate"]["failed_count"] == 0 and report["gate"]["judged"] == 14
+    assert json.loads(out.read_text())["first_failure"] == "unparseable verdict"
+
+
+# -----------------------------------------------------------------------------
+# tests/chat_server.py's command line: a judge a user without a GPU can start
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, kill
+def test_chat_server_command_line_judges_until_stopped(stop):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "chat_server.py"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = select.select([proc.stdout], [], [], 60)[0]  # the import of judge.py (torch) takes seconds
+        line = proc.stdout.readline() if ready else ""
+        assert line == f"judge test server: http://127.0.0.1:{port}/v1 (model: any name)\n", (line, proc.poll())
+        j = judge.make_judge("openai", f"http://127.0.0.1:{port}/v1", "rule", timeout=10, max_retries=0)
+        assert judge.check_judge(j) > 0
+        verdicts = j.judge([JudgeItem("q", LLM_FACTS, GOOD, REFERENCE), JudgeItem("q", LLM_FACTS, BAD, REFERENCE)])
+        assert [(v.failed, v.s_vis) for v in verdicts] == [(False, 1.0), (False, 0.0)], [v.reason for v in verdicts]
+    finally:
+        proc.send_signal(stop)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0 and "Traceback" not in err and err == "", err

@@ -178,6 +178,22 @@ def test_grade_answer(pred, gold, choices, expected):
     assert grade_answer(pred, gold, choices) is expected
 
 
+# Commas (issue 25): thousands separators in groups of three are one number; any other comma makes a list,
+# graded as math-verify grades it (math_verify/parser.py lazy_expr_regex format 1; grader.py
+# sympy_deep_compare_set_and_tuple: a set, compared order-free), never as the digits run together.
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("1,000", "1000", True), ("1000", "1,000", True), ("12,345.5", "12345.5", True), ("-1,000", "-1000", True),
+    ("1,000,000", "1000000", True), ("1,000 cm", "1000", True),        # with a unit
+    ("1,2,3", "123", False), ("1, 2, 3", "123", False),                # a list is not 123
+    ("1,00", "100", False), ("12,34", "1234", False),                  # not groups of three
+    ("2,3", "2, 3", True), ("3, 2", "2, 3", True),                     # list gold: sets, order-free
+    ("2, 3, 4", "2, 3", False), ("23", "2, 3", False), ("1, 2, 3", "3", False),
+])
+def test_grade_answer_commas(pred, gold, expected):
+    assert grade_answer(pred, gold) is expected
+
+
+
 # -----------------------------------------------------------------------------
 # rewards.fuse / score_completion, for the schemes rewards.py registers (the variants' in their own tests)
 

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from data import COLORS, COLS, KINDS, NUMBER_WORDS, ROWS, Sample, read_jsonl, write_jsonl
-from palmr import COLOUR_WORDS, parse_response, plural_noun
+from palmr import COLOUR_WORDS, HelpFormatter, parse_response, plural_noun
 from rewards import LATEX_WRAPPERS, register_scheme
 from variants.base import Variant
 
@@ -250,7 +250,8 @@ class ViCrit(Variant):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="ViCrit items (find the corrupted phrase) from any Samples with facts")
+    ap = argparse.ArgumentParser(description="ViCrit items (find the corrupted phrase) from any Samples with facts",
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--in", dest="input", required=True, help="Samples JSONL with facts")
     ap.add_argument("--out", required=True, help="ViCrit items JSONL (train with --vicrit-data or --reward vicrit)")
     ap.add_argument("--seed", type=int, default=0)

@@ -24,6 +24,10 @@ from variants.vision_sr1 import VisionSR1, self_rewards
     ("<think>x</think> \\boxed{2}", None, False),                                   # PaLMR's format: no description
     ("<description>a</description><think>b</think>\\boxed{2} and more", "a", False),  # text after the answer
     ("<think>b</think><description>a</description>\\boxed{2}", "a", False),          # wrong order
+    # the official compute_score deletes spaces around < > / before its format check (qwen2.5vl-32b writes them)
+    ("<description>a</description>\n< think >b< /think > \\boxed{2}", "a", True),
+    ("<description>a</ description><think>b</think>\\boxed{2}", None, True),        # no exact block: no description
+    ("<description>a</description><think>b</think> the answer: \\boxed{2}", "a", False),  # text before the box
 ])
 def test_parse_description(text, description, ok):
     assert palmr.parse_description(text) == (description, ok)
@@ -131,3 +135,26 @@ def test_instruction_and_flags():
     assert grpo.instruction(mixed, args, hooks) == palmr.INSTRUCTION
     with pytest.raises(SystemExit, match="--vllm-tp 1"):
         variants.active(grpo.get_args(["--reward", "vision_sr1", "--judge", "none", "--vllm-tp", "2"]), 2)
+
+
+class ValidationEngine(ScriptedEngine):
+    """The rollout engine as eval.Validator drives it: wake, sleep and a pixel budget besides generate."""
+    max_pixels = 112 * 112
+
+    def wake(self):
+        pass
+
+    def sleep(self):
+        pass
+
+
+@pytest.mark.parametrize("reward,instruction", [("vision_sr1", palmr.SR1_INSTRUCTION), ("grpo", palmr.INSTRUCTION)])
+def test_validation_asks_in_the_training_format(reward, instruction, tmp_path, tiny_ckpt):
+    # regression: grpo.py --eval-every validated a --reward vision_sr1 policy with PaLMR's <think> prompt; the
+    # official config formats train and val items with one format_prompt (see_think_format.jinja)
+    import eval as evaluation
+    args = grpo.get_args(["--reward", reward, "--judge", "none", "--eval-bench", "shapes", "--eval-limit", "2"])
+    engine = ValidationEngine(["<description>a</description><think>b</think> \\boxed{2}"] * 2)
+    metrics, _ = evaluation.Validator(args, engine, palmr.load_processor(tiny_ckpt), tmp_path, rank=0)(step=3)
+    assert len(engine.prompts) == 2 and all(instruction in p.text for p in engine.prompts)
+    assert metrics["val/shapes/n"] == 2
