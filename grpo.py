@@ -52,7 +52,7 @@ from judge import JudgeItem, check_judge, judge_args, judge_batch, judge_from_ar
 from kernels.lm_head import LOGPROB_MEMORY_MIB, fused_logprobs, fused_policy_loss, logprob_chunk
 from kernels.shared_prefix import prefix_attention_mask, prefix_layout, shared_prefix_hidden, use_prefix_attention
 from palmr import print0
-from report import check_packages, log_step, open_run_folder, report_args, run_report, start_logger
+from report import check_packages, log_step, open_run_folder, report_args, run_report, start_logger, step_metrics
 from rewards import SCHEMES, score_completion
 
 # -----------------------------------------------------------------------------
@@ -167,6 +167,11 @@ def check_args(args, world, error):
             error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file")
     if args.model != palmr.DEFAULT_TINY and (why := palmr.check_model(args.model)):
         error(f"--model {args.model}: {why}")
+    for spec in args.eval_bench if args.eval_every > 0 or args.eval_before_train else []:
+        try:  # an unknown benchmark, layout or missing file: refused now, not after the model loaded
+            evaluation.parse_bench(spec)
+        except SystemExit as e:
+            error(str(e))
 
 
 # -----------------------------------------------------------------------------
@@ -746,38 +751,6 @@ def load_trainer_state(ckpt, policy, optimizer, args):
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state["step"]
-# -----------------------------------------------------------------------------
-# Metrics and the step line
-
-
-def step_metrics(rows, encoded, rewards, parts, judge_stats, located, all_adv, all_rewards, args, hooks, world):
-    """The step's metrics, means over the global batch of reasoning rows (a method's extra groups are its own)."""
-    lengths = torch.tensor([float(len(c.token_ids)) for _, c in rows])
-    local = {"reward": rewards.sum(), **{f"reward/{k}": v.sum() for k, v in parts.items()},
-             "completion_len": lengths.sum(),
-             "prompt_len": torch.tensor(float(sum(len(encoded[s.id]["input_ids"]) for s, _ in rows))),
-             "image_patches": torch.tensor(float(sum(encoded[s.id]["pixel_values"].shape[0] for s, _ in rows))),
-             "finished": torch.tensor(float(sum(c.finished for _, c in rows))),
-             "judge/failed": torch.tensor(float(judge_stats["failed"])), "judge/ties": torch.tensor(float(judge_stats["ties"])),
-             "judge/gated_zero": (parts["vis"] == 0).float().sum(),
-             "judge/hallucinated_correct": ((parts["vis"] == 0) & (parts["ans"] == 1)).float().sum(),
-             "credit/located": torch.tensor(float(sum(bool(sp) for sp in located))),  # rollouts with a located error
-             "judge/unmatched": torch.tensor(float(judge_stats.get("unmatched", 0)))}
-    for h in hooks:  # decided by flags: every rank reduces the same keys
-        local.update(h.metrics(rows, parts))
-    metrics = {k: float(palmr.all_reduce(v.double().clone())) / (len(rows) * world) for k, v in local.items()}
-    if args.judge in ("openai", "hf"):  # decided by flags, never by this rank's stats: every rank reduces
-        sums = palmr.all_reduce(torch.tensor([judge_stats.get(k, 0) for k in ("latency_sum", "sent", "tokens", "cache_hits")],
-                                       dtype=torch.float64))
-        metrics.update({"judge/latency": float(sums[0] / sums[1].clamp(min=1)), "judge/tokens": float(sums[2]),
-                        "judge/cache_hits": float(sums[3])})
-    for h in hooks:
-        h.finish_metrics(metrics)
-    groups = all_rewards.view(-1, args.group_size)
-    metrics.update(adv_std=float(all_adv.std()), zero_var_groups=float((groups.std(dim=1) == 0).float().mean()))
-    return metrics
-
-
 # -----------------------------------------------------------------------------
 # Setup and the main loop
 

@@ -2,7 +2,9 @@
 It owns the report of one training run (OUT/report.md, OUT/report.png from OUT/metrics.jsonl and OUT/args.json),
 the GRPO-vs-PaLMR study's table and curves (OUT/results.md, OUT/curves.png, OUT/curves_long.png from
 OUT/eval/results.json and OUT/<variant>-s<seed>/metrics.jsonl), and RunLogger, which writes the trainer's
-metrics.jsonl and rollouts.jsonl and mirrors them to TensorBoard / W&B. It loads no model and reads no benchmark (that is eval.py).
+metrics.jsonl and rollouts.jsonl and mirrors them to TensorBoard / W&B, with the trainer's step metrics
+(step_metrics), its step line (log_step) and its run folder (one owner, logs cut back on resume:
+open_run_folder). It loads no model and reads no benchmark (that is eval.py).
 
     python grpo.py --report --out DIR      # DIR/report.md + DIR/report.png (also written at the end of every run)
     python report.py run DIR               # the same, from this file
@@ -372,8 +374,8 @@ def open_run_folder(out, rank, resume=False, overwrite=False, start=0):
 
 
 # -----------------------------------------------------------------------------
-# Run visibility: the trainer's metrics.jsonl / rollouts.jsonl, mirrored to TensorBoard / W&B (grpo.py --report-to;
-# README "Watching a run")
+# The trainer's step metrics and step line; metrics.jsonl / rollouts.jsonl, mirrored to TensorBoard / W&B
+# (grpo.py --report-to; README "Watching a run")
 
 
 class RunLogger:
@@ -462,6 +464,36 @@ class RunLogger:
             self.tb.close()
         if self.wandb is not None:
             self.run.finish()
+
+
+def step_metrics(rows, encoded, rewards, parts, judge_stats, located, all_adv, all_rewards, args, hooks, world):
+    """The step's metrics, means over the global batch of reasoning rows (a method's extra groups are its own):
+    every rank reduces the same keys, so call it on every rank."""
+    import torch
+    lengths = torch.tensor([float(len(c.token_ids)) for _, c in rows])
+    local = {"reward": rewards.sum(), **{f"reward/{k}": v.sum() for k, v in parts.items()},
+             "completion_len": lengths.sum(),
+             "prompt_len": torch.tensor(float(sum(len(encoded[s.id]["input_ids"]) for s, _ in rows))),
+             "image_patches": torch.tensor(float(sum(encoded[s.id]["pixel_values"].shape[0] for s, _ in rows))),
+             "finished": torch.tensor(float(sum(c.finished for _, c in rows))),
+             "judge/failed": torch.tensor(float(judge_stats["failed"])), "judge/ties": torch.tensor(float(judge_stats["ties"])),
+             "judge/gated_zero": (parts["vis"] == 0).float().sum(),
+             "judge/hallucinated_correct": ((parts["vis"] == 0) & (parts["ans"] == 1)).float().sum(),
+             "credit/located": torch.tensor(float(sum(bool(sp) for sp in located))),  # rollouts with a located error
+             "judge/unmatched": torch.tensor(float(judge_stats.get("unmatched", 0)))}
+    for h in hooks:  # decided by flags: every rank reduces the same keys
+        local.update(h.metrics(rows, parts))
+    metrics = {k: float(palmr.all_reduce(v.double().clone())) / (len(rows) * world) for k, v in local.items()}
+    if args.judge in ("openai", "hf"):  # decided by flags, never by this rank's stats: every rank reduces
+        sums = palmr.all_reduce(torch.tensor([judge_stats.get(k, 0) for k in ("latency_sum", "sent", "tokens", "cache_hits")],
+                                       dtype=torch.float64))
+        metrics.update({"judge/latency": float(sums[0] / sums[1].clamp(min=1)), "judge/tokens": float(sums[2]),
+                        "judge/cache_hits": float(sums[3])})
+    for h in hooks:
+        h.finish_metrics(metrics)
+    groups = all_rewards.view(-1, args.group_size)
+    metrics.update(adv_std=float(all_adv.std()), zero_var_groups=float((groups.std(dim=1) == 0).float().mean()))
+    return metrics
 
 
 def log_step(m, rows, rewards, args, step, logger, hooks):

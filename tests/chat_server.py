@@ -1,15 +1,27 @@
-"""A real OpenAI-compatible chat-completions server on 127.0.0.1 for tests and bench/judge.py.
+"""A real OpenAI-compatible chat-completions server on 127.0.0.1 for tests, bench/judge.py and users without a GPU.
+
+    python tests/chat_server.py --port 8000     # serves until Ctrl-C; any model name
+    python grpo.py --judge openai --judge-base-url http://127.0.0.1:8000/v1 --judge-model rule
 
 It answers like a perfect judge: it reads the facts and responses out of judge.py's prompts and decides
-with the exact `shapes` rule (judge.contradictions). Faults are injected per marker: a request whose
-user message contains the marker gets the next fault in that marker's queue:
-  "429" (with Retry-After: 0), "500", "slow" (answers after `slow_seconds`), "drop" (closes the
-  connection without a reply), "malformed" (200 with a body that is not JSON), "nocontent" (200, JSON
-  without choices), "noverdict" (200, a reply with no verdict line), "truncated" (finish_reason
-  "length", cut off mid-thought), "reasoning" (content null, reasoning_content only), "401".
+with the exact `shapes` rule (judge.contradictions); any other prompt (judge.check_judge's probe) gets "OK".
+Faults are injected per marker: a request whose user message contains the marker gets the next fault in
+that marker's queue:
+  "429" (with Retry-After: 0), "500", "401", "404" (vLLM's body for a model it does not serve), "slow"
+  (answers after `slow_seconds`), "drop" (closes the connection without a reply), "malformed" (200 with a
+  body that is not JSON), "nocontent" (200, JSON without choices), "noverdict" (200, a reply with no
+  verdict line), "truncated" (finish_reason "length", cut off mid-thought);
+  thinking that never answered, content null, under either name vLLM has used (vLLM PR #27752 renamed
+  `reasoning_content` to `reasoning`, sending both for a while; PR #33402 dropped `reasoning_content`):
+  "reasoning" (reasoning_content, older vLLM), "reasoning-new" (reasoning, current vLLM);
+  thinking turned off, yet a reasoning parser filed the whole answer under reasoning (vLLM issues #19839,
+  #53284; content "" as in TensorRT-LLM issue #14502): "answer-in-reasoning" (content null, reasoning),
+  "answer-in-reasoning_content" (content null, reasoning_content), "answer-in-reasoning-empty" (content "").
 """
+import argparse
 import json
 import re
+import signal
 import socket
 import sys
 import threading
@@ -29,6 +41,8 @@ def _block(text, name):
 def perfect_reply(messages):
     """The verdict a faithful judge gives, with a reasoning block first (as Qwen3 with thinking on)."""
     text = messages[-1]["content"]
+    if "Image facts" not in text and "Visual facts" not in text:  # not a judge prompt: the start-up probe
+        return "OK"
     if "COVERED:" in text:
         facts = re.findall(r"^(\d+)\. (\d+) (\w+) (\w+)", text, re.MULTILINE)
         said = {c[:3] for c in judge.claims(_block(text, "Response") or "")}  # (count, colour, kind)
@@ -44,8 +58,16 @@ def perfect_reply(messages):
     return f"<think>{len(bad)} errors</think>\nVERDICT: {'UNFAITHFUL' if bad else 'FAITHFUL'}"
 
 
+# a reply that only thought: its reasoning field per fault (vLLM before and after the rename)
+THOUGHT_ONLY = {"reasoning": "reasoning_content", "reasoning-new": "reasoning"}
+# thinking off, the whole answer under a reasoning field: (content, field) per fault
+ANSWER_IN_REASONING = {"answer-in-reasoning": (None, "reasoning"),
+                       "answer-in-reasoning_content": (None, "reasoning_content"),
+                       "answer-in-reasoning-empty": ("", "reasoning")}
+
+
 class ChatServer:
-    def __init__(self, reply=perfect_reply, latency=0.0, slow_seconds=2.0):
+    def __init__(self, reply=perfect_reply, latency=0.0, slow_seconds=2.0, port=0):
         self.reply, self.latency, self.slow_seconds = reply, latency, slow_seconds
         self.faults, self.requests, self.lock = {}, [], threading.Lock()
         server = self
@@ -76,6 +98,10 @@ class ChatServer:
                     return self._send(429, b'{"error": "rate limited"}', [("Retry-After", "0")])
                 if fault in ("500", "401"):
                     return self._send(int(fault), b'{"error": "injected"}')
+                if fault == "404":
+                    error = {"message": f"The model `{payload['model']}` does not exist.", "type": "NotFoundError",
+                             "param": None, "code": 404}
+                    return self._send(404, json.dumps({"error": error}).encode())
                 if fault == "drop":
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
@@ -89,8 +115,11 @@ class ChatServer:
                 message, finish = {"role": "assistant", "content": text}, "stop"
                 if fault == "truncated":  # a thinking model cut off mid-thought, its template had opened <think>
                     message["content"], finish = "A says 3 circles, the facts say 2, so VERDICT: A would fit... wait, B also", "length"
-                if fault == "reasoning":  # vLLM's reasoning parser: all of it was reasoning, no final answer
-                    message = {"role": "assistant", "content": None, "reasoning_content": "Let me compare A and B"}
+                if fault in THOUGHT_ONLY:  # vLLM's reasoning parser: all of it was reasoning, no final answer
+                    message = {"role": "assistant", "content": None, THOUGHT_ONLY[fault]: "Let me compare A and B"}
+                if fault in ANSWER_IN_REASONING:  # thinking off, the answer filed under reasoning by the parser
+                    empty, field = ANSWER_IN_REASONING[fault]
+                    message = {"role": "assistant", "content": empty, field: text}
                 body = {"id": "cmpl", "object": "chat.completion", "model": payload["model"],
                         "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                         "usage": {"prompt_tokens": len(content) // 4, "completion_tokens": len(text) // 4,
@@ -104,7 +133,7 @@ class ChatServer:
             request_queue_size = 256  # the default backlog of 5 drops SYNs under 32 concurrent clients
             daemon_threads = True
 
-        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.httpd = Server(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -123,3 +152,27 @@ class ChatServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default 8000)")
+    ap.add_argument("--latency", type=float, default=0.0, help="seconds before each reply (default 0)")
+    a = ap.parse_args(argv)
+    try:
+        server = ChatServer(latency=a.latency, port=a.port)
+    except OSError as e:  # e.g. the port is taken
+        raise SystemExit(f"judge test server: cannot listen on 127.0.0.1:{a.port}: {e}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill / terminate() ends it as Ctrl-C does
+    print(f"judge test server: {server.base_url} (model: any name)", flush=True)
+    try:
+        while server.thread.is_alive():
+            server.thread.join(1.0)
+    except KeyboardInterrupt:  # Ctrl-C: a clean stop, no traceback
+        pass
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()
