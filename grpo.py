@@ -60,7 +60,7 @@ from rewards import SCHEMES, score_completion
 
 
 def get_args(argv=None):
-    """The flags, checked here (argparse errors, before any model loads): conflicts, --model, files, --resume."""
+    """The flags (main checks them with check_args before anything loads)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=palmr.HelpFormatter)
     g = ap.add_argument_group("model and data")
     g.add_argument("--model", default=palmr.DEFAULT_TINY, help="policy checkpoint (HF folder); the tiny one is built if missing")
@@ -134,14 +134,16 @@ def get_args(argv=None):
     g.add_argument("--eval-before-train", action="store_true", help="validate the starting policy (step 0)")
     report_args(ap)  # TensorBoard / W&B and the run report (report.py)
     variants.add_args(ap)  # variants: each method's flags, in its own group
-    args = ap.parse_args(argv)
-    if not args.report:
-        check_args(args, int(os.environ.get("WORLD_SIZE", 1)), ap.error)
-    return args
+    return ap.parse_args(argv)
 
 
-def check_args(args, world, error):
-    """Flag conflicts and missing inputs, refused before any model loads: error(one line) (argparse's: exit 2)."""
+def check_args(args, world):
+    """Flag conflicts and missing inputs, refused before anything loads, as argparse refuses a bad flag: one line
+    (from rank 0) and exit status 2."""
+    def error(why):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"grpo.py: error: {why}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     needs = SCHEMES[args.reward].needs | SCHEMES.get(args.mix_reward, SCHEMES[args.reward]).needs
     for ok, why in ((args.group_size >= 2, f"--group-size {args.group_size}: a group advantage compares rollouts of "
                      "one prompt, so with fewer than 2 every advantage is 0 and nothing trains"),
@@ -781,6 +783,7 @@ def main(argv=None):
         md, png = run_report(args.out)
         print(f"{md}" + (f", {png}" if png else ""))
         return None
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # conflicts, --model, files, --resume: exit 2
     check_packages(args.report_to)  # every rank stops, not just rank 0
     rank, world, device = palmr.init_dist(args.threads)
     hooks = []  # the active perception-aware methods (variants/): none for plain PaLMR

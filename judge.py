@@ -27,6 +27,7 @@ calling that a failure would make a faithful policy look like a broken judge. Be
 sends an LLM judge's server one small request, so a wrong URL, key or model name stops the run in one line.
 """
 import argparse
+import base64
 import collections
 import concurrent.futures
 import dataclasses
@@ -393,9 +394,13 @@ class OpenAIClient:
     def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", concurrency=32, timeout=120.0,
                  max_retries=4, backoff=1.0, max_tokens=4096, temperature=0.0, reasoning=True, extra=None,
                  cache=True):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        parts = urllib.parse.urlsplit(self.url)  # errors name the server, never credentials in the URL
+        parts = urllib.parse.urlsplit(base_url.rstrip("/") + "/chat/completions")
         self.where = f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+        # user:password@ in the URL (a proxy in front of the server): urllib would take it for the host name, so it
+        # is sent as Basic auth and the URL used, like every error message, is the one without it
+        self.url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        self.basic = base64.b64encode(f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+                                      .encode()).decode() if parts.username else None
         self.model, self.api_key_env, self.reasoning = model, api_key_env, reasoning
         self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
         self.params = {"max_tokens": max_tokens, "temperature": temperature,
@@ -444,6 +449,8 @@ class OpenAIClient:
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        elif self.basic:
+            headers["Authorization"] = f"Basic {self.basic}"
         error = ""
         for attempt in range(max_retries + 1):
             start, retry_after = time.time(), None

@@ -302,7 +302,9 @@ def claim_run_folder(out, resume=False, overwrite=False):
             owner = json.loads(lock.read_text())
         except ValueError:
             owner = {}  # a lock torn by a crash mid-write: nobody owns it
-        if owner and not (owner.get("host") == host and not _alive(int(owner.get("pid", 0)))):
+        pid = int(owner.get("pid", 0))
+        mine_or_dead = owner.get("host") == host and (pid == os.getpid() or not _alive(pid))
+        if owner and not mine_or_dead:  # (mine: an earlier run of this process, e.g. grpo.main called twice)
             raise SystemExit(f"{out} is in use by pid {owner.get('pid')} on {owner.get('host')} (since "
                              f"{owner.get('started')}): wait for that run, or delete {lock} if it is gone")
         lock.unlink(missing_ok=True)  # stale: its process is gone

@@ -3,6 +3,7 @@ models write them (Qwen3 thinking and non-thinking forms); LLM judging against a
 127.0.0.1 that injects faults (the server's finish_reason matters for cut-off replies); the hf backend on
 the tiny model; the start-up probe (check_judge); the agreement CLI; the test server's command line."""
 import hashlib
+import base64
 import json
 import re
 import select
@@ -469,6 +470,17 @@ def test_check_judge_names_a_refused_url_without_its_credentials():
     with pytest.raises(SystemExit) as e:
         judge.check_judge(judge.make_judge("openai", f"http://me:pw-secret@127.0.0.1:{port}/v1", "m", backoff=0.01))
     assert f"http://127.0.0.1:{port}/v1" in str(e.value) and "pw-secret" not in str(e.value)
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    server = ChatServer()  # urllib took "me:pw@127.0.0.1" for a host name: "Name or service not known"
+    try:
+        url = server.base_url.replace("http://", "http://me:p%40ss@")
+        assert judge.check_judge(judge.make_judge("openai", url, "m")) is not None
+        assert server.requests[-1]["authorization"] == "Basic " + base64.b64encode(b"me:p@ss").decode()
+    finally:
+        server.close()
 
 
 # -----------------------------------------------------------------------------

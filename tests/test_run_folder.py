@@ -25,9 +25,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
 
 
 def refusal(capsys, argv):
-    """grpo.get_args(argv) must stop with argparse's exit 2; -> its error line."""
+    """grpo.main(argv) must stop before anything loads with argparse's exit 2; -> its error line."""
     with pytest.raises(SystemExit) as e:
-        grpo.get_args(argv)
+        grpo.main(argv)
     assert e.value.code == 2, f"{argv}: exit {e.value.code}, not an argparse error"
     return capsys.readouterr().err.strip().splitlines()[-1]
 
@@ -49,7 +49,7 @@ def refusal(capsys, argv):
     (["--eval-every", "5", "--eval-bench", "mmlu=x.tsv"], "unknown benchmark 'mmlu'"),  # after the model loaded
 ])
 def test_flag_conflicts_are_argparse_errors(capsys, argv, says):
-    line = refusal(capsys, argv)
+    line = refusal(capsys, argv + ["--out", "/nonexistent/never-written"])
     assert "error:" in line and says in line, line
 
 

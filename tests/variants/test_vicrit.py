@@ -234,5 +234,5 @@ def test_resume_reads_a_pre_mix_vicrit_run_as_its_mix(tmp_path):
     same = grpo.get_args(["--vicrit-data", "items.jsonl", "--vicrit-ratio", "0.5"])
     assert grpo.load_trainer_state(tmp_path, model, optimizer, same) == 3
     other = grpo.get_args(["--vicrit-data", "other.jsonl", "--vicrit-ratio", "0.5"])
-    with pytest.raises(AssertionError, match="mix_data"):
+    with pytest.raises(SystemExit, match="mix_data"):
         grpo.load_trainer_state(tmp_path, model, optimizer, other)
