@@ -145,7 +145,7 @@ def main():
     print("| variant | chunk | extra peak MiB | fwd+bwd ms | memory vs naive | time vs naive |")
     print("|---|---|---|---|---|---|")
     for v, r in results.items():
-        mem = f"{r['extra_mib'] / base['extra_mib']:.3f}" if base else "-"
+        mem = f"{r['extra_mib'] / base['extra_mib']:.3f}" if base and base['extra_mib'] > 0 else "-"
         tim = f"{r['seconds'] / base['seconds']:.2f}" if base else "-"
         chunk = r["chunk"] if v in ("fused", "folded") else "-"
         print(f"| {v} | {chunk} | {r['extra_mib']:.0f} | {r['seconds'] * 1000:.1f} | {mem} | {tim} |")

@@ -21,6 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = ROOT / "tests" / "expected" / "default_job.txt"
+# The machine the stored lines hold for (this repository's CI: 2 cores, AVX2). On another core count or CPU the
+# warm start's float sums run in another order and 20 RL steps amplify that: other, equally valid, numbers.
+EXPECTED_MACHINE = {"cores": 2, "cpu capability": "AVX2"}
 # paths a README command may name without the repository holding them: a user's models, raw data and benchmark
 # files, folders the commands themselves create, and the cache the main job builds (README "Run it")
 PLACEHOLDERS = ("out/", "work/", "raw/", "models/", "bench/HallusionBench", "bench/MMStar", "bench/mmmu_",
@@ -182,6 +185,10 @@ def default_job(tmp_path):
 
 @pytest.mark.slow
 def test_default_job_prints_the_stored_step_lines(tmp_path):
+    import torch
+    here = {"cores": os.cpu_count(), "cpu capability": torch.backends.cpu.get_cpu_capability()}
+    if here != EXPECTED_MACHINE:
+        pytest.skip(f"the stored step lines are for {EXPECTED_MACHINE}; this machine is {here}")
     got, want = default_job(tmp_path), EXPECTED.read_text().splitlines()
     assert len(got) == 20, got
     assert got == want, ("the default job's step lines moved on the pinned install: if on purpose, run `python "
