@@ -69,3 +69,11 @@ def mixed_items(tmp_path, shapes_file):
     path = tmp_path / "mixed.jsonl"
     data.write_jsonl(path, samples + [bad, strip])
     return path
+
+
+def interruptible():
+    """preexec_fn for a child the test will Ctrl-C: SIGINT back to its default. A shell that starts a job in the
+    background (`cmd &`, as CI runners may start the test run) leaves SIGINT ignored, and children inherit that,
+    so Python would never raise KeyboardInterrupt in them."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import interruptible
 
 import data
 import judge
@@ -776,6 +777,7 @@ def test_agree_cli_refuses_to_report_when_too_many_judgements_failed(server, tmp
 def test_chat_server_command_line_judges_until_stopped(stop):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "chat_server.py"), "--port", str(port)],
+                            preexec_fn=interruptible,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = select.select([proc.stdout], [], [], 60)[0]  # the import of judge.py (torch) takes seconds

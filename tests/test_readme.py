@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import interruptible
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = ROOT / "tests" / "expected" / "default_job.txt"
@@ -148,10 +149,11 @@ def test_cheap_readme_commands_run_as_written(tmp_path):
     run_as_written(f"{sys.executable} -c 'import data; data.ensure_shapes()'", clone, env)  # what the main job builds
     server = subprocess.Popen(command_with("tests/chat_server.py").replace("python", sys.executable, 1).rstrip("&"),
                               shell=True, cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True)
+                              text=True, start_new_session=True, preexec_fn=interruptible)
     try:
         line = server.stdout.readline()
-        assert "http://127.0.0.1:8000/v1" in line, f"the test server prints its URL: {line!r} {server.poll()}"
+        died = server.stderr.read() if server.poll() is not None else ""  # e.g. port 8000 already in use
+        assert "http://127.0.0.1:8000/v1" in line, f"the test server prints its URL: {line!r} {died}"
         # the judge check of README "The judge", against the test server standing in for vllm serve
         run_as_written(command_with("judge.py agree", "examples/judge_pairs.jsonl"), clone, env)
         assert json.loads((clone / "agree.json").read_text())["agreement"] == 1.0
@@ -159,8 +161,13 @@ def test_cheap_readme_commands_run_as_written(tmp_path):
         run_as_written(command_with("--backend rule"), clone, env)
         assert (clone / "agree_rule.json").exists() and (clone / "pairs.summary.json").exists()
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        _, err = server.communicate(timeout=30)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGINT)
+        try:
+            _, err = server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # never leave it holding the port
+            os.killpg(server.pid, signal.SIGKILL)
+            raise
     assert "Traceback" not in err, err[-1000:]
 
 

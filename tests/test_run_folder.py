@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import interruptible
 import torch
 
 import grpo
@@ -176,6 +177,8 @@ def test_rerun_resume_twice_and_ctrl_c_write_each_step_once(tmp_path, tiny_ckpt,
     assert first.returncode == 0, first.stderr[-2000:]
     again = run("--max-steps", "3")  # the same command twice: appended steps 1-3 again
     assert again.returncode != 0 and "holds a run" in again.stderr and _steps(out) == [1, 2, 3], again.stderr
+    warm = run("--warmup-only")  # writes nothing to --out (runs/shapes_study.sh asks for the warm start so)
+    assert warm.returncode == 0 and warm.stdout.strip().splitlines()[-1] == tiny_ckpt, warm.stderr[-1500:]
     # resume from the step-3 checkpoint, twice
     assert run("--max-steps", "4", "--save-every", "2", "--resume").returncode == 0
     assert _steps(out) == [1, 2, 3, 4]
@@ -183,7 +186,7 @@ def test_rerun_resume_twice_and_ctrl_c_write_each_step_once(tmp_path, tiny_ckpt,
     assert _steps(out) == [1, 2, 3, 4, 5]
     # Ctrl-C during step 7 or later, then resume
     proc = subprocess.Popen(_cmd(out, tiny_ckpt, shapes_file, "--max-steps", "40", "--save-every", "2", "--resume"),
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=ENV, preexec_fn=interruptible, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and (len(_steps(out)) < 7 or proc.poll() is not None):
         time.sleep(0.5)
@@ -286,3 +289,20 @@ def test_judge_failing_mid_run_stops_at_the_threshold(tmp_path, tiny_ckpt, shape
         assert "Warning: the judge failed" in md, "report.md must show judge failures"
     finally:
         server.close()
+
+
+def test_judge_failures_below_the_threshold_are_a_warning(tmp_path, capsys):
+    row = {"step": 3, "reward": 0.5, "reward/fmt": 1.0, "reward/ans": 0.5, "reward/vis": 1.0, "entropy": 0.2,
+           "adv_std": 0.5, "zero_var_groups": 0.5, "kl": 0.01, "clip_frac": 0.0, "completion_len": 40.0,
+           "judge/failed": 0.125, "judge/gated_zero": 0.0, "t_rollout": 1.0, "t_reward": 0.1, "t_train": 1.0}
+    args = types.SimpleNamespace(max_steps=5, judge_max_failed=0.2, log_rollouts_every=0, report_to=["none"])
+    logger = report.RunLogger(["none"], tmp_path, args)
+    report.log_step(row, [], torch.zeros(0), args, 2, logger, [])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("step 3/5 |") and "judge failed 0.12" in out[0]
+    assert out[1] == ("  warning: the judge failed on 12% of this step's rollouts (scored as no preference; the run "
+                      "stops above --judge-max-failed 0.2)"), out
+    assert "Warning: the judge failed** on 1 of 1 steps, up to 12%" in report.run_report(tmp_path)[0].read_text()
+    row["judge/failed"] = 0.0
+    report.log_step(row, [], torch.zeros(0), args, 3, logger, [])
+    assert "warning" not in capsys.readouterr().out, "no failure, no warning"
