@@ -171,9 +171,11 @@ def check_args(args, world):
         error(f"--model {args.model}: {why}")
     for spec in args.eval_bench if args.eval_every > 0 or args.eval_before_train else []:
         try:  # an unknown benchmark, layout or missing file: refused now, not after the model loaded
-            evaluation.parse_bench(spec)
+            path = evaluation.parse_bench(spec)[1]
         except SystemExit as e:
             error(str(e))
+        if path and not Path(path).exists():
+            error(f"--eval-bench {spec}: no such file")
 
 
 # -----------------------------------------------------------------------------

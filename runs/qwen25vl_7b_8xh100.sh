@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # PaLMR on Qwen2.5-VL-7B-Instruct, one node of 8 x H100-80GB: the paper's setup (METHOD.md section 3).
 #   bash runs/qwen25vl_7b_8xh100.sh [more grpo.py flags, which override these]
+#   bash runs/qwen25vl_7b_8xh100.sh --resume      # continue out/palmr_7b (a second plain start there is refused)
 # Needs a local copy of the model (no hub access at run time) and a PaDLayer training file.
 #
 # GPUs: 0-6 train (7 torchrun ranks, FSDP2 + one colocated vLLM engine each), 7 serves the judge

@@ -48,6 +48,7 @@ def refusal(capsys, argv):
     (["--resume", "--overwrite"], "choose one"),
     (["--model", "Qwen/Qwen2.5-VL-7B-Instruct"], "not downloaded"),  # was transformers' "Repo id must be..."
     (["--eval-every", "5", "--eval-bench", "mmlu=x.tsv"], "unknown benchmark 'mmlu'"),  # after the model loaded
+    (["--eval-before-train", "--eval-bench", "mmstar=nowhere/MMStar.tsv"], "no such file"),
 ])
 def test_flag_conflicts_are_argparse_errors(capsys, argv, says):
     line = refusal(capsys, argv + ["--out", "/nonexistent/never-written"])
