@@ -793,9 +793,9 @@ def main(argv=None):
     out = Path(args.out)
     resume_from = out / (out / "latest").read_text().strip() if args.resume else None
     logged = 0 if args.warmup_only else open_run_folder(  # one owner; a resume's logs cut back to its checkpoint
-        out, rank, args.resume, args.overwrite, int(resume_from.name.split("-")[-1]) if resume_from else 0)
+        out, args.resume, args.overwrite, int(resume_from.name.split("-")[-1]) if resume_from else 0)
     judge = judge_from_args(args, **{k: v for h in hooks for k, v in h.judge_options().items()})
-    check_judge(judge)  # a dead judge stops the run here, not after hours of ungated rewards
+    palmr.rank0_or_stop(check_judge, judge)  # a dead judge stops the run here, not after hours of ungated rewards
     warmup.embedded_default(args, rank, prepare_model, training_batch)  # tiny model, shapes, warm start
     if args.warmup_only:
         print0(args.model)

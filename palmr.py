@@ -802,6 +802,21 @@ def get_rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def rank0_or_stop(fn, *args):
+    """fn(*args) on rank 0 only -> its result there, None elsewhere. A SystemExit on rank 0 stops every rank with
+    one line: rank 0 prints it, the others exit quietly (a refusal read once, not once per rank)."""
+    result, ok = None, 1
+    if get_rank() == 0:
+        try:
+            result = fn(*args)
+        except SystemExit as e:
+            print(e, file=sys.stderr, flush=True)
+            ok = 0
+    if not int(all_reduce(torch.tensor(ok), dist.ReduceOp.MIN)):
+        raise SystemExit(1)
+    return result
+
+
 def get_world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 

@@ -356,23 +356,14 @@ def trim_run_logs(out, step):
     return last
 
 
-def open_run_folder(out, rank, resume=False, overwrite=False, start=0):
+def open_run_folder(out, resume=False, overwrite=False, start=0):
     """Rank 0 claims OUT (claim_run_folder) and, resuming from the checkpoint of step `start`, cuts its logs back
     to that step (trim_run_logs); a refusal stops every rank, with rank 0's one line. -> the last step the logs
-    held before the cut (0 on a fresh run), for RunLogger."""
-    import torch
-    import torch.distributed as dist
-    ok, logged = 1, 0
-    if rank == 0:
-        try:
-            claim_run_folder(out, resume, overwrite)
-            logged = trim_run_logs(out, start) if resume else 0
-        except SystemExit as e:
-            print(e, file=sys.stderr, flush=True)
-            ok = 0
-    if not int(palmr.all_reduce(torch.tensor(ok), dist.ReduceOp.MIN)):
-        raise SystemExit(1)
-    return logged
+    held before the cut (0 on a fresh run), for RunLogger, on rank 0 (0 elsewhere)."""
+    def claim():
+        claim_run_folder(out, resume, overwrite)
+        return trim_run_logs(out, start) if resume else 0
+    return palmr.rank0_or_stop(claim) or 0
 
 
 # -----------------------------------------------------------------------------
