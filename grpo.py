@@ -48,7 +48,7 @@ import palmr
 import warmup
 import variants  # variants: the other perception-aware methods (README "Fork just PaLMR": delete these lines)
 from data import load_image, read_jsonl
-from judge import JudgeItem, check_judge, judge_args, judge_batch, judge_from_args
+from judge import JudgeItem, check_judge, failure_share, judge_args, judge_batch, judge_from_args
 from kernels.lm_head import LOGPROB_MEMORY_MIB, fused_logprobs, fused_policy_loss, logprob_chunk
 from kernels.shared_prefix import prefix_attention_mask, prefix_layout, shared_prefix_hidden, use_prefix_attention
 from palmr import print0
@@ -161,6 +161,8 @@ def check_args(args, world):
                     (min(args.max_steps, args.save_every, args.keep, args.micro_batch) >= 1,
                      "--max-steps, --save-every, --keep and --micro-batch must be >= 1"),
                     (not (args.resume and args.overwrite), "--resume and --overwrite: choose one"),
+                    (not args.overwrite or not any(p and Path(args.out).resolve() in Path(p).expanduser().resolve(
+                     ).parents for p in (args.model, args.data, args.mix_data)), "--overwrite would delete --model or --data"),
                     (not args.resume or (Path(args.out) / "latest").exists(), f"--resume: no checkpoint in {args.out}")):
         if not ok:
             error(why)
@@ -795,7 +797,7 @@ def main(argv=None):
     logged = 0 if args.warmup_only else open_run_folder(  # one owner; a resume's logs cut back to its checkpoint
         out, args.resume, args.overwrite, int(resume_from.name.split("-")[-1]) if resume_from else 0)
     judge = judge_from_args(args, **{k: v for h in hooks for k, v in h.judge_options().items()})
-    palmr.rank0_or_stop(check_judge, judge)  # a dead judge stops the run here, not after hours of ungated rewards
+    palmr.rank0_or_stop(check_judge, None if args.warmup_only else judge)  # a dead judge stops the run here
     warmup.embedded_default(args, rank, prepare_model, training_batch)  # tiny model, shapes, warm start
     if args.warmup_only:
         print0(args.model)
@@ -850,6 +852,10 @@ def main(argv=None):
         signals = [{k: v for e in extras if e.parts for k, v in e.parts[i].items()} for i in range(len(rows))]
         options = {k: v for h in hooks for k, v in h.reward_signals().items()}
         rewards, parts, judge_stats, located = compute_rewards(judge, rows, args.reward, prefill, signals, options)
+        if (failed := failure_share(judge_stats, len(rows))) > args.judge_max_failed:  # no update on ungraded rewards
+            save_checkpoint(policy, optimizer, args, step) if step > start and step % args.save_every else None
+            raise SystemExit(f"step {step + 1}: the judge failed on {failed:.0%} of the rollouts (over "
+                             f"--judge-max-failed {args.judge_max_failed:g}; errors above): stopped before its update")
         for h in hooks:
             h.after_reward(run, rows, located)
         # 3. advantage: group-normalised over the global batch (a group never spans ranks)
@@ -874,9 +880,6 @@ def main(argv=None):
                    "t_train": t3 - t2, **{k: v for e in extras for k, v in e.metrics.items()}}
         if rank == 0:
             log_step({**metrics, **val}, rows, rewards, args, step, logger, hooks)
-        if metrics["judge/failed"] > args.judge_max_failed:  # the same global share on every rank: all stop
-            raise SystemExit(f"step {step + 1}: the judge failed on {metrics['judge/failed']:.0%} of the rollouts "
-                             f"(over --judge-max-failed {args.judge_max_failed:g}; errors above): stopping")
         if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
             print0(f"saved {save_checkpoint(policy, optimizer, args, step + 1)}")
     if rank == 0:

@@ -447,10 +447,10 @@ class OpenAIClient:
         body = json.dumps({"model": self.model, "messages": messages, **params}).encode()
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        elif self.basic:
+        if self.basic:  # credentials written into the URL are the explicit choice
             headers["Authorization"] = f"Basic {self.basic}"
+        elif key:
+            headers["Authorization"] = f"Bearer {key}"
         error = ""
         for attempt in range(max_retries + 1):
             start, retry_after = time.time(), None
@@ -710,14 +710,25 @@ def check_judge(judge):
     return reply.latency
 
 
+def failure_share(stats, n):
+    """The share of a step's rows whose judgement failed (judge_batch's stats of this rank's n rows), over every
+    rank: call it on every rank, so that all of them take the same decision on it."""
+    import torch
+
+    import palmr
+    counts = palmr.all_reduce(torch.tensor([float(stats.get("failed", 0)), float(n)], dtype=torch.float64))
+    return float(counts[0] / counts[1].clamp(min=1))
+
+
 def judge_batch(judge, items, coverage=False, offset=0):
     """Verdicts for a batch of JudgeItems -> s_vis, spans, r_cov (per item) and stats (failed, ties, unmatched and
     the backend's own counters). spans: the located wrong claims' (start, end) character spans, moved back by
     `offset` characters (a prefill the response text starts with; spans inside it are dropped). r_cov: the
     point-wise coverage, asked only when `coverage`.
 
-    A judge that fails (server down, bad replies) never stops a run: its items count as failures with S_vis = 1
-    ("no preference", METHOD.md) and the error is printed once per batch.
+    A judge that fails (server down, bad replies) never raises here: its items count as failures with S_vis = 1
+    ("no preference", METHOD.md) and the error is printed once per batch; the trainer stops when their share
+    (failure_share) passes --judge-max-failed.
     """
     n = len(items)
     s_vis, spans, r_cov, failed, ties, unmatched = [1.0] * n, [[] for _ in items], [0.0] * n, 0, 0, 0

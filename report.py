@@ -271,7 +271,7 @@ def study_report(out):
 # The run folder: one owner, no row written twice (issue 25)
 
 RUN_OUTPUTS = ("metrics.jsonl", "rollouts.jsonl", "latest", "args.json", "report.md", "report.png", "wandb_id.txt",
-               "tb", "wandb", "val")  # what --overwrite removes, with checkpoint-*
+               "wandb_past_step.txt", "tb", "wandb", "val")  # what --overwrite removes, with checkpoint-*
 
 
 def _alive(pid):
@@ -289,9 +289,11 @@ def claim_run_folder(out, resume=False, overwrite=False):
 
     Refused, SystemExit with one line: a folder another live run writes (its pid and host named; a lock left by a
     dead process on this host is taken over), and a fresh run into a folder that holds a run unless `overwrite`
-    (which removes that run's outputs and checkpoints first) or `resume`. -> the lock's path."""
+    (clear_run_folder removes it later, once every check has passed) or `resume`. -> the lock's path.
+    Known limits: a pid is only checked on this host (a lock from a dead run on another host is refused until
+    deleted; containers sharing a host name but not pids can look dead), and two runs taking over one stale
+    lock at the same instant can both pass; an flock held for the run's life would close both."""
     import atexit
-    import shutil
     import socket
     import time
     out = Path(out)
@@ -310,8 +312,9 @@ def claim_run_folder(out, resume=False, overwrite=False):
         lock.unlink(missing_ok=True)  # stale: its process is gone
     held = [p.name for p in [out / "metrics.jsonl", out / "latest", *sorted(out.glob("checkpoint-*"))] if p.exists()]
     if held and not resume and not overwrite:
-        raise SystemExit(f"{out} holds a run ({', '.join(held[:3])}): --resume continues it, --overwrite replaces it, "
-                         "or pick another --out")
+        raise SystemExit(f"{out} holds a run ({', '.join(held[:3])}): " + ("--resume continues it, " if (
+            out / "latest").exists() else "it has no checkpoint to resume from, ") + "--overwrite replaces it, "
+            "or pick another --out")
     try:  # O_EXCL: of two runs starting at once, one gets the lock
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
@@ -326,10 +329,16 @@ def claim_run_folder(out, resume=False, overwrite=False):
         except (OSError, ValueError):
             pass
     atexit.register(release)
-    if overwrite and not resume:
-        for p in [*(out / name for name in RUN_OUTPUTS), *out.glob("checkpoint-*"), *out.glob(".checkpoint-*")]:
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     return lock
+
+
+def clear_run_folder(out):
+    """--overwrite: remove the run that OUT holds (its logs, TensorBoard and W&B files, validation predictions and
+    checkpoints). Called once every check has passed (start_logger), so a refused start deletes nothing."""
+    import shutil
+    out = Path(out)
+    for p in [*(out / name for name in RUN_OUTPUTS), *out.glob("checkpoint-*"), *out.glob(".checkpoint-*")]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def trim_run_logs(out, step):
@@ -353,6 +362,10 @@ def trim_run_logs(out, step):
         tmp = path.with_name(name + ".tmp")
         tmp.write_text("".join(k + "\n" for k in kept))
         os.replace(tmp, path)
+    past = Path(out) / "wandb_past_step.txt"  # W&B keeps steps the files no longer have: RunLogger replays once
+    last = max(last, int(past.read_text()) if past.exists() else 0)
+    if last > step and (Path(out) / "wandb_id.txt").exists():
+        past.write_text(str(last))  # survives a resume that fails before its logger starts
     return last
 
 
@@ -420,6 +433,7 @@ class RunLogger:
                 for row in read_metrics(out):
                     wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(
                         v, bool) and k != "step"}, step=row.get("step", 0))
+            (Path(out) / "wandb_past_step.txt").unlink(missing_ok=True)
 
     def log(self, metrics, step):
         """One row of OUT/metrics.jsonl (appended), mirrored to TensorBoard / W&B."""
@@ -538,6 +552,8 @@ def start_logger(args, out, rank, start, logged=0):
     import torch.distributed as dist
     logger, ok = None, 1
     if rank == 0:
+        if getattr(args, "overwrite", False) and not start:
+            clear_run_folder(out)
         (Path(out) / "args.json").write_text(json.dumps({**vars(args), "versions": palmr.versions()}, indent=2))
         try:
             logger = RunLogger(args.report_to, out, args, start, logged)

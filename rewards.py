@@ -62,7 +62,7 @@ _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 def as_number(s):
     """A float for '3', '-2.50', '1,000', '3/4', '\\frac{3}{4}', '50%' (as 50), '−3' (U+2212), '3\\times10^{-7}'; else None
     ('1,2,3' and '1, 2, 3' are lists, not 123)."""
-    s = normalize(s).rstrip("%").strip()
+    s = normalize(s).rstrip("%").strip().strip(",").strip()  # a stray comma ('3,') is not a list
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
     m = re.fullmatch(r"(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}", s)

@@ -188,6 +188,7 @@ def test_grade_answer(pred, gold, choices, expected):
     ("1,00", "100", False), ("12,34", "1234", False),                  # not groups of three
     ("2,3", "2, 3", True), ("3, 2", "2, 3", True),                     # list gold: sets, order-free
     ("2, 3, 4", "2, 3", False), ("23", "2, 3", False), ("1, 2, 3", "3", False),
+    ("3,", "3", True), ("3, ", "3", True),                             # a stray comma is not a list (review)
 ])
 def test_grade_answer_commas(pred, gold, expected):
     assert grade_answer(pred, gold) is expected
