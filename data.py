@@ -1228,16 +1228,6 @@ def run_step(a):
     return out
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written; every flag with a default shows it (one whose help already says what an
-    unset flag does, or whose default is None, is left as written)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def _flags_rollouts(p):
     g = p.add_argument_group("rollouts (filter, reference)")
     g.add_argument("--model", default=None, help="policy for rollouts (default: the tiny checkpoint)")
@@ -1286,9 +1276,9 @@ STEPS = {  # step -> (one-line help, its flag groups)
 
 def build_parser():
     """The CLI: `shapes`, then the PaDLayer steps; each step's -h lists only the flags it reads."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=palmr.HelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND")
-    sp = sub.add_parser("shapes", help="write the synthetic shapes task", formatter_class=_Help,
+    sp = sub.add_parser("shapes", help="write the synthetic shapes task", formatter_class=palmr.HelpFormatter,
                         description="Write the synthetic shapes task: OUT/SPLIT.jsonl and OUT/images/SPLIT/.")
     sp.add_argument("--n", type=int, default=2000, help="number of samples")
     sp.add_argument("--out", default="data/shapes", help="output folder (JSONL + images/)")
@@ -1296,7 +1286,7 @@ def build_parser():
     sp.add_argument("--seed", type=int, default=0, help="scene and question seed")
     sp.add_argument("--size", type=int, default=84, help="image side in pixels (84: one 28-px vision token per grid cell)")
     for name, (about, groups) in STEPS.items():
-        p = sub.add_parser(name, help=f"PaDLayer: {about}", description=f"PaDLayer {name}: {about}.", formatter_class=_Help)
+        p = sub.add_parser(name, help=f"PaDLayer: {about}", description=f"PaDLayer {name}: {about}.", formatter_class=palmr.HelpFormatter)
         g = p.add_argument_group("input and output")
         if name in ("ingest", "build"):
             g.add_argument("--inputs", nargs="+", required=True, help="dataset files (JSONL, JSON, CSV, TSV, parquet) or folders")

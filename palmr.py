@@ -741,7 +741,13 @@ def collate_prompts(rows, pad_id, device="cpu"):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """-h keeps the docstring's layout and shows every flag's default."""
+    """-h keeps the docstring's layout and shows each flag's default (not where the default is None, or where the
+    help already says what an unset flag does)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def cpu_threads(threads=0):
