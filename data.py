@@ -1178,7 +1178,8 @@ def reference_step(in_path, out_path, engine, processor, judge, n=8, batch=8, ma
 # --- the CLI -----------------------------------------------------------------
 
 def _engine(model_path, max_pixels):
-    model_path = palmr.ensure_tiny_checkpoint() if model_path in (None, palmr.DEFAULT_TINY) else model_path
+    model_path = palmr.ensure_tiny_checkpoint(model_path or palmr.DEFAULT_TINY) if model_path is None or \
+        palmr.tiny_family(model_path) else model_path
     processor = palmr.load_processor(model_path)
     model = palmr.load_model(model_path)
     return palmr.HFEngine(model, processor, max_pixels), processor

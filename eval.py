@@ -596,7 +596,7 @@ def main(argv=None):
     checkpoints = {}
     for c in a.checkpoints or ([] if a.predictions else [palmr.ensure_tiny_checkpoint()]):
         label, _, path = c.rpartition("=") if "=" in c else (Path(c).name, "", c)
-        checkpoints[label] = path
+        checkpoints[label] = palmr.ensure_tiny_checkpoint(path) if palmr.tiny_family(path) else path
     made_elsewhere = {}
     for c in a.predictions:
         label, _, path = c.partition("=")

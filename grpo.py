@@ -63,7 +63,8 @@ def get_args(argv=None):
     """The flags (main checks them with check_args before anything loads)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=palmr.HelpFormatter)
     g = ap.add_argument_group("model and data")
-    g.add_argument("--model", default=palmr.DEFAULT_TINY, help="policy checkpoint (HF folder); the tiny one is built if missing")
+    g.add_argument("--model", default=palmr.DEFAULT_TINY, help="policy checkpoint (HF folder) of a supported family "
+                   "(README 'Supported models'); a tiny one (palmr.TINY: ~/.cache/palmr/tiny-*) is built if missing")
     g.add_argument("--data", default=None, help="training JSONL of Samples (default: synthetic shapes, built once)")
     g.add_argument("--mix-data", default=None, help="a second JSONL of Samples mixed into every step")
     g.add_argument("--mix-ratio", type=float, default=0.25, help="share of each step's prompts drawn from --mix-data")
@@ -87,9 +88,8 @@ def get_args(argv=None):
     g.add_argument("--debug-logprobs", action="store_true", help="log sampler vs trainer log-prob gaps on the first batch after each sync")
     g = ap.add_argument_group("reward")
     g.add_argument("--reward", default="palmr", choices=list(SCHEMES), help="fusion scheme (rewards.py, variants/)")
-    g.add_argument("--judge-max-failed", type=float, default=0.2, help="stop the run when the judge fails on more "
-                   "than this share of a step's rollouts (they would pass the gate ungraded); any failure is a "
-                   "warning in the step line")
+    g.add_argument("--judge-max-failed", type=float, default=0.2, help="stop the run when the judge fails on more than "
+                   "this share of a step's rollouts (they would pass the gate ungraded); any failure is a warning")
     judge_args(ap)  # the visual-fidelity judge's flags (judge.py)
     g = ap.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (tiny default; paper: 1e-6 for 7B)")
@@ -169,7 +169,7 @@ def check_args(args, world):
     for flag in ("data", "mix_data"):
         if getattr(args, flag) and not Path(getattr(args, flag)).is_file():
             error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file")
-    if args.model != palmr.DEFAULT_TINY and (why := palmr.check_model(args.model)):
+    if not palmr.tiny_family(args.model) and (why := palmr.check_model(args.model)):
         error(f"--model {args.model}: {why}")
     for spec in args.eval_bench if args.eval_every > 0 or args.eval_before_train else []:
         try:  # an unknown benchmark, layout or missing file: refused now, not after the model loaded
@@ -391,7 +391,7 @@ def training_batch(rows, encoded, pad_id, device):
     completion, mask = batch["completion_ids"], batch["mask"]
     batch["input_ids"] = torch.cat([batch["input_ids"], completion], 1)
     batch["attention_mask"] = torch.cat([batch["attention_mask"], mask], 1)
-    if "mm_token_type_ids" in batch:  # completion tokens are text (mRoPE positions, palmr.mrope_needs_token_types)
+    if "mm_token_type_ids" in batch:  # completion tokens are text (the image tokens' mRoPE positions read these)
         batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion)], 1)
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -402,7 +402,7 @@ def shared_prefix_batch(rows, encoded, pad_id, device):
     mask, sampler_logp (B, T) for the same rows in the same order."""
     batch = completion_tensors(rows, pad_id)
     batch.update(prefix_layout([s.id for s, _ in rows], [encoded[s.id] for s, _ in rows],
-                               [c.token_ids for _, c in rows], pad_id, palmr.mrope_needs_token_types()))
+                               [c.token_ids for _, c in rows], pad_id))
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -415,10 +415,8 @@ def completion_hidden(model, batch):
     head = lambda: model.lm_head.weight[:getattr(model, "scored_vocab", None)]  # noqa: E731
     if "branch" in batch:
         return shared_prefix_hidden(model, batch), head()
-    types = {"mm_token_type_ids": batch["mm_token_type_ids"]} if "mm_token_type_ids" in batch else {}
-    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=False,
-                      **types)  # with the image tokens' types, the 3-D mRoPE positions the checkpoint was trained with
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")  # types: 3-D mRoPE
+    out = model.model(**palmr.model_inputs(model, {k: batch[k] for k in keys if k in batch}), use_cache=False)
     T = batch["completion_ids"].shape[1]
     P = batch["input_ids"].shape[1] - T
     return out.last_hidden_state[:, P - 1:P - 1 + T], head()  # never logits for prompt or image tokens
@@ -550,7 +548,7 @@ def prepare_model(path, device, train, activation_checkpointing=False, logprob_m
     if shard and dist.is_initialized():
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if device.type == "cuda" else MixedPrecisionPolicy()
-        for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
+        for block in palmr.fsdp_blocks(model):  # decoder layers and vision blocks, of any family
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)  # root: embeddings, merger, final norm, LM head
         for method in ("completion_logprobs", "completion_loss", "generate"):
@@ -765,14 +763,16 @@ def build_trainer(args, device, resume_from):
     """-> policy (from the latest checkpoint when resuming), frozen reference (None when beta = 0), AdamW, step."""
     if args.shared_prefix is None:  # measured faster on CPU; not yet measured on a GPU (README)
         args.shared_prefix = device.type != "cuda"
+    if args.shared_prefix and (why := palmr.shared_prefix_exact(palmr.load_config(args.model))):
+        print0(f"shared prefix: off for this model ({why}): the per-row layout")
+        args.shared_prefix = False
     route = args.prefix_attention if args.shared_prefix else "dense"  # dense: the model's own attention untouched
     policy = prepare_model(resume_from or args.model, device, train=True, prefix_attention=route,
                            activation_checkpointing=args.activation_checkpointing, logprob_memory=args.logprob_memory)
     reference = prepare_model(args.model, device, train=False, logprob_memory=args.logprob_memory,
                               prefix_attention=route) if args.beta > 0 else None
     if args.shared_prefix:  # fail now, not at the first forward, on an attention implementation without custom masks
-        prefix_attention_mask(torch.zeros((1, 1), dtype=torch.long), route,
-                              policy.model.language_model.config._attn_implementation)
+        prefix_attention_mask(torch.zeros((1, 1), dtype=torch.long), route, policy.config.text_config._attn_implementation)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = load_trainer_state(resume_from, policy, optimizer, args) if resume_from else 0
     return policy, reference, optimizer, start

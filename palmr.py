@@ -139,20 +139,25 @@ QWEN_SPECIAL_TOKENS = [  # Qwen2.5-VL's special tokens, in Qwen's order (ids 0..
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
-# Qwen2-VL's chat template, reduced to what this project renders (text and image parts).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Qwen2-VL's chat template, reduced to what this project renders (text and image parts). `system` writes the
+# default system turn (Qwen2.5-VL's template does, Qwen3-VL's and Qwen3.5's do not); `think` opens the
+# reasoning in the generation prompt, as Qwen3.5's template does by default (thinking mode).
+def chat_template(system=True, think=False):
+    return (
+        "{% for message in messages %}"
+        + ("{% if loop.first and message['role'] != 'system' %}"
+           "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}" if system else "")
+        + "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n" + ("<think>\n" if think else "") + "{% endif %}")
+
+
+CHAT_TEMPLATE = chat_template()
 
 # A few lines of text in the project's domain: the tokenizer learns its merges from them (offline).
 _TOKENIZER_CORPUS = [
@@ -166,16 +171,134 @@ _TOKENIZER_CORPUS = [
 ]
 
 
-def build_tiny_checkpoint(out_dir, seed=0, vocab_size=1024):
-    """Write a tiny random Qwen2.5-VL checkpoint (model, tokenizer, processor configs) and return its path.
+# -----------------------------------------------------------------------------
+# Model families: what differs between Qwen2.5-VL, Qwen3-VL and Qwen3.5, in one table
+#
+# Everything else is asked of the model and processor themselves: the patch and merge size
+# (processor.image_processor), the 3-D positions (model.model.get_rope_index, takes_token_types), tied
+# embeddings (config.tie_word_embeddings: lm_head.weight *is* the embedding), the decoder and vision block
+# classes FSDP wraps (model._no_split_modules, fsdp_blocks) and which decoder layers are attention layers
+# (text_config.layer_types, shared_prefix_exact).
 
-    The folder has the layout of Qwen/Qwen2.5-VL-7B-Instruct: `processor_class` Qwen2_5_VLProcessor and
-    `image_processor_type` Qwen2VLImageProcessor, so AutoProcessor loads it on machines with torchvision;
-    `load_processor` falls back to the PIL image processor where torchvision is missing.
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family this project trains. What cannot be read off a loaded model lives here: the hub names
+    vLLM's loader expects, and the shape of the family's tiny random checkpoint (build_tiny_checkpoint)."""
+    name: str                # as the README and messages say it
+    config_class: str        # transformers config class (the tiny checkpoint is built from it)
+    processor_class: str     # processor_class of the hub folders (AutoProcessor's choice where torchvision is present)
+    tokenizer_class: str     # tokenizer_class of the hub folders
+    vllm_prefixes: tuple     # (transformers-v5 name prefix, hub checkpoint prefix) pairs: vllm_weight_name
+    tiny_dir: str            # where the embedded tiny checkpoint of this family is built
+    tiny_text: dict          # the tiny text_config (beside the shared dims in build_tiny_checkpoint)
+    tiny_vision: dict        # the tiny vision_config
+    tiny_processor: dict     # preprocessor_config.json: the hub checkpoint's keys and values, limits shrunk
+    tiny_tokens: tuple = ()  # added non-special tokens of the family's vocabulary (Qwen3: <think>, </think>)
+    system_prompt: bool = True   # its chat template writes a default system turn
+    think: bool = False          # its chat template opens <think> in the generation prompt (thinking mode)
+    tied: bool = False           # the tiny ties the LM head to the embedding, as the family's small checkpoints do
+
+
+_CLIP_NORM = dict(image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+_HALF_NORM = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+_COMMON_PROCESSOR = dict(do_resize=True, do_rescale=True, do_normalize=True, do_convert_rgb=True,
+                         rescale_factor=1 / 255, temporal_patch_size=2, merge_size=2)
+
+FAMILIES = {  # config.json model_type -> Family
+    # vLLM 0.26.0 model_executor/models/qwen2_5_vl.py (hf_to_vllm_mapper) reads the hub names: the language model
+    # under model.*, the vision tower under visual.*, and maps them to its modules itself (q/k/v, gate/up stacked)
+    "qwen2_5_vl": Family(
+        "Qwen2.5-VL", "Qwen2_5_VLConfig", "Qwen2_5_VLProcessor", "Qwen2Tokenizer",
+        (("model.language_model.", "model."), ("model.visual.", "visual.")), "~/.cache/palmr/tiny-qwen25vl",
+        tiny_text=dict(rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}),
+        tiny_vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14, window_size=112,
+                         fullatt_block_indexes=[1]),
+        tiny_processor=dict(image_processor_type="Qwen2VLImageProcessor", min_pixels=56 * 56, max_pixels=448 * 448,
+                            patch_size=14, **_CLIP_NORM)),
+    # Qwen3-VL's hub folders already hold transformers-v5 names (model.language_model.*, model.visual.*, lm_head.*),
+    # which vLLM 0.26.0 qwen3_vl.py maps itself (hf_to_vllm_mapper); with tied embeddings it skips lm_head
+    "qwen3_vl": Family(
+        "Qwen3-VL", "Qwen3VLConfig", "Qwen3VLProcessor", "Qwen2Tokenizer", (), "~/.cache/palmr/tiny-qwen3vl",
+        tiny_text=dict(head_dim=32, rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6],
+                                                     "mrope_interleaved": True, "rope_theta": 5000000.0}),
+        tiny_vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
+                         num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
+        tiny_processor=dict(image_processor_type="Qwen2VLImageProcessorFast", patch_size=16,
+                            size={"shortest_edge": 64 * 64, "longest_edge": 512 * 512}, **_HALF_NORM),
+        tiny_tokens=("<think>", "</think>"), system_prompt=False, tied=True),
+    # Qwen3.5: natively multimodal, 3 Gated DeltaNet (linear attention) layers per full-attention layer; hub
+    # names as Qwen3-VL's (vLLM 0.26.0 qwen3_5.py stacks in_proj_qkv/in_proj_z and in_proj_b/in_proj_a itself)
+    "qwen3_5": Family(
+        "Qwen3.5", "Qwen3_5Config", "Qwen3VLProcessor", "Qwen2Tokenizer", (), "~/.cache/palmr/tiny-qwen35",
+        tiny_text=dict(head_dim=32, full_attention_interval=4, linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=32, linear_value_head_dim=32,
+                       rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                        "rope_theta": 10000000.0, "partial_rotary_factor": 0.5}),
+        tiny_vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
+                         num_position_embeddings=64),
+        tiny_processor=dict(image_processor_type="Qwen2VLImageProcessorFast", patch_size=16,
+                            size={"shortest_edge": 64 * 64, "longest_edge": 512 * 512}, **_HALF_NORM),
+        tiny_tokens=("<think>", "</think>"), system_prompt=False, think=True, tied=True),
+}
+SUPPORTED_MODEL_TYPES = {k: f.name for k, f in FAMILIES.items()}  # config.json model_type -> family name
+TINY = {k: f.tiny_dir for k, f in FAMILIES.items()}
+
+
+def tiny_family(path):
+    """The family whose embedded tiny checkpoint `path` names (TINY; built when missing), or None."""
+    where = os.path.abspath(os.path.expanduser(str(path)))
+    return next((k for k, d in TINY.items() if os.path.abspath(os.path.expanduser(d)) == where), None)
+
+
+def model_family(config):
+    """The Family of a config (object or config.json dict); KeyError for an unsupported model_type."""
+    kind = config.get("model_type") if isinstance(config, dict) else config.model_type
+    return FAMILIES[kind]
+
+
+def takes_token_types(model):
+    """True where the model's own get_rope_index reads mm_token_type_ids to place the image tokens' 3-D mRoPE
+    positions (transformers 5.2x, every family: without them a Qwen2.5-VL forward silently gives image tokens
+    1-D text positions, a Qwen3-VL one raises). Older versions find the image tokens in input_ids themselves."""
+    return "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters
+
+
+def model_inputs(model, batch):
+    """batch without mm_token_type_ids where the model's get_rope_index does not take them (takes_token_types)."""
+    return batch if takes_token_types(model) else {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+
+
+def shared_prefix_exact(config):
+    """None when the shared-prefix forward is exact for this model (every decoder layer is softmax attention,
+    whose keys a completion may share), else why not: a linear-attention (recurrent) layer carries one state
+    along the sequence, so a second completion would read the first's (Qwen3.5's Gated DeltaNet layers)."""
+    text = getattr(config, "text_config", config)
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    return None if kinds <= {"full_attention"} else (
+        f"{', '.join(sorted(kinds - {'full_attention'}))} layers carry a recurrent state along the sequence")
+
+
+def fsdp_blocks(model):
+    """The modules FSDP2 shards one by one: the decoder layers and vision blocks, found by the classes the model
+    itself names as never to be split (`_no_split_modules`), in model order."""
+    names = set(model._no_split_modules or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def build_tiny_checkpoint(out_dir, seed=0, vocab_size=1024, family="qwen2_5_vl"):
+    """Write a tiny random checkpoint of `family` (FAMILIES: model, tokenizer, processor configs); -> its path.
+
+    The folder has the layout of the family's hub checkpoints (Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen3-VL-2B-Instruct,
+    Qwen/Qwen3.5-2B): their processor_class and image_processor_type, patch and merge size, special tokens, chat
+    template (system turn, thinking prefill), tied embeddings where the small checkpoints tie them; built from the
+    installed transformers' own config and model classes, so AutoModelForImageTextToText and `from_pretrained` load
+    it. `load_processor` falls back to the PIL image processor where torchvision is missing. Raises KeyError for an
+    unknown family.
     """
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
+    from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
+    spec = FAMILIES[family]
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     # Tokenizer: byte-level BPE (as Qwen's), trained on the corpus above, Qwen special tokens first.
@@ -188,54 +311,52 @@ def build_tiny_checkpoint(out_dir, seed=0, vocab_size=1024):
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
         additional_special_tokens=QWEN_SPECIAL_TOKENS[1:], model_max_length=32768)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if spec.tiny_tokens:  # added, not special: decoding keeps them, as Qwen3's <think> (151667) and </think>
+        tokenizer.add_tokens(list(spec.tiny_tokens))
+    template = chat_template(spec.system_prompt, spec.think)
+    tokenizer.chat_template = template
     tokenizer.save_pretrained(out)
     cfg = json.loads((out / "tokenizer_config.json").read_text())
-    cfg.update(tokenizer_class="Qwen2Tokenizer", processor_class="Qwen2_5_VLProcessor")
+    cfg.update(tokenizer_class=spec.tokenizer_class, processor_class=spec.processor_class)
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     tid = tokenizer.convert_tokens_to_ids
 
     # Processor configs as in the official repo (PIL processing reads the same keys).
-    preprocessor = dict(
-        image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor",
-        do_resize=True, do_rescale=True, do_normalize=True, do_convert_rgb=True, rescale_factor=1 / 255,
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-        min_pixels=56 * 56, max_pixels=448 * 448, patch_size=14, temporal_patch_size=2, merge_size=2)
+    preprocessor = dict(image_processor_type=spec.tiny_processor["image_processor_type"],
+                        processor_class=spec.processor_class, **_COMMON_PROCESSOR,
+                        **{k: v for k, v in spec.tiny_processor.items() if k != "image_processor_type"})
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
 
-    # Model: Qwen2.5-VL with every dimension shrunk; mrope_section sums to head_dim / 2 = 16.
-    config = Qwen2_5_VLConfig(
+    # Model: the family's classes with every dimension shrunk; mrope_section sums to the rotary dim / 2.
+    config = getattr(transformers, spec.config_class)(
         text_config=dict(
             vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
             bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
-            pad_token_id=tid("<|endoftext|>"), tie_word_embeddings=False),
-        vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-            fullatt_block_indexes=[1]),
+            pad_token_id=tid("<|endoftext|>"), tie_word_embeddings=spec.tied, **spec.tiny_text),
+        vision_config=dict(out_hidden_size=128, spatial_merge_size=2, temporal_patch_size=2, **spec.tiny_vision),
         image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
         vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
-        tie_word_embeddings=False)
+        tie_word_embeddings=spec.tied)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = [tid("<|im_end|>"), tid("<|endoftext|>")]
     model.generation_config.pad_token_id = tid("<|endoftext|>")
     model.save_pretrained(out)
     return str(out)
 
 
-DEFAULT_TINY = "~/.cache/palmr/tiny-qwen25vl"
+DEFAULT_TINY = TINY["qwen2_5_vl"]
 
 
 def ensure_tiny_checkpoint(path=DEFAULT_TINY, seed=0):
-    """Build the tiny checkpoint once (rank 0 builds, the others wait); return its path."""
+    """Build the tiny checkpoint of the family `path` names (TINY) once (rank 0 builds, the others wait); -> its
+    path. A path that is not one of TINY builds a tiny Qwen2.5-VL there."""
     path = Path(path).expanduser()
     if get_rank() == 0 and not (path / "config.json").exists():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        build_tiny_checkpoint(tmp, seed=seed)
+        build_tiny_checkpoint(tmp, seed=seed, family=tiny_family(path) or "qwen2_5_vl")
         os.replace(tmp, path) if not path.exists() else None
     barrier()  # every rank, always: a rank that found the folder already built must not skip it
     return str(path)
@@ -243,9 +364,6 @@ def ensure_tiny_checkpoint(path=DEFAULT_TINY, seed=0):
 
 # -----------------------------------------------------------------------------
 # Loading a policy checkpoint and its processor
-
-SUPPORTED_MODEL_TYPES = {"qwen2_5_vl": "Qwen2.5-VL"}  # config.json model_type -> family this project trains
-
 
 def check_model(path):
     """Why `path` cannot be trained here, or None: no such folder, no readable config.json, or a model type outside
@@ -308,6 +426,12 @@ def copy_processor_files(src, dst):
     for name in PROCESSOR_FILES:
         if (Path(src) / name).is_file() and not (Path(dst) / name).exists():
             shutil.copy(Path(src) / name, Path(dst) / name)
+
+
+def load_config(path):
+    """The checkpoint's transformers config (AutoConfig: reads config.json, loads no weights)."""
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path)
 
 
 def load_model(path, dtype=torch.float32, device="cpu"):
@@ -449,16 +573,6 @@ def encode_prompt(processor, text, image, max_pixels):
             "pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
 
 
-@functools.lru_cache(maxsize=None)
-def mrope_needs_token_types():
-    """True where Qwen2.5-VL builds its 3-D (t, h, w) mRoPE positions only when given mm_token_type_ids
-    (transformers 5.2x: without them `get_rope_index` is skipped and image tokens get 1-D text positions,
-    so the trainer and HF generation would run a different function from the one vLLM and the
-    checkpoint's pretraining use). Older versions find the image tokens in input_ids themselves."""
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
-    return "mm_token_type_ids" in inspect.signature(qwen.Qwen2_5_VLModel.get_rope_index).parameters
-
-
 def stop_token_ids(tokenizer):
     return sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
 
@@ -534,7 +648,7 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=not greedy,
+            **model_inputs(self.model, batch), max_new_tokens=max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,
             repetition_penalty=1.0,  # Qwen's generation_config sets 1.05, which the trainer's log-probs do not model
             eos_token_id=self.stop_ids, pad_token_id=self.pad_id, suppress_tokens=self.suppress, output_scores=True,
@@ -558,14 +672,17 @@ class HFEngine:
 # -----------------------------------------------------------------------------
 # The vLLM engine: one colocated vllm.LLM per rank (GPU only)
 
-def vllm_weight_name(name):
-    """transformers-v5 parameter name -> the hub checkpoint name that vLLM's Qwen2.5-VL loader expects.
+def vllm_weight_name(name, model_type="qwen2_5_vl"):
+    """transformers-v5 parameter name -> the hub checkpoint name that vLLM's loader of `model_type` expects
+    (FAMILIES[model_type].vllm_prefixes), i.e. the names `save_pretrained` writes; vLLM maps those to its own
+    modules and stacks q/k/v, gate/up (and Qwen3.5's linear-attention projections) itself.
 
-    model.language_model.* -> model.*, model.visual.* -> visual.*, lm_head.* unchanged: the names
-    `save_pretrained` writes. vLLM 0.26.0 (model_executor/models/qwen2_5_vl.py, hf_to_vllm_mapper) maps
-    those to its own modules and stacks q/k/v and gate/up itself.
+    Qwen2.5-VL (vLLM 0.26.0 model_executor/models/qwen2_5_vl.py, hf_to_vllm_mapper): model.language_model.* ->
+    model.*, model.visual.* -> visual.*, lm_head.* unchanged. Qwen3-VL (qwen3_vl.py) and Qwen3.5 (qwen3_5.py):
+    unchanged, their hub folders hold these names already. A tied LM head never reaches this function: tied
+    parameters appear once in named_parameters(), as the embedding, which vLLM's tied head shares.
     """
-    for old, new in (("model.language_model.", "model."), ("model.visual.", "visual.")):
+    for old, new in FAMILIES[model_type].vllm_prefixes:
         if name.startswith(old):
             return new + name[len(old):]
     return name
@@ -643,6 +760,7 @@ class VLLMEngine:
         self.processor, self.max_pixels = processor, max_pixels
         self.stop_ids = stop_token_ids(processor.tokenizer)
         config = json.loads((Path(model_path) / "config.json").read_text())
+        self.model_type = config["model_type"]  # the family's weight names (vllm_weight_name)
         self.suppress = suppressed_token_ids(processor.tokenizer, config_vocab_size(config))
         limit = checkpoint_max_len(model_path)
         max_model_len = max_model_len or min(8192, limit or 8192)  # never above what the checkpoint supports
@@ -675,7 +793,7 @@ class VLLMEngine:
 
         def load(model):
             for name, tensor in named_tensors:
-                model.load_weights([(vllm_weight_name(name), tensor)])
+                model.load_weights([(vllm_weight_name(name, self.model_type), tensor)])
         self.llm.apply_model(load)  # in-process executor: runs on this rank's worker, no serialisation
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.llm.reset_mm_cache()
@@ -715,7 +833,7 @@ def make_engine(requested, policy, processor, model_path, max_pixels, device, se
 
 def collate_prompts(rows, pad_id, device="cpu"):
     """Left-pad encoded prompts into one batch: input_ids, attention_mask (B, P), pixel_values, image_grid_thw,
-    and mm_token_type_ids (B, P) where the installed transformers needs them for mRoPE (mrope_needs_token_types)."""
+    and mm_token_type_ids (B, P) (1 on image tokens; model_inputs drops them for a model that does not read them)."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -727,12 +845,11 @@ def collate_prompts(rows, pad_id, device="cpu"):
     if vision:
         batch["pixel_values"] = torch.cat([r["pixel_values"] for r in vision]).to(device)
         batch["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in vision]).to(device)
-        if mrope_needs_token_types():
-            types = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                if "mm_token_type_ids" in r:
-                    types[i, width - len(r["input_ids"]):] = torch.tensor(r["mm_token_type_ids"])
-            batch["mm_token_type_ids"] = types.to(device)
+        types = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if "mm_token_type_ids" in r:
+                types[i, width - len(r["input_ids"]):] = torch.tensor(r["mm_token_type_ids"])
+        batch["mm_token_type_ids"] = types.to(device)
     return batch
 
 

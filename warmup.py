@@ -42,11 +42,11 @@ def warmup(model_path, data_path, out_dir, prepare_model, layout, steps=300, bat
     encoded, rows = {}, []
     for s in samples:
         instruction = palmr.SR1_INSTRUCTION if trace_format == "description" else palmr.INSTRUCTION
-        encoded[s.id] = palmr.encode_prompt(processor, palmr.render_prompt(processor, s.question, s.choices,
-                                                                           instruction=instruction),
-                                            load_image(s), max_pixels)
+        prompt_text = palmr.render_prompt(processor, s.question, s.choices, instruction=instruction)
+        encoded[s.id] = palmr.encode_prompt(processor, prompt_text, load_image(s), max_pixels)
         trace = hallucinated_trace(s, pick) if pick.random() < hallucinated_share else s.reference
         trace = palmr.sr1_trace(trace) if trace_format == "description" else trace
+        trace = completion_target(trace, palmr.generation_prefill(prompt_text))
         ids = tok(trace, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
         rows.append((s, palmr.Completion(ids, trace, [0.0] * len(ids), True)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -66,6 +66,13 @@ def warmup(model_path, data_path, out_dir, prepare_model, layout, steps=300, bat
     model.save_pretrained(out_dir)
     palmr.copy_processor_files(model_path, out_dir)
     return history
+
+
+def completion_target(trace, prefill):
+    """What the policy must write after a chat template that prefills the assistant turn (Qwen3.5's '<think>\n'):
+    the trace without the prefilled opening; the trace itself when nothing is prefilled."""
+    head = prefill.strip()
+    return trace[len(head):].lstrip() if head and trace.startswith(head) else trace
 
 
 def ensure_warm_start(base, data_path, steps, hallucinated_share, prepare_model, layout, seed=0, trace_format="think",
@@ -116,7 +123,7 @@ def warmup_args(ap):
 def embedded_default(args, rank, prepare_model, layout):
     """The embedded default: the tiny checkpoint, the synthetic shapes data and the cached warm start, built once
     by rank 0 when missing (the others wait); --model and --data are set to them."""
-    tiny = args.model == palmr.DEFAULT_TINY
+    tiny = palmr.tiny_family(args.model)  # one of the embedded tiny checkpoints (palmr.TINY), of any family
     if tiny:
         args.model = palmr.ensure_tiny_checkpoint(args.model, seed=0)
     if args.data is None:

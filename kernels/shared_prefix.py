@@ -21,10 +21,16 @@ PREFIX_ATTENTION = "palmr_prefix"  # the text model's attention implementation f
 
 class PrefixBranches:
     """The shared-prefix layout as prefix_attention sees it, from branch (S, L) (shared_prefix_batch): per
-    sequence, the prompt length and each completion's [start, end) in the sequence, in order."""
+    sequence, the prompt length and each completion's [start, end) in the sequence, in order.
+
+    It travels to the attention function as `mask`, branch as an (S, 1, 1, L) int64 tensor carrying this object:
+    a 4-D tensor passes every text model's mask preparation untouched (transformers returns a 4-D mask as is),
+    int64 is a dtype no ordinary attention mask has, and activation checkpointing recomputes with the same object."""
 
     def __init__(self, branch):
         self.shape = tuple(branch.shape)
+        self.mask = branch[:, None, None, :].to(torch.long)
+        self.mask.prefix_branches = self
         self.spans = []
         for row in branch.tolist():
             prompt = row.count(0)  # the prompt comes first
@@ -71,12 +77,13 @@ def branch_attention(query, key, value, layout, scaling):
 
 def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The text model's attention function (transformers' AttentionInterface) for the shared-prefix layout:
-    branch_attention when the mask is a PrefixBranches (prefix_attention_mask), PyTorch SDPA for every other
+    branch_attention when the mask is a PrefixBranches.mask (prefix_attention_mask), PyTorch SDPA for every other
     mask (per-row forwards, HF generation and evaluation). query (B, Hq, L, D), key/value (B, Hkv, L, D) ->
     (B, L, Hq, D), None. A registered function because it must receive the layout, not a tensor mask."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if isinstance(attention_mask, PrefixBranches):
-        return branch_attention(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
+    layout = getattr(attention_mask, "prefix_branches", None)  # PrefixBranches.mask
+    if layout is not None:
+        return branch_attention(query, key, value, layout, scaling).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                   **kwargs)
 
@@ -95,7 +102,7 @@ def use_prefix_attention(model, route):
     return model
 
 
-def prefix_layout(keys, prompts, completions, pad_id, token_types=False):
+def prefix_layout(keys, prompts, completions, pad_id, token_types=True):
     """Shared-prefix layout: each run of consecutive rows with the same prompt key (a group, or part of one) is
     one sequence, the prompt once and then the run's completions, each completion seeing the prompt and its own
     earlier tokens only (prefix_attention_mask). The vision tower and every prompt token run once per run
@@ -103,7 +110,7 @@ def prefix_layout(keys, prompts, completions, pad_id, token_types=False):
 
     keys: per row, its prompt's key (e.g. the sample id); prompts: per row, the encoded prompt (input_ids and,
     for an image, pixel_values, image_grid_thw, mm_token_type_ids); completions: per row, its token ids;
-    token_types: hand mm_token_type_ids to the model (palmr.mrope_needs_token_types).
+    token_types: include mm_token_type_ids (shared_prefix_hidden hands them on where get_rope_index reads them).
     -> dict(input_ids (S, L) right-padded; branch (S, L): 0 on the prompt, j on the sequence's j-th completion
     (j >= 1), -1 on padding; shift (S, L): how many positions a completion token sits after where it would be
     alone after its prompt (the total length of the earlier completions of its sequence; 0 on the prompt);
@@ -180,11 +187,15 @@ def prefix_attention_mask(branch, route="branch", implementation="sdpa", dtype=t
 
 def shared_prefix_hidden(model, batch):
     """(B, T, H) hidden states of a prefix_layout batch (on the model's device): one forward of a Qwen-VL model
-    over its sequences with the layout's attention and each completion's mRoPE positions continuing from its
-    prompt's, as if it were alone after the prompt."""
+    (Qwen2.5-VL, Qwen3-VL: every decoder layer softmax attention) over its sequences with the layout's attention
+    and each completion's mRoPE positions continuing from its prompt's, as if it were alone after the prompt.
+    Qwen3-VL's DeepStack features are added at the image tokens by the model itself. AssertionError for a model
+    with other layers (Qwen3.5's linear attention carries a state from one completion into the next)."""
     ids, branch = batch["input_ids"], batch["branch"]
     valid = (branch >= 0).long()
-    types = {"mm_token_type_ids": batch["mm_token_type_ids"]} if "mm_token_type_ids" in batch else {}
+    import inspect  # the model's own get_rope_index reads the image tokens' types where it takes them
+    takes_types = "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters
+    types = {"mm_token_type_ids": batch["mm_token_type_ids"]} if takes_types and "mm_token_type_ids" in batch else {}
     if "image_grid_thw" in batch:  # the model's own 3-D positions of prompt + completions laid end to end ...
         positions = model.model.get_rope_index(input_ids=ids, image_grid_thw=batch["image_grid_thw"],
                                                attention_mask=valid, **types)[0]
@@ -194,9 +205,10 @@ def shared_prefix_hidden(model, batch):
     language = model.model.language_model
     route = getattr(model, "prefix_attention", "dense")
     mask = prefix_attention_mask(branch, route, language.config._attn_implementation, language.embed_tokens.weight.dtype)
-    if route == "branch":  # not a tensor: handed to every layer as is, past transformers' mask preparation
-        assert all(t == "full_attention" for t in language.config.layer_types), "branch attention: no sliding windows"
-        mask = {t: mask for t in set(language.config.layer_types)}
+    kinds = set(getattr(language.config, "layer_types", None) or ["full_attention"])  # Qwen3-VL's config has none
+    assert kinds == {"full_attention"}, f"the shared-prefix layout is exact for attention layers only, not {kinds}"
+    if route == "branch":  # handed to every layer as is, past transformers' mask preparation (a 4-D tensor)
+        mask = mask.mask
     vision = {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]} \
         if "pixel_values" in batch else {}
     out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **vision, **types)

@@ -6,6 +6,8 @@
 #   SEEDS="0 1 2 3" STEPS=60 bash runs/shapes_study.sh out/study2
 #   VARIANTS="grpo palmr" LONG_SEEDS="" bash runs/shapes_study.sh      # the two-row study, ~11 min
 #   VARIANTS="grpo vppo vision_sr1 pearl" LONG_SEEDS="" bash runs/shapes_study.sh out/variants   # other methods
+#   MODEL=~/.cache/palmr/tiny-qwen3vl VARIANTS="grpo palmr" LONG_SEEDS="" bash runs/shapes_study.sh out/qwen3vl
+#                                      # the same study on another family's tiny checkpoint (palmr.TINY)
 #
 # 1. builds (or finds) the cached warm start: SFT on shapes traces, a share of them misread on purpose;
 # 2. from it, for every seed, trains each of VARIANTS for STEPS steps with the same budget and flags:
@@ -44,7 +46,8 @@ LONG_VARIANTS=${LONG_VARIANTS:-"palmr palmr+omissions palmr+token palmr+both"}
 WARMUP=${WARMUP:-1200}
 JOBS=${JOBS:-2}
 LIMIT=${LIMIT:-}  # evaluate the first LIMIT held-out items only (smoke tests)
-RL=(--warmup-steps "$WARMUP" --group-size 8 --rollout-batch 8 --update-batch 8 --micro-batch 16
+MODEL=${MODEL:-~/.cache/palmr/tiny-qwen25vl}  # an embedded tiny checkpoint (palmr.TINY), built and warmed if missing
+RL=(--model "$MODEL" --warmup-steps "$WARMUP" --group-size 8 --rollout-batch 8 --update-batch 8 --micro-batch 16
     --max-new-tokens 64 --lr 1e-4 --save-every "$STEPS" --keep 2 --log-rollouts-every 0)
 flags() {  # the trainer flags of a variant
     case "$1" in
@@ -75,13 +78,14 @@ launch() {  # variant seed steps [extra flags]: one run in the background, JOBS 
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
 }
 
-WARM=$(python grpo.py --warmup-steps "$WARMUP" --warmup-only | tail -n 1)
+WARM=$(python grpo.py --model "$MODEL" --warmup-steps "$WARMUP" --warmup-only | tail -n 1)
 echo "warm start: $WARM ($(($(date +%s) - start)) s)"
 
 checkpoints=("start=$WARM")
 sr1_checkpoints=()  # policies trained in Vision-SR1's format: evaluated under its prompt
 if [[ " $VARIANTS " == *" vision_sr1+sft "* ]]; then
-    WARM_SR1=$(python grpo.py --warmup-steps "$WARMUP" --warmup-format description --warmup-only | tail -n 1)
+    WARM_SR1=$(python grpo.py --model "$MODEL" --warmup-steps "$WARMUP" --warmup-format description --warmup-only |
+               tail -n 1)
     echo "SR1-format warm start: $WARM_SR1 ($(($(date +%s) - start)) s)"
     sr1_checkpoints+=("start_sr1=$WARM_SR1")
 fi

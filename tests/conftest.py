@@ -23,6 +23,20 @@ def tiny_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def family_ckpt(tmp_path_factory):
+    """family -> that family's tiny checkpoint (palmr.FAMILIES: qwen2_5_vl, qwen3_vl, qwen3_5), built once per
+    session on first use."""
+    import palmr
+    built = {}
+
+    def get(family):
+        if family not in built:
+            built[family] = palmr.build_tiny_checkpoint(tmp_path_factory.mktemp(family) / "ckpt", seed=0, family=family)
+        return built[family]
+    return get
+
+
+@pytest.fixture(scope="session")
 def shapes_file(tmp_path_factory):
     import data
     return data.make_shapes(64, tmp_path_factory.mktemp("shapes"), split="train", seed=0)

@@ -323,10 +323,10 @@ def test_trainer_forward_uses_the_3d_mrope_positions(tiny_ckpt):
     import palmr
     from PIL import Image
     from data import Sample
-    if not palmr.mrope_needs_token_types():
-        pytest.skip("this transformers finds image tokens in input_ids itself")
     processor = palmr.load_processor(tiny_ckpt)
     model = grpo.prepare_model(tiny_ckpt, torch.device("cpu"), train=False, shard=False)
+    if not palmr.takes_token_types(model):
+        pytest.skip("this transformers finds image tokens in input_ids itself")
     tok, image_id = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     rows, encoded = [], {}
     for i, size in enumerate([(112, 112), (56, 84)]):  # different grids: different prompt lengths, left padding

@@ -138,12 +138,18 @@ def test_micro_tokens_split_each_update_by_tokens():
     assert grpo.update_micro_batches(rows, encoded, 4, 2, args) == [[range(0, 4)], [range(4, 8)]]
 
 
-@pytest.fixture
-def float64_model(monkeypatch, tiny_ckpt):
-    """The tiny policy in float64 end to end: Qwen2.5-VL's RMSNorm and vision rotary embedding compute in
-    float32 whatever the input dtype, which would round both layouts to float32 and hide (or fake) a 1e-9
-    difference; here they are patched to keep the input dtype (same formulas)."""
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+FLOAT32_NORMS = {"qwen2_5_vl": "Qwen2_5_VLRMSNorm", "qwen3_vl": "Qwen3VLTextRMSNorm"}  # families the layout is exact on
+
+
+@pytest.fixture(params=list(FLOAT32_NORMS))
+def float64_model(request, monkeypatch, tiny_ckpt, family_ckpt):
+    """The tiny policy of each family the shared prefix is exact on (Qwen2.5-VL, Qwen3-VL: every decoder layer
+    attention), in float64 end to end: their RMSNorm and vision rotary embedding compute in float32 whatever the
+    input dtype, which would round both layouts to float32 and hide (or fake) a 1e-9 difference; here they are
+    patched to keep the input dtype (same formulas). `.path`: its checkpoint."""
+    import importlib
+    family = request.param
+    qwen = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
 
     def rms_norm(self, h):
         return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
@@ -151,9 +157,12 @@ def float64_model(monkeypatch, tiny_ckpt):
     def rotary_vision(q, k, cos, sin):
         cos, sin = cos.unsqueeze(-2).to(q.dtype), sin.unsqueeze(-2).to(q.dtype)
         return q * cos + qwen.rotate_half(q) * sin, k * cos + qwen.rotate_half(k) * sin
-    monkeypatch.setattr(qwen.Qwen2_5_VLRMSNorm, "forward", rms_norm)
+    monkeypatch.setattr(getattr(qwen, FLOAT32_NORMS[family]), "forward", rms_norm)
     monkeypatch.setattr(qwen, "apply_rotary_pos_emb_vision", rotary_vision)
-    return grpo.prepare_model(tiny_ckpt, torch.device("cpu"), train=True, prefix_attention="branch").double()
+    path = tiny_ckpt if family == "qwen2_5_vl" else family_ckpt(family)
+    model = grpo.prepare_model(path, torch.device("cpu"), train=True, prefix_attention="branch").double()
+    model.path = path
+    return model
 
 
 def _rows(tiny_ckpt, shapes_file):
@@ -179,8 +188,8 @@ def _naive_weighted(model, batch):
 
 
 @pytest.mark.parametrize("route", ["branch", "dense"])
-def test_float64_logprobs_entropies_and_all_gradients_equal_per_row(float64_model, tiny_ckpt, shapes_file, route):
-    rows, encoded, pad = _rows(tiny_ckpt, shapes_file)
+def test_float64_logprobs_entropies_and_all_gradients_equal_per_row(float64_model, shapes_file, route):
+    rows, encoded, pad = _rows(float64_model.path, shapes_file)
     language = float64_model.model.language_model.config._attn_implementation
     assert language == PREFIX_ATTENTION, "branch (the fixture's route): the text model's attention is prefix_attention"
     assert float64_model.model.visual.config._attn_implementation != PREFIX_ATTENTION, "the vision tower keeps its own"
@@ -195,11 +204,11 @@ def test_float64_logprobs_entropies_and_all_gradients_equal_per_row(float64_mode
         assert _max_diff(g0, g1) < 1e-9, sorted(((g0[n] - g1[n]).abs().max().item(), n) for n in g0)[-3:]
 
 
-def test_float64_per_row_matches_naive_head_and_finite_differences(float64_model, tiny_ckpt, shapes_file):
+def test_float64_per_row_matches_naive_head_and_finite_differences(float64_model, shapes_file):
     # what the layout comparisons above stand on: the per-row layout's log-probs and entropies against the naive
     # LM head (full logits) on the same hidden states, and the vision tower's gradient (which the image tokens,
     # once per group in the shared layout, must receive) against central differences of the naive loss
-    rows, encoded, pad = _rows(tiny_ckpt, shapes_file)
+    rows, encoded, pad = _rows(float64_model.path, shapes_file)
     batch = grpo.training_batch(rows, encoded, pad, "cpu")
     logp, entropy, grads = weighted_backward(float64_model, batch)
     with torch.no_grad():
@@ -220,8 +229,8 @@ def test_float64_per_row_matches_naive_head_and_finite_differences(float64_model
     assert abs(analytic - numeric) < 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
 
 
-def test_float64_folded_policy_loss_equals_per_row(float64_model, tiny_ckpt, shapes_file):
-    rows, encoded, pad = _rows(tiny_ckpt, shapes_file)
+def test_float64_folded_policy_loss_equals_per_row(float64_model, shapes_file):
+    rows, encoded, pad = _rows(float64_model.path, shapes_file)
     grads, losses = [], []
     for layout in (grpo.training_batch, grpo.shared_prefix_batch):
         batch = layout(rows, encoded, pad, "cpu")
