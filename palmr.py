@@ -1,15 +1,16 @@
 """PaLMR's shared vocabulary: prompt format, response parsing, checkpoints, sampling engines, dist helpers.
 
     python palmr.py tiny --out ~/.cache/palmr/tiny-qwen25vl   # build the embedded tiny checkpoint
+    python palmr.py tiny --family qwen3_vl                    # another family's (FAMILIES), in ~/.cache/palmr/tiny-qwen3vl
 
-Everything else imports this file; it imports nothing of the project. The tiny checkpoint is a random
-Qwen2.5-VL (same classes and parameter names as Qwen/Qwen2.5-VL-7B-Instruct, only smaller) with a
-byte-level BPE tokenizer trained offline here, so that every entry point runs with no downloads.
+Everything else imports this file; it imports nothing of the project. The tiny checkpoints are random
+Qwen2.5-VL, Qwen3-VL and Qwen3.5 models (same classes and parameter names as the hub checkpoints, only smaller)
+with a byte-level BPE tokenizer trained offline here, so that every entry point runs with no downloads; what
+differs between the families is the table FAMILIES.
 """
 import argparse
 import dataclasses
 import datetime
-import functools
 import inspect
 import json
 import math
@@ -1024,8 +1025,9 @@ def versions():
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cmd", choices=["tiny"])
-    ap.add_argument("--out", default=DEFAULT_TINY, help="folder of the tiny checkpoint")
+    ap.add_argument("--family", default="qwen2_5_vl", choices=list(FAMILIES), help="model family (FAMILIES)")
+    ap.add_argument("--out", default=None, help="folder of the tiny checkpoint (default: the family's, TINY)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     a = ap.parse_args()
-    print(build_tiny_checkpoint(a.out, seed=a.seed))
+    print(build_tiny_checkpoint(a.out or TINY[a.family], seed=a.seed, family=a.family))
 

@@ -160,7 +160,7 @@ def test_per_row_layout_equals_each_row_alone(family, family_ckpt):
             torch.testing.assert_close(together[i, :T], alone[0, :T], atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_activation_checkpointing_gives_the_same_gradients(family, family_ckpt):
     path = family_ckpt(family)
     processor = palmr.load_processor(path)
@@ -255,3 +255,23 @@ def test_two_ranks_train_resume_load_and_evaluate(family, family_ckpt, shapes_fi
                    "--out", str(tmp_path / "eval")])
     s = res["checkpoints"][family]["shapes"]
     assert s["n"] == 4 and s["judge"] == "rule" and s["acc"] is not None
+
+
+def _preset_flags(name):
+    """The grpo.py flags of a runs/ preset's args=( ... ) block, comments dropped, shell variables as placeholders."""
+    import shlex
+    text = (ROOT / "runs" / name).read_text()
+    block = text[text.index("args=(\n") + 7:text.index("\n)\n", text.index("args=(\n"))]
+    lines = [line.split("#", 1)[0] for line in block.splitlines()]
+    return shlex.split(" ".join(lines).replace('"$MODEL"', "MODEL").replace('"$DATA"', "DATA"))
+
+
+@pytest.mark.parametrize("preset,tokens_px", [("qwen3vl_8b_8xh100.sh", 32), ("qwen35_9b_8xh100.sh", 32)])
+def test_family_presets_change_only_what_the_family_needs(preset, tokens_px):
+    base, own = _preset_flags("qwen25vl_7b_8xh100.sh"), _preset_flags(preset)
+    assert 'exec bash runs/qwen25vl_7b_8xh100.sh "${args[@]}" "$@"' in (ROOT / "runs" / preset).read_text()
+    a, b = vars(grpo.get_args(base)), vars(grpo.get_args(base + own))  # later flags win, as in the preset
+    changed = {k for k in a if a[k] != b[k]}
+    assert changed == {"out", "max_pixels", "vllm_gpu_memory"}, changed
+    # the same image budget in merged vision tokens: 28 px per token for Qwen2.5-VL, 32 px for the Qwen3 families
+    assert a["max_pixels"] // 28 ** 2 == b["max_pixels"] // tokens_px ** 2 == 1280

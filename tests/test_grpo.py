@@ -1,11 +1,7 @@
 """grpo.py: hand-computed advantages and PPO-clip + k3 loss, then the real trainer on the tiny model (log-prob
-alignment, updates, checkpoints, resume, two ranks, the warm start)."""
-import hashlib
+alignment, updates, checkpoints, resume, the warm start; two ranks per model family: test_families.py)."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -249,59 +245,6 @@ def test_resume_2_plus_2_equals_4_straight(tmp_path, tiny_ckpt, shapes_file):
     for x, y in zip(ma[2:], mb[2:]):  # same rollouts (sampling seeds, data position) and the same losses
         for k in ("reward", "completion_len", "kl", "loss", "grad_norm"):
             assert x[k] == y[k], f"step {x['step']}: {k} {x[k]} != {y[k]} after resume"
-
-
-@pytest.mark.slow
-def test_torchrun_two_ranks_keep_identical_parameters(tmp_path, tiny_ckpt, shapes_file):
-    script = ROOT / "tests" / "dist_probe.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path),
-           tiny_ckpt, shapes_file]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    digests = [json.loads((tmp_path / f"params_rank{r}.json").read_text()) for r in range(2)]
-    assert digests[0] == digests[1], "ranks disagree on the full parameters"
-    # and the gathered parameters are what the checkpoint holds (reloaded: the file uses the hub's names)
-    from transformers import AutoModelForImageTextToText
-    saved = dict(AutoModelForImageTextToText.from_pretrained(tmp_path / "checkpoint-000002").named_parameters())
-    assert saved.keys() == digests[0].keys()
-    for name, value in digests[0].items():
-        assert hashlib.sha256(saved[name].detach().contiguous().numpy().tobytes()).hexdigest() == value, name
-    assert "step 2/2" in proc.stdout
-
-
-def test_activation_checkpointing_gives_the_same_gradients(tiny_ckpt, shapes_file):
-    args, processor, policy, samples = _setup(tiny_ckpt, shapes_file, "--rollout-batch", "2")
-    rows, enc = _rollouts(policy, processor, samples, args)
-    batch = grpo.training_batch(rows, enc, processor.tokenizer.pad_token_id, torch.device("cpu"))
-    grads = []
-    for ac in (False, True):
-        model = grpo.prepare_model(tiny_ckpt, torch.device("cpu"), train=True, activation_checkpointing=ac)
-        logp, _ = model.completion_logprobs(batch, 1.0)
-        logp.sum().backward()
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    assert grads[1]["model.language_model.layers.0.mlp.up_proj.weight"] is not None
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
-
-
-@pytest.mark.slow
-def test_two_rank_resume_equals_straight(tmp_path, tiny_ckpt, shapes_file):
-    # under FSDP2 the optimizer state is broadcast from rank 0 on resume (set_optimizer_state_dict)
-    def run(out, steps, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "grpo.py"),
-               "--model", tiny_ckpt, "--data", shapes_file, "--out", str(out), "--max-steps", str(steps),
-               "--rollout-batch", "4", "--update-batch", "2", "--group-size", "2", "--max-new-tokens", "12",
-               "--lr", "1e-3", "--save-every", "2", *extra]
-        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    run(tmp_path / "straight", 3)
-    run(tmp_path / "resumed", 2)
-    run(tmp_path / "resumed", 3, "--resume")
-    a = load_file(tmp_path / "straight" / "checkpoint-000003" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoint-000003" / "model.safetensors")
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after a 2-rank resume"
 
 
 def test_hf_engine_ranks_get_distinct_seeds_whatever_vllm_tp_says(tiny_ckpt, shapes_file):

@@ -15,8 +15,8 @@ import torch
 from variants.base import Variant
 
 def blacken_patches(pixel_values, image_mean, image_std, prob, generator):
-    """VPPO's image perturbation, random patch blackening: each 14 x 14 patch row of Qwen2.5-VL's processed
-    pixel_values (N, C * T * ps * ps), channel-major as the processor flattens it, is set with probability
+    """VPPO's image perturbation, random patch blackening: each patch row (14 x 14 px for Qwen2.5-VL, 16 x 16 for
+    Qwen3-VL and Qwen3.5) of the processed pixel_values (N, C * T * ps * ps), channel-major as the processor flattens it, is set with probability
     `prob` to the normalised value of a black pixel, (0 - mean_c) / std_c. -> (N, C*T*ps*ps), a new tensor.
 
     Source: VPPO's official code (huaixuheqing/VPPO-RL, verl/workers/perc_utils.py `random_patch_blackening`,
