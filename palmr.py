@@ -251,10 +251,14 @@ def tiny_family(path):
     return next((k for k, d in TINY.items() if os.path.abspath(os.path.expanduser(d)) == where), None)
 
 
-def model_family(config):
-    """The Family of a config (object or config.json dict); KeyError for an unsupported model_type."""
-    kind = config.get("model_type") if isinstance(config, dict) else config.model_type
-    return FAMILIES[kind]
+def template_prefill(path):
+    """What the chat template of checkpoint `path` writes of the assistant turn before the model does
+    (generation_prefill: '<think>\n' for Qwen3.5's, '' for Qwen2.5-VL's and Qwen3-VL's). Reads the tokenizer and
+    template only; an embedded tiny checkpoint not built yet answers from its family's template."""
+    family = tiny_family(path)
+    if family and not (Path(path).expanduser() / "config.json").exists():
+        return "<think>\n" if FAMILIES[family].think else ""
+    return generation_prefill(render_prompt(load_processor(str(Path(path).expanduser())), ""))
 
 
 def takes_token_types(model):

@@ -70,9 +70,16 @@ def warmup(model_path, data_path, out_dir, prepare_model, layout, steps=300, bat
 
 def completion_target(trace, prefill):
     """What the policy must write after a chat template that prefills the assistant turn (Qwen3.5's '<think>\n'):
-    the trace without the prefilled opening; the trace itself when nothing is prefilled."""
+    the trace without the prefilled opening; the trace itself when nothing is prefilled. Raises ValueError when
+    the template prefills something the trace does not open with (Vision-SR1's '<description>' traces after a
+    '<think>' prefill; a closed, empty think block): no completion could then write the trace's format."""
     head = prefill.strip()
-    return trace[len(head):].lstrip() if head and trace.startswith(head) else trace
+    if not head:
+        return trace
+    if not trace.startswith(head) or "</think>" in head:
+        raise ValueError(f"the chat template prefills {prefill!r} and the trace opens with {trace[:20]!r}: no "
+                         f"completion can write this format after that prefill")
+    return trace[len(head):].lstrip()
 
 
 def ensure_warm_start(base, data_path, steps, hallucinated_share, prepare_model, layout, seed=0, trace_format="think",

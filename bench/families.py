@@ -58,7 +58,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     jobs = [(f, ()) for f in a.families]
     if a.layouts:
-        jobs += [(f, ("--no-shared-prefix",)) for f in a.families if f != "qwen3_5"]
+        jobs += [(f, ("--no-shared-prefix",)) for f in a.families  # where the shared prefix is on by default
+                 if not palmr.shared_prefix_exact(palmr.load_config(palmr.ensure_tiny_checkpoint(palmr.TINY[f])))]
     for family in a.families:  # warm starts first, untimed (rank 0 builds them with every core)
         t = time.time()
         subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--model", palmr.TINY[family], "--warmup-steps",

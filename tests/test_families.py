@@ -55,7 +55,8 @@ def test_tiny_checkpoint_has_its_familys_hub_layout(family, family_ckpt):
     assert image_id == model.config.image_token_id and sum(enc["mm_token_type_ids"]) == grid[1] * grid[2] // 4
     assert processor.tokenizer.convert_tokens_to_ids("<|vision_start|>") == model.config.vision_start_token_id
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied, "tied LM head as the hub's"
-    assert palmr.shared_prefix_exact(model.config) is None or family == "qwen3_5"
+    assert (palmr.shared_prefix_exact(model.config) is None) == (family != "qwen3_5"), "linear attention: not exact"
+    assert palmr.template_prefill(path) == prefill
     blocks = palmr.fsdp_blocks(model)
     n_text, n_vision = model.config.text_config.num_hidden_layers, model.config.vision_config.depth
     assert len(blocks) == n_text + n_vision, "FSDP2 shards every decoder layer and vision block"
@@ -112,6 +113,8 @@ def _real_config(family):
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
 def test_weight_names_for_the_real_8b_class_layouts(family):
+    # the names the trainer streams for the real 8B-class configs, matched against what vLLM 0.26.0's loaders of the
+    # family accept (its mappers read from its source above; vLLM itself cannot run here)
     from transformers import AutoModelForImageTextToText
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(_real_config(family))
@@ -203,9 +206,11 @@ def test_data_layer_steps_run_on_the_family(family, family_ckpt, shapes_file, tm
     data.filter_step(src, tmp_path / "kept.jsonl", engine, processor, k=2, batch=3, max_new_tokens=8,
                      max_pixels=112 * 112, exclusive=False)
     assert len(read_jsonl(tmp_path / "kept.jsonl")) == 3, "pass rates in [0, 1] inclusive: every item kept"
-    summary = data.reference_step(src, tmp_path / "ref.jsonl", engine, processor, RuleJudge(), n=2, batch=3,
-                                  max_new_tokens=8, max_pixels=112 * 112)
-    assert summary, "the reference step reports what it decided"
+    data.reference_step(src, tmp_path / "ref.jsonl", engine, processor, RuleJudge(), n=2, batch=3, max_new_tokens=8,
+                        max_pixels=112 * 112)
+    log = [json.loads(line) for line in (tmp_path / "ref.log.jsonl").read_text().splitlines()]
+    assert sorted((d["id"], d["status"] in ("kept", "dropped")) for d in log) == [(f"shapes-train-{i:06d}", True)
+                                                                                 for i in range(3)], log
 
 
 def _torchrun(script, *args):
@@ -275,3 +280,49 @@ def test_family_presets_change_only_what_the_family_needs(preset, tokens_px):
     assert changed == {"out", "max_pixels", "vllm_gpu_memory"}, changed
     # the same image budget in merged vision tokens: 28 px per token for Qwen2.5-VL, 32 px for the Qwen3 families
     assert a["max_pixels"] // 28 ** 2 == b["max_pixels"] // tokens_px ** 2 == 1280
+
+
+def test_completion_target_drops_a_prefilled_opening_and_refuses_what_cannot_follow_it():
+    import warmup
+    trace = "<think> I see 2 red circles.</think> \\boxed{2}"
+    assert warmup.completion_target(trace, "") == trace
+    assert warmup.completion_target(trace, "<think>\n") == "I see 2 red circles.</think> \\boxed{2}"
+    with pytest.raises(ValueError, match="prefills '<think>\\\\n'"):  # Vision-SR1's traces after Qwen3.5's prefill
+        warmup.completion_target(palmr.sr1_trace(trace), "<think>\n")
+    with pytest.raises(ValueError):  # Qwen3's non-thinking prefill closes an empty think block
+        warmup.completion_target(trace, "<think>\n\n</think>\n\n")
+
+
+def test_tiny_paths_name_their_family(tmp_path):
+    assert palmr.tiny_family("~/.cache/palmr/tiny-qwen3vl") == "qwen3_vl"
+    assert palmr.tiny_family(os.path.expanduser("~/.cache/palmr/tiny-qwen35/")) == "qwen3_5"
+    assert palmr.tiny_family(palmr.DEFAULT_TINY) == "qwen2_5_vl" and palmr.tiny_family(tmp_path) is None
+    # an embedded tiny checkpoint not built yet still answers from its family's template
+    assert palmr.template_prefill("~/.cache/palmr/tiny-qwen35") == "<think>\n"
+
+
+def test_vision_sr1_refuses_a_template_that_opens_think(family_ckpt, shapes_file, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="prefills '<think>"):
+        grpo.main(["--model", family_ckpt("qwen3_5"), "--data", shapes_file, "--out", str(tmp_path / "o"),
+                   "--reward", "vision_sr1", "--max-steps", "1"])
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen3_5"])
+def test_activation_checkpointing_recomputes_the_shared_prefix_layout(family, family_ckpt):
+    # the recompute in backward must see the same layout (PrefixBranches.mask carries it): the same gradients
+    path = family_ckpt(family)
+    processor = palmr.load_processor(path)
+    rows, encoded = _rows(processor, 2)
+    rows = [rows[0], (rows[0][0], rows[1][1])]  # one prompt, two completions: one group in the shared layout
+    batch = grpo.shared_prefix_batch(rows, encoded, processor.tokenizer.pad_token_id, "cpu")
+    assert batch["branch"].shape[0] == 1, "one sequence"
+    grads = []
+    for ac in (False, True):
+        model = grpo.prepare_model(path, torch.device("cpu"), train=True, activation_checkpointing=ac,
+                                   prefix_attention="branch")
+        logp, _ = model.completion_logprobs(batch, 1.0)
+        logp.sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")

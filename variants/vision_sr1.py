@@ -51,6 +51,9 @@ class VisionSR1(Variant):
     def check(self, world):
         if self.args.vllm_tp != 1:
             raise SystemExit("--reward vision_sr1 needs --vllm-tp 1: its text-only pass runs per rank")
+        if prefill := palmr.template_prefill(self.args.model):  # Qwen3.5's thinking template opens <think> itself
+            raise SystemExit(f"--reward vision_sr1: the chat template of {self.args.model} prefills {prefill!r}, so no "
+                             f"reply can open with SR1's <description>: use a checkpoint whose template does not")
 
     def instruction(self, sample, scheme):
         return palmr.SR1_INSTRUCTION if scheme == "vision_sr1" else None
