@@ -1,4 +1,4 @@
-"""V-GRPO: GRPO with PaLMR's vision-gated reward, for Qwen2.5-VL: the loop, and only the loop.
+"""V-GRPO: GRPO with PaLMR's vision-gated reward, for Qwen2.5-VL, Qwen3-VL and Qwen3.5: the loop, and only the loop.
 
     python grpo.py                                   # CPU, tiny model, synthetic shapes, rule judge
     torchrun --nproc_per_node 2 grpo.py              # the same on 2 CPU processes (FSDP2 over gloo)
