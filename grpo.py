@@ -149,6 +149,7 @@ def check_args(args, world):
                      "one prompt, so with fewer than 2 every advantage is 0 and nothing trains"),
                     (args.rollout_batch % world == 0, f"--rollout-batch {args.rollout_batch} must divide over {world} ranks"),
                     (args.rollout_batch % args.update_batch == 0, "--rollout-batch must be a multiple of --update-batch"),
+                    (palmr.local_world_size() % args.vllm_tp == 0, f"--vllm-tp {args.vllm_tp}: a node's ranks must hold whole groups"),
                     (args.update_batch % world == 0, f"--update-batch {args.update_batch} must divide over {world} ranks"),
                     (args.mix_reward in (None, *SCHEMES), f"--mix-reward {args.mix_reward}: not a reward scheme"),
                     (args.judge != "none" or not needs, f"--reward {args.reward} / --mix-reward {args.mix_reward} needs a judge"),
@@ -763,9 +764,7 @@ def build_trainer(args, device, resume_from):
     """-> policy (from the latest checkpoint when resuming), frozen reference (None when beta = 0), AdamW, step."""
     if args.shared_prefix is None:  # measured faster on CPU; not yet measured on a GPU (README)
         args.shared_prefix = device.type != "cuda"
-    if args.shared_prefix and (why := palmr.shared_prefix_exact(palmr.load_config(args.model))):
-        print0(f"shared prefix: off for this model ({why}): the per-row layout")
-        args.shared_prefix = False
+    args.shared_prefix = args.shared_prefix and palmr.shared_prefix_allowed(args.model)  # Qwen3.5: per row, said once
     route = args.prefix_attention if args.shared_prefix else "dense"  # dense: the model's own attention untouched
     policy = prepare_model(resume_from or args.model, device, train=True, prefix_attention=route,
                            activation_checkpointing=args.activation_checkpointing, logprob_memory=args.logprob_memory)

@@ -283,6 +283,15 @@ def shared_prefix_exact(config):
         f"{', '.join(sorted(kinds - {'full_attention'}))} layers carry a recurrent state along the sequence")
 
 
+def shared_prefix_allowed(path):
+    """True when the shared-prefix layout is exact for checkpoint `path` (shared_prefix_exact); else False, with one
+    line saying why, from rank 0 (the trainer then uses the per-row layout)."""
+    why = shared_prefix_exact(load_config(path))
+    if why:
+        print0(f"shared prefix: off for this model ({why}): the per-row layout")
+    return why is None
+
+
 def fsdp_blocks(model):
     """The modules FSDP2 shards one by one: the decoder layers and vision blocks, found by the classes the model
     itself names as never to be split (`_no_split_modules`), in model order."""
@@ -348,18 +357,40 @@ def build_tiny_checkpoint(out_dir, seed=0, vocab_size=1024, family="qwen2_5_vl")
     model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = [tid("<|im_end|>"), tid("<|endoftext|>")]
     model.generation_config.pad_token_id = tid("<|endoftext|>")
-    model.save_pretrained(out)
+    save_here(model, out)
     return str(out)
+
+
+def save_here(model, out):
+    """model.save_pretrained(out) from this process, whatever its rank. transformers 5.2x writes only on global rank 0
+    once torch.distributed is initialised (distributed/mixin.py, should_save_on_this_rank), so a cache that another
+    node's local rank 0 builds (builds_cache) would get configs without weights, silently."""
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process  # this instance only
+    model.save_pretrained(out)
 
 
 DEFAULT_TINY = TINY["qwen2_5_vl"]
 
 
+def builds_cache():
+    """True on the process that builds the caches (tiny checkpoint, shapes data, warm start) that the others wait
+    for: local rank 0 of every node, so each node fills its own disk (the default); global rank 0 alone when the
+    user sets PALMR_SHARED_CACHE=1, saying the cache folder (~/.cache/palmr) is one shared file system."""
+    if os.environ.get("PALMR_SHARED_CACHE") == "1":
+        return get_rank() == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
+def local_world_size():
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE; 1 for plain python)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def ensure_tiny_checkpoint(path=DEFAULT_TINY, seed=0):
-    """Build the tiny checkpoint of the family `path` names (TINY) once (rank 0 builds, the others wait); -> its
-    path. A path that is not one of TINY builds a tiny Qwen2.5-VL there."""
+    """Build the tiny checkpoint of the family `path` names (TINY) once (builds_cache: one process per node, or
+    one in all; the others wait); -> its path. A path that is not one of TINY builds a tiny Qwen2.5-VL there."""
     path = Path(path).expanduser()
-    if get_rank() == 0 and not (path / "config.json").exists():
+    if builds_cache() and not (path / "config.json").exists():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         build_tiny_checkpoint(tmp, seed=seed, family=tiny_family(path) or "qwen2_5_vl")
         os.replace(tmp, path) if not path.exists() else None
@@ -824,8 +855,8 @@ def make_engine(requested, policy, processor, model_path, max_pixels, device, se
     name = select_engine(requested, device.type == "cuda", importlib.util.find_spec("vllm") is not None)
     if name == "hf":
         return HFEngine(policy, processor, max_pixels), max_prompt_tokens
-    rank, world = get_rank(), get_world_size()
-    assert world % tp == 0, f"--vllm-tp {tp} must divide the world size {world}"
+    rank = get_rank()
+    assert local_world_size() % tp == 0, f"--vllm-tp {tp} must divide the {local_world_size()} ranks of a node"
     max_model_len, max_prompt_tokens, warning = engine_lengths(max_prompt_tokens, max_new_tokens,
                                                                checkpoint_max_len(model_path), max_model_len)
     if warning:

@@ -63,7 +63,7 @@ def warmup(model_path, data_path, out_dir, prepare_model, layout, steps=300, bat
         optimizer.step()
         if step % log_every == 0 or step == steps - 1:
             history.append((step, float(loss.detach())))
-    model.save_pretrained(out_dir)
+    palmr.save_here(model, out_dir)  # on this node's builder, whatever its global rank
     palmr.copy_processor_files(model_path, out_dir)
     return history
 
@@ -84,7 +84,7 @@ def completion_target(trace, prefill):
 
 def ensure_warm_start(base, data_path, steps, hallucinated_share, prepare_model, layout, seed=0, trace_format="think",
                       threads=0):
-    """The warm-up checkpoint for these settings, built once next to `base` by rank 0; the others wait.
+    """The warm-up checkpoint for these settings, built once next to `base` (palmr.builds_cache); the others wait.
 
     Rank 0 builds with `threads` threads, by default every core: torchrun leaves each process one thread, and the
     waiting ranks use none (on a shared machine, --threads caps it). (Measured: a data-parallel FSDP warm-up over 2 gloo ranks ran 3.2 steps/s against 4.7 for one
@@ -92,7 +92,7 @@ def ensure_warm_start(base, data_path, steps, hallucinated_share, prepare_model,
     """
     sr1 = "-sr1" if trace_format == "description" else ""
     path = Path(base).with_name(f"{Path(base).name}-warm{steps}-h{hallucinated_share:g}-s{seed}{sr1}-v2")
-    if palmr.get_rank() == 0 and not (path / "config.json").exists():
+    if palmr.builds_cache() and not (path / "config.json").exists():  # one builder per node, or one in all
         print0(f"building the warm start ({steps} SFT steps, {hallucinated_share:.0%} misread traces) -> {path}")
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")  # two builds at once never share a folder
         before = torch.get_num_threads()
@@ -134,7 +134,7 @@ def embedded_default(args, rank, prepare_model, layout):
     if tiny:
         args.model = palmr.ensure_tiny_checkpoint(args.model, seed=0)
     if args.data is None:
-        args.data = ensure_shapes() if rank == 0 else None
+        args.data = ensure_shapes() if palmr.builds_cache() else None
         palmr.barrier()
         args.data = args.data or ensure_shapes()
     if tiny and args.warmup_steps > 0:  # the embedded default starts from a warm, cached tiny policy
