@@ -386,28 +386,67 @@ RETRY_STATUS = {429, 500, 502, 503, 504}
 NO_ANSWER = "reasoning but no final answer"  # a live model that thought and never answered
 
 
+class Endpoint(typing.NamedTuple):
+    url: str     # the chat-completions URL, without credentials
+    where: str   # how messages name it: scheme://host:port/path, never credentials
+    basic: str   # Basic auth from user:password@ in the URL, or None
+
+
+def parse_endpoint(base_url):
+    """One server's base URL -> Endpoint. user:password@ in the URL (a proxy in front of the server): urllib would
+    take it for the host name, so it is sent as Basic auth and the URL used, like every error message, is without it."""
+    parts = urllib.parse.urlsplit(base_url.strip().rstrip("/") + "/chat/completions")
+    where = f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+    basic = base64.b64encode(f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+                             .encode()).decode() if parts.username else None
+    return Endpoint(urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])), where, basic)
+
+
 class OpenAIClient:
     """Chat completions over HTTP (stdlib only): bounded concurrency, per-request timeout, retries with
     exponential backoff and jitter on 429 / 5xx / timeouts / dropped connections, and a cache so that
-    identical requests are sent once."""
+    identical requests are sent once.
+
+    Several servers of the same model: base_url "URL1,URL2,...". Each attempt goes to the endpoint with the fewest
+    requests in flight among those not marked down, with `concurrency` requests in flight per endpoint; an endpoint
+    that fails an attempt for a server-side reason (connection, timeout, 429 / 5xx, malformed reply) is skipped for
+    `cooldown` seconds and the next attempt goes to another one at once (no backoff while one is up). A dead
+    server thus costs its in-flight requests one attempt each (`failovers`), while the others serve."""
 
     def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", concurrency=32, timeout=120.0,
                  max_retries=4, backoff=1.0, max_tokens=4096, temperature=0.0, reasoning=True, extra=None,
-                 cache=True):
-        parts = urllib.parse.urlsplit(base_url.rstrip("/") + "/chat/completions")
-        self.where = f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"
-        # user:password@ in the URL (a proxy in front of the server): urllib would take it for the host name, so it
-        # is sent as Basic auth and the URL used, like every error message, is the one without it
-        self.url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-        self.basic = base64.b64encode(f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-                                      .encode()).decode() if parts.username else None
+                 cache=True, cooldown=30.0):
+        self.endpoints = [parse_endpoint(u) for u in base_url.split(",") if u.strip()]
+        self.where = ", ".join(e.where for e in self.endpoints)
         self.model, self.api_key_env, self.reasoning = model, api_key_env, reasoning
         self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
         self.params = {"max_tokens": max_tokens, "temperature": temperature,
                        "chat_template_kwargs": {"enable_thinking": reasoning},  # Qwen3 on vLLM / SGLang
                        **(extra or {})}  # e.g. response_format for structured output
         self.cache, self.lock, self.use_cache, self.cache_size = {}, threading.Lock(), cache, 100_000
-        self.pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="judge")
+        self.cooldown, self.down_until = cooldown, [0.0] * len(self.endpoints)
+        self.in_flight, self.failovers = [0] * len(self.endpoints), 0
+        self.pool = concurrent.futures.ThreadPoolExecutor(concurrency * len(self.endpoints), thread_name_prefix="judge")
+
+    def _pick(self):
+        """The endpoint for the next attempt: the fewest in flight among those up (all, when none is up)."""
+        with self.lock:
+            now = time.time()
+            up = [k for k in range(len(self.endpoints)) if self.down_until[k] <= now] or range(len(self.endpoints))
+            k = min(up, key=lambda k: self.in_flight[k])
+            self.in_flight[k] += 1
+            return k
+
+    def _release(self, k, failed):
+        """An attempt on endpoint k ended; a server-side failure marks k down for `cooldown` seconds. -> whether
+        another endpoint is up now (then the next attempt needs no backoff)."""
+        with self.lock:
+            self.in_flight[k] -= 1
+            if failed and len(self.endpoints) > 1:
+                self.down_until[k] = time.time() + self.cooldown
+                self.failovers += 1
+            now = time.time()
+            return any(self.down_until[j] <= now for j in range(len(self.endpoints)) if j != k)
 
     def complete(self, requests):
         """requests: list of message lists -> list of Reply, in input order."""
@@ -435,61 +474,76 @@ class OpenAIClient:
         return replies
 
     def probe(self, timeout):
-        """One short request, not retried and not cached, with the judge's own parameters (so a server that
-        rejects them fails here too) but a small token budget -> Reply (check_judge)."""
-        return self._send([{"role": "user", "content": "Reply with the word OK."}],
-                          dict(self.params, max_tokens=16), timeout, max_retries=0)
+        """One short request to every endpoint, not retried and not cached, with the judge's own parameters (so a
+        server that rejects them fails here too) but a small token budget -> the first failed Reply, else the
+        slowest (check_judge)."""
+        replies = [self._send([{"role": "user", "content": "Reply with the word OK."}], dict(self.params, max_tokens=16),
+                              timeout, max_retries=0, endpoint=k) for k in range(len(self.endpoints))]
+        return next((r for r in replies if r.text is None), max(replies, key=lambda r: r.latency))
 
-    def _send(self, messages, params=None, timeout=None, max_retries=None):
+    def _send(self, messages, params=None, timeout=None, max_retries=None, endpoint=None):
+        """One request, with retries (over the endpoints, see the class) -> Reply. endpoint: this one only (probe)."""
         params = self.params if params is None else params
         timeout = self.timeout if timeout is None else timeout
         max_retries = self.max_retries if max_retries is None else max_retries
         body = json.dumps({"model": self.model, "messages": messages, **params}).encode()
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if self.basic:  # credentials written into the URL are the explicit choice
-            headers["Authorization"] = f"Basic {self.basic}"
-        elif key:
-            headers["Authorization"] = f"Bearer {key}"
         error = ""
         for attempt in range(max_retries + 1):
-            start, retry_after = time.time(), None
-            try:
-                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=timeout) as resp:
-                    data = json.loads(resp.read())
-                choice = data["choices"][0]
-                message, usage = choice["message"], data.get("usage") or {}
-                text, tokens = message.get("content"), int(usage.get("total_tokens", 0))
-                # vLLM's reasoning field: `reasoning_content` until vLLM PR #27752 renamed it `reasoning` (both
-                # sent for a while, RFC issue #27755), then PR #33402 removed `reasoning_content`
-                thought = message.get("reasoning") or message.get("reasoning_content")
-                if choice.get("finish_reason") == "length":  # a rerun at temperature 0 stops there again
-                    return Reply(text, error=f"stopped on the token limit (max_tokens {params['max_tokens']})",
-                                 truncated=True, latency=time.time() - start, tokens=tokens)
-                if not text and thought:
-                    if self.reasoning:  # it thought and never answered: a rerun at temperature 0 does the same
-                        return Reply(error=NO_ANSWER, latency=time.time() - start, tokens=tokens)
-                    # thinking off, yet a reasoning parser (e.g. --reasoning-parser qwen3) filed the whole answer
-                    # under reasoning, content null or "" (vLLM issues #19839, #53284): that text is the answer
-                    text = thought
-                if not isinstance(text, str):
-                    raise ValueError("reply has no text content")
-                return Reply(text, latency=time.time() - start, tokens=tokens)
-            except urllib.error.HTTPError as e:
-                error = f"HTTP {e.code}"
-                if e.code not in RETRY_STATUS:
-                    return Reply(error=f"{error} from {self.where} (not retried)")
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-                error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            except (ValueError, KeyError, IndexError, TypeError) as e:  # 200 with a malformed body
-                error = f"malformed reply: {type(e).__name__}: {e}"
-            if attempt < max_retries:
+            k = endpoint if endpoint is not None else self._pick()
+            if endpoint is not None:
+                with self.lock:
+                    self.in_flight[k] += 1
+            reply, error, retry_after = self._attempt(self.endpoints[k], body, params, timeout)
+            elsewhere = self._release(k, reply is None)
+            if reply is not None:
+                return reply
+            if attempt < max_retries and not (elsewhere and endpoint is None):  # no other server up: back off
                 delay = self.backoff * 2 ** attempt
                 delay = min(60.0, float(retry_after) if retry_after and retry_after.isdigit() else delay)
                 time.sleep(delay + random.uniform(0, self.backoff))  # jitter keeps ranks from retrying in step
-        return Reply(error=f"{error} from {self.where} after {max_retries + 1} attempt{'s' if max_retries else ''}")
+        return Reply(error=f"{error} after {max_retries + 1} attempt{'s' if max_retries else ''}")
+
+    def _attempt(self, end, body, params, timeout):
+        """One POST to one endpoint -> (Reply, or None when another attempt may succeed; the error; Retry-After)."""
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if end.basic:  # credentials written into the URL are the explicit choice
+            headers["Authorization"] = f"Basic {end.basic}"
+        elif key:
+            headers["Authorization"] = f"Bearer {key}"
+        start, retry_after = time.time(), None
+        try:
+            req = urllib.request.Request(end.url, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                data = json.loads(resp.read())
+            choice = data["choices"][0]
+            message, usage = choice["message"], data.get("usage") or {}
+            text, tokens = message.get("content"), int(usage.get("total_tokens", 0))
+            # vLLM's reasoning field: `reasoning_content` until vLLM PR #27752 renamed it `reasoning` (both
+            # sent for a while, RFC issue #27755), then PR #33402 removed `reasoning_content`
+            thought = message.get("reasoning") or message.get("reasoning_content")
+            if choice.get("finish_reason") == "length":  # a rerun at temperature 0 stops there again
+                return Reply(text, error=f"stopped on the token limit (max_tokens {params['max_tokens']})",
+                             truncated=True, latency=time.time() - start, tokens=tokens), "", None
+            if not text and thought:
+                if self.reasoning:  # it thought and never answered: a rerun at temperature 0 does the same
+                    return Reply(error=NO_ANSWER, latency=time.time() - start, tokens=tokens), "", None
+                # thinking off, yet a reasoning parser (e.g. --reasoning-parser qwen3) filed the whole answer
+                # under reasoning, content null or "" (vLLM issues #19839, #53284): that text is the answer
+                text = thought
+            if not isinstance(text, str):
+                raise ValueError("reply has no text content")
+            return Reply(text, latency=time.time() - start, tokens=tokens), "", None
+        except urllib.error.HTTPError as e:
+            error = f"HTTP {e.code}"
+            if e.code not in RETRY_STATUS:
+                return Reply(error=f"{error} from {end.where} (not retried)"), error, None
+            retry_after = e.headers.get("Retry-After") if e.headers else None
+        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        except (ValueError, KeyError, IndexError, TypeError) as e:  # 200 with a malformed body
+            error = f"malformed reply: {type(e).__name__}: {e}"
+        return None, f"{error} from {end.where}", retry_after
 
 
 class HFClient:
@@ -545,12 +599,14 @@ class LLMJudge:
 
     def _ask(self, prompts):
         """Send the prompts; add the batch's counts to self.stats (the caller resets it per training step)."""
+        before = getattr(self.client, "failovers", 0)
         replies = self.client.complete([[{"role": "system", "content": JUDGE_SYSTEM},
                                          {"role": "user", "content": p}] for p in prompts])
         sent = [r for r in replies if not r.cached and r.text is not None]
         for k, v in {"requests": len(replies), "cache_hits": sum(r.cached for r in replies), "sent": len(sent),
                      "latency_sum": sum(r.latency for r in sent), "tokens": sum(r.tokens for r in replies),
-                     "errors": sum(r.text is None for r in replies)}.items():
+                     "errors": sum(r.text is None for r in replies),
+                     "failovers": getattr(self.client, "failovers", 0) - before}.items():  # attempts a down server cost
             self.stats[k] = self.stats.get(k, 0) + v
         return replies
 
@@ -666,7 +722,8 @@ def judge_args(ap):
     """The judge's flags, for an entry script's argparse parser (grpo.py)."""
     g = ap.add_argument_group("visual-fidelity judge (judge.py)")
     g.add_argument("--judge", default="rule", choices=["rule", "openai", "hf", "none"], help="visual-fidelity judge backend (judge.py)")
-    g.add_argument("--judge-base-url", default=None, help="openai: the server, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--judge-base-url", default=None, help="openai: the server, e.g. http://127.0.0.1:8000/v1; several "
+                   "servers of the model comma-separated (requests spread over them, a dead one skipped)")
     g.add_argument("--judge-model", default=None, help="openai: served model name; hf: local folder")
     g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
     g.add_argument("--judge-protocol", default="pairwise", choices=["pairwise", "pointwise"], help="pairwise vs the reference (paper) or each rollout alone")

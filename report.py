@@ -492,10 +492,10 @@ def step_metrics(rows, encoded, rewards, parts, judge_stats, located, all_adv, a
         local.update(h.metrics(rows, parts))
     metrics = {k: float(palmr.all_reduce(v.double().clone())) / (len(rows) * world) for k, v in local.items()}
     if args.judge in ("openai", "hf"):  # decided by flags, never by this rank's stats: every rank reduces
-        sums = palmr.all_reduce(torch.tensor([judge_stats.get(k, 0) for k in ("latency_sum", "sent", "tokens", "cache_hits")],
-                                       dtype=torch.float64))
+        sums = palmr.all_reduce(torch.tensor([judge_stats.get(k, 0) for k in ("latency_sum", "sent", "tokens", "cache_hits",
+                                                                               "failovers")], dtype=torch.float64))
         metrics.update({"judge/latency": float(sums[0] / sums[1].clamp(min=1)), "judge/tokens": float(sums[2]),
-                        "judge/cache_hits": float(sums[3])})
+                        "judge/cache_hits": float(sums[3]), "judge/failovers": float(sums[4])})
     for h in hooks:
         h.finish_metrics(metrics)
     groups = all_rewards.view(-1, args.group_size)

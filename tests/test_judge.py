@@ -795,3 +795,71 @@ def test_chat_server_command_line_judges_until_stopped(stop):
             proc.kill()
             raise
     assert proc.returncode == 0 and "Traceback" not in err and err == "", err
+
+
+# -----------------------------------------------------------------------------
+# several servers of one judge model (issue 27): spread, a dead one skipped, none alive
+
+
+def _asks(n, tag="q"):
+    return [[{"role": "user", "content": f"{tag} {i}"}] for i in range(n)]
+
+
+def test_requests_are_spread_over_the_endpoints_with_their_own_concurrency():
+    a, b = ChatServer(latency=0.2), ChatServer(latency=0.2)
+    try:
+        client = judge.OpenAIClient(f"{a.base_url}, {b.base_url}", "judge", concurrency=4, timeout=5, max_retries=0,
+                                    cache=False)
+        assert client.where == f"{a.base_url}/chat/completions, {b.base_url}/chat/completions"
+        replies = client.complete(_asks(16))
+        assert [r.text for r in replies] == ["OK"] * 16 and client.failovers == 0
+        assert client.pool._max_workers == 8, "4 in flight per server"
+        assert min(a.count("q "), b.count("q ")) >= 4, (a.count("q "), b.count("q "))  # fewest in flight first
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_dead_endpoint_is_skipped_while_the_other_serves():
+    a, b = ChatServer(), ChatServer()
+    client = judge.OpenAIClient(f"{a.base_url},{b.base_url}", "judge", concurrency=2, timeout=2, max_retries=2,
+                                backoff=5.0, cache=False)  # a backoff would show in the time: there is none
+    try:
+        assert [r.text for r in client.complete(_asks(4, "before"))] == ["OK"] * 4
+        b.close()  # killed mid-run
+        t = time.time()
+        replies = client.complete(_asks(8, "after"))
+        assert [r.text for r in replies] == ["OK"] * 8, [r.error for r in replies]
+        assert time.time() - t < 4.0 and a.count("after") == 8, "a 5 s backoff would show here"
+        assert 1 <= client.failovers <= 2, "the dead server costs its in-flight requests one attempt each"
+        # a judge's stats carry the count (the trainer logs judge/failovers)
+        j = judge.LLMJudge(client)
+        j._ask(["still up"])
+        assert j.stats["errors"] == 0 and j.stats["failovers"] == 0, "b is skipped while it is marked down"
+    finally:
+        a.close()
+
+
+def test_with_every_endpoint_dead_each_request_fails_after_its_attempts():
+    a, b = ChatServer(), ChatServer()
+    urls = f"{a.base_url},{b.base_url}"
+    a.close()
+    b.close()
+    client = judge.OpenAIClient(urls, "judge", concurrency=2, timeout=2, max_retries=1, backoff=0.01, cache=False)
+    replies = client.complete(_asks(3))
+    assert all(r.text is None and "after 2 attempts" in r.error for r in replies), [r.error for r in replies]
+    with pytest.raises(SystemExit, match="judge check failed"):
+        judge.check_judge(judge.LLMJudge(client))
+
+
+def test_check_judge_names_the_endpoint_that_is_down_at_start():
+    a, b = ChatServer(), ChatServer()
+    dead = b.base_url
+    b.close()
+    try:
+        client = judge.OpenAIClient(f"{a.base_url},{dead}", "judge", timeout=2, max_retries=0)
+        with pytest.raises(SystemExit) as e:
+            judge.check_judge(judge.LLMJudge(client))
+        assert f"{dead}/chat/completions" in str(e.value) and a.base_url not in str(e.value)
+    finally:
+        a.close()
