@@ -36,11 +36,14 @@ import shutil
 import sys
 import time
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from tqdm import tqdm
 
 import eval as evaluation  # validation runs eval.py's own generation and scorers (a departure: DESIGN.md)
@@ -54,6 +57,8 @@ from kernels.shared_prefix import prefix_attention_mask, prefix_layout, shared_p
 from palmr import print0
 from report import check_packages, log_step, open_run_folder, report_args, run_report, start_logger, step_metrics
 from rewards import SCHEMES, score_completion
+
+warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # DCP in one process: as intended
 
 # -----------------------------------------------------------------------------
 # Config
@@ -699,23 +704,20 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
 
 
 def save_checkpoint(policy, optimizer, args, step):
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(policy, options=opts)
-    optim_sd = get_optimizer_state_dict(policy, optimizer, options=opts)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rngs = [None] * palmr.get_world_size()
-    dist.all_gather_object(rngs, rng) if dist.is_initialized() else rngs.__setitem__(0, rng)
-    out = Path(args.out)
+    """OUT/checkpoint-STEP: a Hugging Face folder, streamed (palmr.save_streamed); the AdamW state sharded by DCP
+    (optimizer/: each rank writes its shards, none gathered; loads on any number of ranks); trainer_state.pt."""
+    rngs, out = palmr.rng_states(), Path(args.out)
+    final, tmp = out / f"checkpoint-{step:06d}", out / f".checkpoint-{step:06d}.tmp"
     if palmr.get_rank() == 0:
-        final, tmp = out / f"checkpoint-{step:06d}", out / f".checkpoint-{step:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp, state_dict=model_sd)
+        tmp.mkdir(parents=True)
+    palmr.barrier()  # --out is one folder every rank sees (README "Running on several nodes")
+    palmr.save_streamed(policy, tmp)
+    dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=tmp / "optimizer")
+    if palmr.get_rank() == 0:
         palmr.copy_processor_files(args.model_source, tmp)
         torch.save({"step": step, "data_position": step * args.rollout_batch,  # prompts consumed so far
-                    "optimizer": optim_sd, "rng": rngs, "args": vars(args)}, tmp / "trainer_state.pt")
+                    "rng": rngs, "args": vars(args)}, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         (out / "latest.tmp").write_text(final.name)
@@ -723,7 +725,7 @@ def save_checkpoint(policy, optimizer, args, step):
         for old in sorted(out.glob("checkpoint-*"))[:-args.keep]:
             shutil.rmtree(old, ignore_errors=True)
     palmr.barrier()
-    return out / f"checkpoint-{step:06d}"
+    return final
 
 
 RESUME_MUST_MATCH = ("model", "data", "seed", "group_size", "rollout_batch", "update_batch", "reward", "judge",
@@ -733,9 +735,7 @@ RESUME_MUST_MATCH = ("model", "data", "seed", "group_size", "rollout_batch", "up
 
 def load_trainer_state(ckpt, policy, optimizer, args):
     """Restore optimizer, RNG and step from a checkpoint folder (weights were loaded from it already)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    # mmap: the optimizer tensors are read only where used (rank 0 broadcasts them; a 7B AdamW state
-    # is ~60 GB, too much to load once per rank)
+    # mmap: an old checkpoint's optimizer tensors are read only where used (rank 0 broadcasts them)
     state = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False, map_location="cpu", mmap=True)
     keys, old = RESUME_MUST_MATCH, dict(state["args"])
     keys += variants.resume_keys()  # variants: each method's own flags (those registered by now included)
@@ -747,14 +747,15 @@ def load_trainer_state(ckpt, policy, optimizer, args):
     if differ:
         raise SystemExit(f"--resume with other settings than the run in {args.out}: {differ} (saved, given)")
     distributed = dist.is_initialized() and palmr.get_world_size() > 1
-    set_optimizer_state_dict(policy, optimizer, state["optimizer"] if palmr.get_rank() == 0 or not distributed else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed))
-    rng = state["rng"][palmr.get_rank()]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    if (Path(ckpt) / "optimizer").is_dir():  # sharded: DCP reshards it to this run's ranks, whatever their number
+        sd = {"optimizer": get_optimizer_state_dict(policy, optimizer)}  # the state's layout, initialised
+        dcp.load(sd, checkpoint_id=Path(ckpt) / "optimizer")
+        set_optimizer_state_dict(policy, optimizer, sd["optimizer"])
+    else:  # a checkpoint from before issue 27: one gathered state, broadcast from rank 0
+        set_optimizer_state_dict(policy, optimizer, state["optimizer"] if palmr.get_rank() == 0 or not distributed
+                                 else {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed))
+    if not palmr.restore_rng(state["rng"]):  # rollouts are seeded by step and rank, not by these states
+        print0(f"resume on {palmr.get_world_size()} ranks from {len(state['rng'])}: RNG states not restored")
     return state["step"]
 # -----------------------------------------------------------------------------
 # Setup and the main loop

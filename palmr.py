@@ -1008,6 +1008,65 @@ def full_parameters(model):
         yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
 
 
+def rng_states():
+    """Every rank's RNG states (torch, python, numpy, cuda), gathered: a list indexed by rank, on every rank."""
+    import random
+
+    import numpy as np
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    states = [None] * get_world_size()
+    dist.all_gather_object(states, state) if dist.is_initialized() else states.__setitem__(0, state)
+    return states
+
+
+def restore_rng(states):
+    """This rank's RNG states from rng_states()'s list -> True; False (nothing restored) when the list is of another
+    number of ranks (a resume on another world size)."""
+    import random
+
+    import numpy as np
+    if len(states) != get_world_size():
+        return False
+    state = states[get_rank()]
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True
+
+
+def save_streamed(model, out, shard_bytes=5 * 2 ** 30):
+    """The Hugging Face folder of a (possibly FSDP2-sharded) model, one parameter gathered at a time. Every rank calls
+    it (each full_tensor() is an all-gather); rank 0 writes safetensors shards of at most `shard_bytes` as they fill,
+    under the hub names (vllm_weight_name: what save_pretrained writes, tied heads once), then the index (when there
+    are several shards) and the configs. No rank holds more than one shard of the full model. `out` must exist."""
+    from safetensors.torch import save_file
+    out, rank0, model_type = Path(out), get_rank() == 0, model.config.model_type
+    shards, current, size = [], {}, 0
+    for name, full in full_parameters(model):
+        if rank0:
+            current[vllm_weight_name(name, model_type)] = full.to("cpu", copy=True).contiguous()
+            size += full.numel() * full.element_size()
+            if size >= shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+    if not rank0:
+        return
+    shards = [s for s in shards + [current] if s]
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for name, shard in zip(names, shards):
+        save_file(shard, out / name, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
+                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+
+
 class PhaseClock:
     """Wall time per phase, summed over laps (seconds); on CUDA each lap waits for the device first, so a
     phase is charged for its own kernels (one sync per phase, not per kernel)."""

@@ -87,3 +87,92 @@ def test_a_tensor_parallel_group_never_crosses_a_node(monkeypatch, capsys, tiny_
     with pytest.raises(SystemExit) as e:
         grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path / "o"), "--vllm-tp", "2"])
     assert e.value.code == 2 and "--vllm-tp 2: a node's ranks must hold whole groups" in capsys.readouterr().err
+
+
+RUN = ["--rollout-batch", "4", "--update-batch", "2", "--group-size", "2", "--max-new-tokens", "12", "--lr", "1e-3",
+       "--save-every", "2"]
+# under torchrun: load a checkpoint into a fresh trainer (the resume path) and write its state again, untrained
+RESAVE = '''import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+import grpo, palmr
+ckpt, model, data, out = sys.argv[2:6]
+rank, world, device = palmr.init_dist()
+args = grpo.get_args(["--model", model, "--data", data, "--out", out, *sys.argv[6:]])
+args.shared_prefix = None
+policy, reference, optimizer, step = grpo.build_trainer(args, device, Path(ckpt))
+dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=Path(out) / "optimizer")
+torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
+'''
+
+
+def _run(*cmd):
+    proc = subprocess.run([sys.executable, *map(str, cmd)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _full(dcp_dir, tmp_path):
+    """A DCP checkpoint as full tensors (DCP's own converter) -> {key: tensor}, flattened."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    target = tmp_path / f"{abs(hash(str(dcp_dir)))}.pt"
+    dcp_to_torch_save(dcp_dir, target)
+
+    def flat(x, prefix=""):
+        if isinstance(x, dict):
+            return {k2: v2 for k, v in x.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
+        return {prefix[:-1]: x}
+    return flat(torch.load(target, weights_only=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved_on,resumed_on", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks_restores_the_same_state(saved_on, resumed_on, tiny_ckpt, shapes_file,
+                                                                    tmp_path):
+    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node"]
+    launch = lambda n: torchrun + [str(n)] if n > 1 else []  # noqa: E731
+    out = tmp_path / "run"
+    _run(*launch(saved_on), ROOT / "grpo.py", "--model", tiny_ckpt, "--data", shapes_file, "--out", out,
+         "--max-steps", "2", *RUN)
+    ckpt = out / "checkpoint-000002"
+    shards = sorted(p.name for p in (ckpt / "optimizer").iterdir() if p.suffix == ".distcp")
+    assert len(shards) == saved_on, f"one shard file per rank: {shards}"
+    assert not (ckpt / "trainer_state.pt").exists() or "optimizer" not in torch.load(
+        ckpt / "trainer_state.pt", weights_only=False), "no gathered optimizer state"
+    # the state a run on the other number of ranks loads is exactly the saved one
+    probe = tmp_path / "resave.py"
+    probe.write_text(RESAVE)
+    _run(*launch(resumed_on), probe, ROOT, ckpt, tiny_ckpt, shapes_file, tmp_path / "resaved", *RUN)
+    saved, loaded = _full(ckpt / "optimizer", tmp_path), _full(tmp_path / "resaved" / "optimizer", tmp_path)
+    assert saved.keys() == loaded.keys() and any(k.endswith("exp_avg_sq") for k in saved)
+    for k in saved:  # the AdamW moments and steps per parameter, and the param groups (lr, betas, ...)
+        same = torch.equal(saved[k], loaded[k]) if torch.is_tensor(saved[k]) else saved[k] == loaded[k]
+        assert same, k
+    # and the run goes on from it on the other number of ranks
+    log = _run(*launch(resumed_on), ROOT / "grpo.py", "--model", tiny_ckpt, "--data", shapes_file, "--out", out,
+               "--max-steps", "3", *RUN, "--resume")
+    assert f"resume on {resumed_on} ranks from {saved_on}: RNG states not restored" in log
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (out / "checkpoint-000003" / "optimizer").is_dir()
+
+
+def test_checkpoints_from_before_sharding_still_resume(tiny_ckpt, shapes_file, tmp_path):
+    # the gathered trainer_state.pt (optimizer inside) of older checkpoints: read as before
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    out = tmp_path / "run"
+    grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(out), "--max-steps", "2", *RUN])
+    ckpt = out / "checkpoint-000002"
+    args = grpo.get_args(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(out), "--max-steps", "2", *RUN])
+    args.shared_prefix = None
+    policy, _, optimizer, _ = grpo.build_trainer(args, torch.device("cpu"), ckpt)
+    full = get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True))
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    torch.save({**state, "optimizer": full}, ckpt / "trainer_state.pt")  # the old layout
+    import shutil
+    shutil.rmtree(ckpt / "optimizer")
+    grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(out), "--max-steps", "3", *RUN, "--resume"])
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
