@@ -536,6 +536,16 @@ def parse_bench(spec):
     return name, path, None
 
 
+def bench_problem(spec, flag="--bench"):
+    """Why a benchmark spec cannot run (parse_bench's refusal, or its file missing), checked before any model
+    loads; None when it can."""
+    try:
+        path = parse_bench(spec)[1]
+    except SystemExit as e:
+        return str(e)
+    return f"{flag} {spec}: no such file" if path and not Path(path).exists() else None
+
+
 def load_items(spec, limit=None):
     """`shapes`, NAME=FILE or NAME=FILE:LAYOUT -> (name, path, items, problems)."""
     name, path, layout = parse_bench(spec)

@@ -6,8 +6,8 @@
     python grpo.py --resume --out DIR                # continue the run in DIR from its latest checkpoint
 
 One step (main): rollout (G completions per prompt, prompts strided over ranks, a prompt's group on one rank)
--> reward (format, answer, the judge's S_vis, fused by --reward) -> group advantages -> PPO-clip + k3 KL on
-completion-only log-probs, AdamW, for each update batch of the rollout batch -> weight sync -> log.
+-> reward (format, answer, the judge's S_vis, fused by --reward; judged beside the reference and old log-prob
+passes) -> group advantages -> PPO-clip + k3 KL on completion-only log-probs, AdamW, per update batch -> sync -> log.
 The kernels live in kernels/ (fused LM head, shared-prefix forward); the other perception-aware methods in
 variants/, which reach this loop only through the hooks of variants/base.py (lines marked `# variants`).
 
@@ -31,7 +31,6 @@ Step = one rollout batch and its optimizer updates; --max-steps and checkpoints 
 import argparse
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -178,12 +177,8 @@ def check_args(args, world):
     if not palmr.tiny_family(args.model) and (why := palmr.check_model(args.model)):
         error(f"--model {args.model}: {why}")
     for spec in args.eval_bench if args.eval_every > 0 or args.eval_before_train else []:
-        try:  # an unknown benchmark, layout or missing file: refused now, not after the model loaded
-            path = evaluation.parse_bench(spec)[1]
-        except SystemExit as e:
-            error(str(e))
-        if path and not Path(path).exists():
-            error(f"--eval-bench {spec}: no such file")
+        if why := evaluation.bench_problem(spec, "--eval-bench"):  # refused now, not after the model loaded
+            error(why)
 
 
 # -----------------------------------------------------------------------------
@@ -252,11 +247,6 @@ def mixed_step_items(n_items, n_extra, step, rollout_batch, extra_per_step, seed
         order = np.random.default_rng([key, k // n]).permutation(n)  # one shuffle per epoch
         out.append((int(extra), int(order[k % n])))
     return out
-
-
-def step_items(n_items, step, rollout_batch, seed, rank, world):
-    """Indices of this rank's prompts at `step` from one dataset (mixed_step_items with no second one)."""
-    return [i for _, i in mixed_step_items(n_items, 0, step, rollout_batch, 0, seed, rank, world)]
 
 
 # -----------------------------------------------------------------------------
@@ -358,15 +348,22 @@ def interleave_groups(rows, advantages, extra_rows, extra_advantages, n_prompts)
     return out, torch.cat(adv)
 
 
-def with_extra_groups(rows, encoded, advantages, extras, args, rank, n_prompts):
-    """The rows to train on: the step's groups and, interleaved per prompt, any groups a method added, each kind
-    normalised over its own global groups. -> rows, encoded, advantages."""
+def with_extra_groups(rows, encoded, extras, args, rank, n_prompts):
+    """The rows to train on: the step's groups and, interleaved per prompt, any groups a method added (normalised
+    over their own global groups). -> rows, encoded, place: this rank's (N,) advantages -> those of the rows. The
+    order depends on no reward, so the log-prob passes run on it while the judge grades."""
+    added = []
     for extra in extras:
         for g_rows, g_encoded, g_rewards, g_size in extra.groups:
             g_adv = global_advantages(g_rewards, g_size, args.adv_scale, rank)[0]
-            rows, advantages = interleave_groups(rows, advantages, g_rows, g_adv, n_prompts)
-            encoded = {**encoded, **g_encoded}
-    return rows, encoded, advantages
+            rows = interleave_groups(rows, torch.zeros(len(rows)), g_rows, g_adv, n_prompts)[0]
+            encoded, added = {**encoded, **g_encoded}, added + [(g_rows, g_adv)]
+
+    def place(advantages):
+        for g_rows, g_adv in added:
+            advantages = interleave_groups([None] * len(advantages), advantages, g_rows, g_adv, n_prompts)[1]
+        return advantages
+    return rows, encoded, place
 
 
 # -----------------------------------------------------------------------------
@@ -448,9 +445,6 @@ def completion_loss(model, batch, temperature, token_loss=None):
     loss, logp[mask], entropy[mask] = fused_policy_loss(rows, weight, targets, token_loss, temperature,
                                                         model.logprob_chunk)
     return loss, logp, entropy
-
-
-completion_logprobs = completion_loss  # (model, batch, temperature) -> (B, T) log-probs, entropies; an FSDP forward
 
 
 # -----------------------------------------------------------------------------
@@ -546,8 +540,8 @@ def prepare_model(path, device, train, activation_checkpointing=False, logprob_m
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.completion_logprobs = types.MethodType(completion_logprobs, model)
-    model.completion_loss = types.MethodType(completion_loss, model)
+    # completion_logprobs(batch, temperature) -> (B, T) log-probs, entropies; both are FSDP forwards
+    model.completion_logprobs = model.completion_loss = types.MethodType(completion_loss, model)
     # the head's padding rows beyond the tokenizer are never sampled, so never scored (palmr.suppressed_token_ids)
     model.scored_vocab = len(AutoTokenizer.from_pretrained(path))
     model.logprob_chunk = logprob_chunk(model.scored_vocab, device.type, logprob_memory)
@@ -632,33 +626,44 @@ def micro_batch_loss(policy, b, old, ref, adv, args):
     return (loss if folded is None else folded), m, entropy, old, is_m
 
 
-def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device, hooks=(),
-                      step=0):
-    """PPO-clip updates over this rank's rows (group after group); -> metrics averaged over tokens.
-
-    advantages (N,), one per row; hooks: active methods (variants/), whose shape_advantages may replace them by
-    per-token ones before any update. step: passed to the hooks (e.g. to seed a method's random draws).
-    """
-    world, n_updates = palmr.get_world_size(), args.rollout_batch // args.update_batch
+def logprob_passes(policy, reference, processor, rows, encoded, args, device, hooks=()):
+    """What the updates need that no reward changes, computed while the judge grades (--judge-overlap): per update,
+    the micro-batches (spans: ranges into rows; batches: CPU tensors, sent to the device one at a time by on), and
+    under no_grad the reference log-probs (beta > 0) and old log-probs (several updates, or a method asks), (B, T)."""
+    clock, n_updates = palmr.PhaseClock(device), args.rollout_batch // args.update_batch
     spans = update_micro_batches(rows, encoded, len(rows) // n_updates, n_updates, args)
-    pad_id = processor.tokenizer.pad_token_id
-    layout = shared_prefix_batch if args.shared_prefix else training_batch
-    # micro-batches wait on the CPU and go to the device one at a time (pixel values per row, or per prompt)
-    batches = [[layout([rows[i] for i in mb], encoded, pad_id, "cpu") for mb in update] for update in spans]
-    on = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
-    clock, need_old = palmr.PhaseClock(device), n_updates > 1 or any(h.needs_old_logprobs for h in hooks)
-    shaped, shaped_m = None, {}
-    with torch.no_grad():  # reference and (for several updates) old log-probs, before any update
+    form, pad_id = shared_prefix_batch if args.shared_prefix else training_batch, processor.tokenizer.pad_token_id
+    layout, on = lambda r, e: form(r, e, pad_id, "cpu"), lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}
+    batches = [[layout([rows[i] for i in mb], encoded) for mb in update] for update in spans]
+    need_old = n_updates > 1 or any(h.needs_old_logprobs for h in hooks)
+    with torch.no_grad():
         ref_logps = [[reference.completion_logprobs(on(b), args.temperature)[0] for b in update]
                      for update in batches] if args.beta > 0 else None
         clock.lap("t_ref_logprobs" if args.beta > 0 else None)
         old_logps = [[policy.completion_logprobs(on(b), args.temperature)[0] for b in update]
                      for update in batches] if need_old else None
         clock.lap("t_old_logprobs" if need_old else None)
+    return types.SimpleNamespace(n_updates=n_updates, spans=spans, batches=batches, layout=layout, on=on, clock=clock,
+                                 need_old=need_old, ref_logps=ref_logps, old_logps=old_logps,
+                                 seconds=time.time() - clock.started)
+
+
+def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device, hooks=(),
+                      step=0, passes=None):
+    """PPO-clip updates over this rank's rows (group after group); -> metrics averaged over tokens.
+
+    advantages (N,), one per row; hooks: active methods (variants/), whose shape_advantages may replace them by
+    per-token ones before any update. step: passed to the hooks (e.g. to seed a method's random draws).
+    passes: logprob_passes of these rows, when the loop ran them already (beside the judge).
+    """
+    p = passes or logprob_passes(policy, reference, processor, rows, encoded, args, device, hooks)
+    world, n_updates, spans, batches, on, clock, shaped, shaped_m = (palmr.get_world_size(), p.n_updates, p.spans,
+                                                                     p.batches, p.on, p.clock, None, {})
+    clock.lap(None)  # the update's own time from here, not the wait on the judge since the passes
+    with torch.no_grad():
         ctx = types.SimpleNamespace(policy=policy, processor=processor, rows=rows, encoded=encoded, spans=spans,
-                                    advantages=advantages, batches=batches, old_logps=old_logps, on=on, device=device,
-                                    layout=lambda r, e: layout(r, e, pad_id, "cpu"), step=step, clock=clock,
-                                    temperature=args.temperature)
+                                    advantages=advantages, batches=batches, old_logps=p.old_logps, on=on, device=device,
+                                    layout=p.layout, step=step, clock=clock, temperature=args.temperature)
         for h in hooks:  # a method's per-token advantages (variants/base.py); at most one shapes them
             shaped, shaped_m = h.shape_advantages(ctx) or (shaped, shaped_m)
     totals = dict.fromkeys(("loss", "kl", "clip_frac", "entropy", "grad_norm", "tokens"), 0.0)
@@ -669,8 +674,8 @@ def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, ad
             # unsharded fp32 gradients on every rank, ~30 GB for a 7B policy
             b = on(b)
             adv = shaped[u][j] if shaped is not None else advantages[span.start:span.stop].to(device)  # (B,) or (B, T)
-            loss, m, entropy, old, is_m = micro_batch_loss(policy, b, old_logps[u][j] if need_old else None,
-                                                           ref_logps[u][j] if ref_logps else None, adv, args)
+            loss, m, entropy, old, is_m = micro_batch_loss(policy, b, p.old_logps[u][j] if p.need_old else None,
+                                                           p.ref_logps[u][j] if p.ref_logps else None, adv, args)
             for k, v in (is_m or {}).items():
                 totals[k] = totals.get(k, 0.0) + float(v) * len(span) / len(rows)  # mean over this rank's rows
             if args.debug_logprobs and u == 0 and j == 0:  # first batch after the last weight sync
@@ -712,19 +717,20 @@ def save_checkpoint(policy, optimizer, args, step):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     palmr.barrier()  # --out is one folder every rank sees (README "Running on several nodes")
-    palmr.save_streamed(policy, tmp)
-    dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=tmp / "optimizer")
-    if palmr.get_rank() == 0:
-        palmr.copy_processor_files(args.model_source, tmp)
-        torch.save({"step": step, "data_position": step * args.rollout_batch,  # prompts consumed so far
-                    "rng": rngs, "args": vars(args)}, tmp / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        (out / "latest.tmp").write_text(final.name)
-        os.replace(out / "latest.tmp", out / "latest")
-        for old in sorted(out.glob("checkpoint-*"))[:-args.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    palmr.barrier()
+    with palmr.sigint_deferred():  # Ctrl-C now stops after the checkpoint, never inside it
+        palmr.save_streamed(policy, tmp)
+        dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=tmp / "optimizer")
+        if palmr.get_rank() == 0:
+            palmr.copy_processor_files(args.model_source, tmp)
+            torch.save({"step": step, "data_position": step * args.rollout_batch,  # prompts consumed so far
+                        "rng": rngs, "args": vars(args)}, tmp / "trainer_state.pt")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            (out / "latest.tmp").write_text(final.name)
+            os.replace(out / "latest.tmp", out / "latest")
+            for old in sorted(out.glob("checkpoint-*"))[:-args.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        palmr.barrier()
     return final
 
 
@@ -780,13 +786,11 @@ def build_trainer(args, device, resume_from):
 
 def main(argv=None):
     """Run V-GRPO; returns the trained (possibly FSDP-sharded) policy module."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # no per-shard bars when loading and saving checkpoints
+    import transformers
+    transformers.logging.disable_progress_bar()  # no per-shard bars when loading and saving checkpoints
     args = get_args(argv)
     if args.report:  # a finished or running run's report; loads no model
-        md, png = run_report(args.out)
-        print(f"{md}" + (f", {png}" if png else ""))
-        return None
+        return print(", ".join(str(path) for path in run_report(args.out) if path))
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # conflicts, --model, files, --resume: exit 2
     check_packages(args.report_to)  # every rank stops, not just rank 0
     rank, world, device = palmr.init_dist(args.threads)
@@ -800,11 +804,8 @@ def main(argv=None):
     palmr.rank0_or_stop(check_judge, None if args.warmup_only else judge)  # a dead judge stops the run here
     warmup.embedded_default(args, rank, prepare_model, training_batch)  # tiny model, shapes, warm start
     if args.warmup_only:
-        print0(args.model)
-        return None
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+        return print0(args.model)
+    transformers.set_seed(args.seed)  # random, numpy, torch
     args.model_source = args.model
     processor = palmr.load_processor(args.model)
     samples = load_dataset(args, processor, hooks=hooks)
@@ -823,8 +824,7 @@ def main(argv=None):
                + (" (none: raise --mix-ratio or --rollout-batch)" if n_mixed == 0 else ""))
     prefill = palmr.generation_prefill(palmr.render_prompt(processor, ""))  # '' for Qwen2.5-VL's own template
     logger = start_logger(args, out, rank, start, logged)  # rank 0's; None elsewhere
-    validator = evaluation.Validator(args, engine, processor, out, rank) if args.eval_every > 0 or \
-        args.eval_before_train else None  # greedy validation through eval.py's generation and scorers
+    validator = evaluation.Validator(args, engine, processor, out, rank) if args.eval_every > 0 or args.eval_before_train else None
     if args.eval_before_train and start == 0:
         val = validator(0)[0]
         if rank == 0:
@@ -846,12 +846,15 @@ def main(argv=None):
         rows, encoded = run.rollout(mine)
         extras = [e for h in hooks if (e := h.after_rollout(run, mine, rows)) is not None]
         engine.sleep()
-        moved = sum(e.reward_seconds for e in extras)  # a method's scoring pass belongs to the reward phase
-        t1 = time.time()
-        # 2. reward: format, answer and the judge's S_vis, fused by each row's scheme
+        moved, t1 = sum(e.reward_seconds for e in extras), time.time()  # a method's scoring: the reward phase's
+        # 2. reward: format, answer and the judge's S_vis, fused by each row's scheme; the judge grades in the
+        # background while the reference and old log-probs (no reward in them) are computed, joined here
         signals = [{k: v for e in extras if e.parts for k, v in e.parts[i].items()} for i in range(len(rows))]
         options = {k: v for h in hooks for k, v in h.reward_signals().items()}
-        rewards, parts, judge_stats, located = compute_rewards(judge, rows, args.reward, prefill, signals, options)
+        graded = palmr.Background(compute_rewards, judge, rows, args.reward, prefill, signals, options, wait=not args.judge_overlap)
+        train_rows, train_encoded, place = with_extra_groups(rows, encoded, extras, args, rank, len(mine))
+        passes = logprob_passes(policy, reference, processor, train_rows, train_encoded, args, device, hooks)
+        rewards, parts, judge_stats, located = graded.result()
         if (failed := failure_share(judge_stats, len(rows))) > args.judge_max_failed:  # no update on ungraded rewards
             save_checkpoint(policy, optimizer, args, step) if step > start and step % args.save_every else None
             raise SystemExit(f"step {step + 1}: the judge failed on {failed:.0%} of the rollouts (over "
@@ -860,24 +863,21 @@ def main(argv=None):
             h.after_reward(run, rows, located)
         # 3. advantage: group-normalised over the global batch (a group never spans ranks)
         advantages, all_adv, all_rewards = global_advantages(rewards, args.group_size, args.adv_scale, rank)
-        train_rows, train_encoded, train_adv = with_extra_groups(rows, encoded, advantages, extras, args, rank, len(mine))
         t2 = time.time()
         # 4. update: PPO-clip + k3 KL, one AdamW step per update batch
-        stats = train_on_rollouts(policy, reference, optimizer, processor, train_rows, train_encoded, train_adv, args,
-                                  device, hooks, step)
+        stats = train_on_rollouts(policy, reference, optimizer, processor, train_rows, train_encoded,
+                                  place(advantages), args, device, hooks, step, passes)
         # 5. weight sync: vLLM gets the new weights streamed; the HF engine shares the module
         t_sync = time.time()
         engine.load_weights(palmr.full_parameters(policy))
         t3 = time.time()
-        stats["t_weight_sync"] = t3 - t_sync
         # 6. log, validate, checkpoint
-        val = {}
+        val, stats["t_weight_sync"], stats["t_judge"] = {}, t3 - t_sync, graded.seconds  # t_reward: what it cost
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0:
             val, stats["t_val"] = validator(step + 1)
-        metrics = step_metrics(rows, encoded, rewards, parts, judge_stats, located, all_adv, all_rewards, args, hooks,
-                               world)
-        metrics = {"step": step + 1, **metrics, **stats, "t_rollout": t1 - t0 - moved, "t_reward": t2 - t1 + moved,
-                   "t_train": t3 - t2, **{k: v for e in extras for k, v in e.metrics.items()}}
+        metrics = step_metrics(rows, encoded, rewards, parts, judge_stats, located, all_adv, all_rewards, args, hooks, world)
+        metrics = {"step": step + 1, **metrics, **stats, **{k: v for e in extras for k, v in e.metrics.items()},
+                   "t_rollout": t1 - t0 - moved, "t_train": t3 - t2 + passes.seconds, "t_reward": t2 - t1 - passes.seconds + moved}
         if rank == 0:
             log_step({**metrics, **val}, rows, rewards, args, step, logger, hooks)
         if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:

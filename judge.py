@@ -733,6 +733,9 @@ def judge_args(ap):
     g.add_argument("--judge-retries", type=int, default=4, help="openai: retries on 429/5xx/timeouts, exponential backoff")
     g.add_argument("--judge-max-tokens", type=int, default=4096, help="judge reply budget (reasoning included)")
     g.add_argument("--judge-no-reasoning", action="store_true", help="turn the judge's thinking off (paper: on)")
+    g.add_argument("--judge-overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="grade in the background while the trainer computes the reference and old log-probs; the "
+                   "rewards join before the advantages (the same verdicts either way: README 'Several judge servers')")
     g.add_argument("--judge-omissions", action=argparse.BooleanOptionalAction, default=True,
                    help="stating fewer of the facts than the reference is also less faithful, so gated (ours, "
                    "on by default: README 'Process credit')")

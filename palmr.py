@@ -785,8 +785,9 @@ class VLLMEngine:
     processor cache is off (mm_processor_cache_gb=0); prefix, multimodal and encoder caches are reset
     after each sync (stale image embeddings otherwise survive a vision-tower update). vLLM checks that
     gpu_memory_utilization x total memory is free when it starts: it is built after the FSDP policy.
-    STATUS: the CPU-testable parts (names, sampling kwargs, output translation, selection) are tested;
-    this class itself has NOT been run on a GPU by this project yet.
+    STATUS: the CPU-testable parts (names, sampling kwargs, output translation, selection) are tested. On one H200
+    (2026-12-04, vLLM 0.26.0) it ran the tiny Qwen2.5-VL default job, 3 steps + --resume (docs/gpu_h200_checks.txt);
+    not run: several ranks, tensor parallelism, Qwen3-VL and Qwen3.5.
     """
 
     def __init__(self, model_path, processor, max_pixels, seed, tensor_parallel_size=1,
@@ -940,10 +941,18 @@ def stop_with_launcher():
 
 
 def init_dist(threads=0):
-    """-> (rank, world_size, device). NCCL on GPUs, gloo on CPU; plain `python` runs as a world of one.
+    """-> (rank, world_size, device). NCCL on GPUs, gloo on CPU; plain `python` runs as a world of one (on CPU
+    without a process group; on a GPU with one, as `torchrun --nproc_per_node 1` would).
     threads: CPU threads per process (cpu_threads). Under torchrun the ranks stop when the launcher dies."""
     torch.set_num_threads(cpu_threads(threads))
     stop_with_launcher()
+    if "RANK" not in os.environ and torch.cuda.is_available():  # plain `python` on a GPU: torchrun's world of one
+        import socket  # (vLLM's in-process engine, external_launcher, reads the launcher's variables: GPU-seen bug)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=port)
     if "RANK" in os.environ and not dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
@@ -1039,32 +1048,65 @@ def restore_rng(states):
 
 def save_streamed(model, out, shard_bytes=5 * 2 ** 30):
     """The Hugging Face folder of a (possibly FSDP2-sharded) model, one parameter gathered at a time. Every rank calls
-    it (each full_tensor() is an all-gather); rank 0 writes safetensors shards of at most `shard_bytes` as they fill,
-    under the hub names (vllm_weight_name: what save_pretrained writes, tied heads once), then the index (when there
-    are several shards) and the configs. No rank holds more than one shard of the full model. `out` must exist."""
+    it (each full_tensor() is an all-gather); rank 0 writes each safetensors shard of at most `shard_bytes` as soon as
+    it fills, under the hub names (vllm_weight_name: what save_pretrained writes, tied heads once), then renames them
+    to the hub's pattern, writes the index (when there are several) and the configs. No rank holds more than one
+    shard of the full model in memory. `out` must exist."""
     from safetensors.torch import save_file
     out, rank0, model_type = Path(out), get_rank() == 0, model.config.model_type
-    shards, current, size = [], {}, 0
+    written, current, size = [], {}, 0  # written: (temporary file, {hub name: bytes}) per shard
+
+    def flush():
+        part = out / f".part-{len(written):05d}.safetensors"
+        save_file(current, part, metadata={"format": "pt"})
+        written.append((part, {k: t.numel() * t.element_size() for k, t in current.items()}))
+
     for name, full in full_parameters(model):
         if rank0:
             current[vllm_weight_name(name, model_type)] = full.to("cpu", copy=True).contiguous()
             size += full.numel() * full.element_size()
             if size >= shard_bytes:
-                shards.append(current)
+                flush()
                 current, size = {}, 0
     if not rank0:
         return
-    shards = [s for s in shards + [current] if s]
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    for name, shard in zip(names, shards):
-        save_file(shard, out / name, metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
-                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+    if current or not written:
+        flush()
+    names = ["model.safetensors"] if len(written) == 1 else \
+        [f"model-{i:05d}-of-{len(written):05d}.safetensors" for i in range(1, len(written) + 1)]
+    for name, (part, _) in zip(names, written):
+        os.replace(part, out / name)
+    if len(written) > 1:
+        index = {"metadata": {"total_size": sum(sum(sizes.values()) for _, sizes in written)},
+                 "weight_map": {k: n for n, (_, sizes) in zip(names, written) for k in sizes}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
+
+
+def sigint_deferred():
+    """A context manager: Ctrl-C (SIGINT) inside it is held until it ends, then raised as KeyboardInterrupt. A
+    checkpoint is written whole or not at all: an interrupt in the middle of torch.save or a DCP write otherwise
+    leaves a broken zip and a traceback instead of the one-line stop. Outside the main thread it does nothing
+    (Python delivers signals to the main thread only)."""
+    import contextlib
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def held():
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        got = []
+        previous = signal.signal(signal.SIGINT, lambda *_: got.append(True))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if got:
+            raise KeyboardInterrupt
+    return held()
 
 
 class PhaseClock:
@@ -1074,6 +1116,7 @@ class PhaseClock:
     def __init__(self, device):
         self.cuda, self.times, self.last = device.type == "cuda", {}, None
         self.lap(None)
+        self.started = self.last  # time.time() at construction, after a device sync
 
     def lap(self, name):
         if self.cuda:
@@ -1082,6 +1125,36 @@ class PhaseClock:
         if name is not None:
             self.times[name] = self.times.get(name, 0.0) + now - self.last
         self.last = now
+
+
+class Background:
+    """fn(*args, **kwargs) on a thread, started at construction; result() waits for it and returns its value or
+    raises its exception (in the caller's thread). `wait=True` waits at construction: the same call, in the
+    foreground. The thread is a daemon, so Ctrl-C never waits for it. For work that mostly waits (HTTP requests
+    to a judge server) beside the trainer's passes (grpo.py, --judge-overlap); it must run no collective.
+    seconds: its wall time, once done."""
+
+    def __init__(self, fn, *args, wait=False, **kwargs):
+        import threading
+        self.value = self.error = self.seconds = None
+
+        def work():
+            start = time.perf_counter()
+            try:
+                self.value = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 -- raised again by result(), in the caller's thread
+                self.error = e
+            self.seconds = time.perf_counter() - start
+        self.thread = threading.Thread(target=work, name=getattr(fn, "__name__", "background"), daemon=True)
+        self.thread.start()
+        if wait:
+            self.thread.join()
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def print0(*args, **kwargs):

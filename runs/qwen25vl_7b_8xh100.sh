@@ -13,7 +13,8 @@
 #   per rank and update: 112 / 7 x 16     = 256 sequences = 64 micro-batches of 4 (accumulated)
 #   20 epochs over ~4.7K items            = ~94K prompts / 448 = ~210 steps
 # vLLM per rank: 35% of the GPU (weights bf16 ~16 GB + KV cache); it sleeps (level 1) while FSDP trains.
-# Status: the vLLM engine follows vLLM 0.26.0's API but has not been run on a GPU by this project;
+# Status: the vLLM engine follows vLLM 0.26.0's API; it has run on one GPU only (tiny Qwen2.5-VL, one rank:
+# docs/gpu_h200_checks.txt), this preset not at all;
 # the judge client (--judge openai) is tested against a local fault-injecting server, not yet against
 # a served Qwen3-30B-A3B.
 set -euo pipefail

@@ -5,6 +5,9 @@
 
 It answers like a perfect judge: it reads the facts and responses out of judge.py's prompts and decides
 with the exact `shapes` rule (judge.contradictions); any other prompt (judge.check_judge's probe) gets "OK".
+Latency: every reply waits `latency` seconds plus `token_latency` per reply token (len(text) // 4, what
+`usage` reports), as a served model's prefill and decode would; `spans` holds each answered request's
+(arrived, answered) wall times.
 Faults are injected per marker: a request whose user message contains the marker gets the next fault in
 that marker's queue:
   "429" (with Retry-After: 0), "500", "401", "404" (vLLM's body for a model it does not serve), "slow"
@@ -67,9 +70,10 @@ ANSWER_IN_REASONING = {"answer-in-reasoning": (None, "reasoning"),
 
 
 class ChatServer:
-    def __init__(self, reply=perfect_reply, latency=0.0, slow_seconds=2.0, port=0):
+    def __init__(self, reply=perfect_reply, latency=0.0, slow_seconds=2.0, port=0, token_latency=0.0):
         self.reply, self.latency, self.slow_seconds = reply, latency, slow_seconds
-        self.faults, self.requests, self.lock = {}, [], threading.Lock()
+        self.token_latency = token_latency  # seconds per reply token (usage's count), after `latency`
+        self.faults, self.requests, self.spans, self.lock = {}, [], [], threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -110,8 +114,11 @@ class ChatServer:
                     return self._send(200, b"{this is not json")
                 if fault == "nocontent":
                     return self._send(200, b'{"id": "x", "object": "chat.completion"}')
-                time.sleep(server.slow_seconds if fault == "slow" else server.latency)
+                arrived = time.time()
                 text = "I am not sure." if fault == "noverdict" else server.reply(payload["messages"])
+                time.sleep(server.slow_seconds if fault == "slow" else server.latency + server.token_latency * (len(text) // 4))
+                with server.lock:  # when the server held this request: [arrived, answered]
+                    server.spans.append((arrived, time.time()))
                 message, finish = {"role": "assistant", "content": text}, "stop"
                 if fault == "truncated":  # a thinking model cut off mid-thought, its template had opened <think>
                     message["content"], finish = "A says 3 circles, the facts say 2, so VERDICT: A would fit... wait, B also", "length"
@@ -158,9 +165,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default 8000)")
     ap.add_argument("--latency", type=float, default=0.0, help="seconds before each reply (default 0)")
+    ap.add_argument("--token-latency", type=float, default=0.0, help="and seconds per reply token (default 0)")
     a = ap.parse_args(argv)
     try:
-        server = ChatServer(latency=a.latency, port=a.port)
+        server = ChatServer(latency=a.latency, port=a.port, token_latency=a.token_latency)
     except OSError as e:  # e.g. the port is taken
         raise SystemExit(f"judge test server: cannot listen on 127.0.0.1:{a.port}: {e}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill / terminate() ends it as Ctrl-C does

@@ -91,3 +91,13 @@ def interruptible():
     so Python would never raise KeyboardInterrupt in them."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def preset_flags(name):
+    """The grpo.py flags of a runs/ preset's args=( ... ) block, comments dropped, shell variables as placeholders."""
+    import shlex
+    text = (Path(__file__).resolve().parent.parent / "runs" / name).read_text()
+    block = text[text.index("args=(\n") + 7:text.index("\n)\n", text.index("args=(\n"))]
+    lines = [line.split("#", 1)[0] for line in block.splitlines()]
+    return shlex.split(" ".join(lines).replace('"$MODEL"', "MODEL").replace('"$DATA"', "DATA")
+                       .replace('"$JUDGE_URLS"', "JUDGE_URLS"))

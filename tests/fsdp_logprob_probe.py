@@ -29,7 +29,7 @@ policy.logprob_chunk = 5  # many blocks, the last one partial
 assert type(policy).__name__.startswith("FSDP"), "the probe must run on a sharded policy"
 local = grpo.prepare_model(model_path, device, train=True, shard=False)  # the same weights, unsharded
 assert not type(local).__name__.startswith("FSDP")
-samples = [read_jsonl(data_path)[i] for i in grpo.step_items(64, 0, 4, 0, rank, world)]
+samples = [read_jsonl(data_path)[i] for _, i in grpo.mixed_step_items(64, 0, 0, 4, 0, 0, rank, world)]
 rows, enc = grpo.rollout(palmr.HFEngine(policy, processor, args.max_pixels), processor, samples, args, 0, rank)
 batch = grpo.training_batch(rows, enc, processor.tokenizer.pad_token_id, device)
 mask = batch["mask"].bool()

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import data
 import grpo
 import palmr
+from conftest import preset_flags
 from data import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -262,18 +263,9 @@ def test_two_ranks_train_resume_load_and_evaluate(family, family_ckpt, shapes_fi
     assert s["n"] == 4 and s["judge"] == "rule" and s["acc"] is not None
 
 
-def _preset_flags(name):
-    """The grpo.py flags of a runs/ preset's args=( ... ) block, comments dropped, shell variables as placeholders."""
-    import shlex
-    text = (ROOT / "runs" / name).read_text()
-    block = text[text.index("args=(\n") + 7:text.index("\n)\n", text.index("args=(\n"))]
-    lines = [line.split("#", 1)[0] for line in block.splitlines()]
-    return shlex.split(" ".join(lines).replace('"$MODEL"', "MODEL").replace('"$DATA"', "DATA"))
-
-
 @pytest.mark.parametrize("preset,tokens_px", [("qwen3vl_8b_8xh100.sh", 32), ("qwen35_9b_8xh100.sh", 32)])
 def test_family_presets_change_only_what_the_family_needs(preset, tokens_px):
-    base, own = _preset_flags("qwen25vl_7b_8xh100.sh"), _preset_flags(preset)
+    base, own = preset_flags("qwen25vl_7b_8xh100.sh"), preset_flags(preset)
     assert 'exec bash runs/qwen25vl_7b_8xh100.sh "${args[@]}" "$@"' in (ROOT / "runs" / preset).read_text()
     a, b = vars(grpo.get_args(base)), vars(grpo.get_args(base + own))  # later flags win, as in the preset
     changed = {k for k in a if a[k] != b[k]}

@@ -2,6 +2,7 @@
 alignment, updates, checkpoints, resume, the warm start; two ranks per model family: test_families.py)."""
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import grpo
 import judge
 import palmr
 from chat_server import ChatServer
-from grpo import group_advantages, policy_loss, step_items
+from grpo import group_advantages, mixed_step_items, policy_loss
 from data import Sample, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +117,11 @@ def test_policy_loss_needs_ref_when_beta():
 
 # -----------------------------------------------------------------------------
 # data order
+
+def step_items(n_items, step, rollout_batch, seed, rank, world):
+    """This rank's prompt indices at `step` from one dataset (no --mix-data)."""
+    return [i for _, i in mixed_step_items(n_items, 0, step, rollout_batch, 0, seed, rank, world)]
+
 
 def test_step_items_partition_and_epochs():
     n, batch, world = 10, 4, 2
@@ -361,6 +367,93 @@ def test_training_survives_a_judge_that_always_fails(tmp_path, tiny_ckpt, shapes
         broken.close()
     assert [m["judge/failed"] for m in metrics] == [1.0, 1.0], "every item a counted failure, the run goes on"
     assert all(m["reward/vis"] == 1.0 for m in metrics), "no preference: nothing is gated"
+
+
+# -----------------------------------------------------------------------------
+# the judge beside the log-prob passes (--judge-overlap, issue 27), and judge servers that die mid-run
+
+def _timed_passes(monkeypatch):
+    """Record each step's log-prob passes as (start, end) wall times, around grpo.logprob_passes."""
+    windows, passes = [], grpo.logprob_passes
+
+    def timed(*a, **k):
+        start = time.time()
+        out = passes(*a, **k)
+        windows.append((start, time.time()))
+        return out
+    monkeypatch.setattr(grpo, "logprob_passes", timed)
+    return windows
+
+
+def _numbers(out):
+    """A run's metrics without its wall times, and its logged rollouts (verdict-driven rewards, row by row)."""
+    metrics = [{k: v for k, v in json.loads(l).items() if not k.startswith("t_") and k != "judge/latency"}
+               for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return metrics, (out / "rollouts.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_the_judge_grades_beside_the_logprob_passes_and_changes_no_number(tmp_path, tiny_ckpt, shapes_file,
+                                                                           monkeypatch):
+    windows, seen = _timed_passes(monkeypatch), {}
+    for flag in ("--judge-overlap", "--no-judge-overlap"):
+        server = ChatServer(latency=0.5)  # every verdict half a second away: longer than the tiny model's passes
+        windows.clear()
+        try:  # two updates per step: the reference and the old log-probs are both computed before the rewards
+            policy = grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path / flag),
+                                "--max-steps", "2", "--rollout-batch", "2", "--update-batch", "1", "--group-size", "2",
+                                "--max-new-tokens", "12", "--judge", "openai", "--judge-base-url", server.base_url,
+                                "--judge-model", "m", "--judge-swap", "--log-rollouts-every", "1", flag])
+        finally:
+            server.close()
+        spans = server.spans[1:]  # the first is check_judge's start-up probe
+        assert len(spans) == 2 * 4 * 2 and len(windows) == 2, "2 steps x 4 rollouts x 2 orders, one pass per step"
+        during = [any(a < end and b > start for a, b in spans) for start, end in windows]
+        assert during == ([True, True] if flag == "--judge-overlap" else [False, False]), (flag, during)
+        seen[flag] = _numbers(tmp_path / flag), {n: p.detach().clone() for n, p in policy.named_parameters()}
+    (metrics, rollouts), params = seen["--judge-overlap"]
+    assert metrics[1]["judge/ties"] + metrics[1]["judge/gated_zero"] > 0, "the judge had verdicts to give"
+    assert (metrics, rollouts) == seen["--no-judge-overlap"][0], "the same verdicts, rewards and updates"
+    assert all(torch.equal(params[n], p) for n, p in seen["--no-judge-overlap"][1].items())
+
+
+def _two_servers_run(tmp_path, tiny_ckpt, shapes_file, monkeypatch, kill):
+    """3 steps against two judge servers; after step 1's rewards, `kill` of them are closed (killed mid-run)."""
+    servers, compute = [ChatServer(), ChatServer()], grpo.compute_rewards
+    calls = []
+
+    def then_kill(*a, **k):
+        out = compute(*a, **k)
+        calls.append(1)
+        if len(calls) == 1:
+            for s in servers[:kill]:
+                s.close()
+        return out
+    monkeypatch.setattr(grpo, "compute_rewards", then_kill)
+    try:
+        grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(tmp_path), "--max-steps", "3",
+                   "--rollout-batch", "2", "--update-batch", "2", "--group-size", "2", "--max-new-tokens", "12",
+                   "--judge", "openai", "--judge-base-url", ",".join(s.base_url for s in servers), "--judge-model", "m",
+                   "--judge-timeout", "2", "--judge-retries", "1", "--judge-concurrency", "2"])
+    finally:
+        for s in servers[kill:]:
+            s.close()
+    return [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_judge_server_killed_mid_run_is_survived_while_another_serves(tmp_path, tiny_ckpt, shapes_file, monkeypatch):
+    metrics = _two_servers_run(tmp_path, tiny_ckpt, shapes_file, monkeypatch, kill=1)
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["judge/failed"] == 0 for m in metrics)
+    assert metrics[0]["judge/failovers"] == 0 and metrics[1]["judge/failovers"] > 0, "the dead server was tried once"
+
+
+@pytest.mark.slow
+def test_with_every_judge_server_killed_the_run_stops_by_the_failure_rule(tmp_path, tiny_ckpt, shapes_file, monkeypatch):
+    with pytest.raises(SystemExit, match=r"step 2: the judge failed on 100% of the rollouts .*stopped before its update"):
+        _two_servers_run(tmp_path, tiny_ckpt, shapes_file, monkeypatch, kill=2)
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert (tmp_path / "latest").read_text() == "checkpoint-000001", "step 1 is kept for --resume"
 
 
 # -----------------------------------------------------------------------------

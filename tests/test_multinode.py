@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import grpo
 import palmr
+from conftest import preset_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 # the default job (tiny checkpoint, shapes, a short warm start: every cache of a node), shortened
@@ -176,3 +177,56 @@ def test_checkpoints_from_before_sharding_still_resume(tiny_ckpt, shapes_file, t
     shutil.rmtree(ckpt / "optimizer")
     grpo.main(["--model", tiny_ckpt, "--data", shapes_file, "--out", str(out), "--max-steps", "3", *RUN, "--resume"])
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_the_streamed_folder_in_several_shards_loads_as_the_model(tiny_ckpt, tmp_path):
+    # shards of ~64 KiB: written as each fills, renamed to the hub pattern, indexed; from_pretrained reads them
+    model = palmr.load_model(tiny_ckpt)
+    out = tmp_path / "hf"
+    out.mkdir()
+    palmr.save_streamed(model, out, shard_bytes=64 * 2 ** 10)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors", shards
+    assert not list(out.glob(".part-*")), "no temporary shard left behind"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                   for s in shards for t in load_file(out / s).values())
+    back = palmr.load_model(out)
+    theirs = dict(back.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, theirs[name]), name
+
+
+def test_ctrl_c_inside_a_checkpoint_waits_for_its_end():
+    import signal
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with palmr.sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the write went on")
+    assert done == ["the write went on"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is put back"
+    with palmr.sigint_deferred():  # no Ctrl-C: nothing raised
+        done.append("again")
+    assert done[-1] == "again"
+
+
+def test_the_two_node_preset_is_the_one_node_preset_with_the_papers_batches_over_16_ranks(monkeypatch, capsys):
+    base, two = preset_flags("qwen25vl_7b_8xh100.sh"), preset_flags("qwen25vl_7b_2x8xh100.sh")
+    a, b = vars(grpo.get_args(base)), vars(grpo.get_args(two))
+    changed = {k for k in a if a[k] != b[k]}
+    assert changed == {"out", "rollout_batch", "update_batch", "judge_base_url", "judge_concurrency", "max_steps"}, changed
+    assert (b["rollout_batch"], b["update_batch"]) == (512, 128), "the paper's own batches"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    args = grpo.get_args(two)
+    args.data, args.model = None, palmr.DEFAULT_TINY  # the files are the user's: the batch arithmetic is checked here
+    for world in (16, 8):  # two nodes, and one node of them
+        grpo.check_args(args, world)
+    with pytest.raises(SystemExit):  # 7 ranks (the one-node preset's) cannot split it
+        grpo.check_args(args, 7)
+    text = (ROOT / "runs" / "qwen25vl_7b_2x8xh100.sh").read_text()
+    for needed in ("--rdzv-backend c10d", '--rdzv-endpoint "$HEAD:${RDZV_PORT:-29500}"', "--nnodes", "JUDGE_URLS"):
+        assert needed in text, needed
+    judge = (ROOT / "runs" / "judge_replicas.sh").read_text()
+    assert "--served-model-name judge" in judge and "JUDGE_URLS=" in judge

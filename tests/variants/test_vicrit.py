@@ -145,10 +145,9 @@ def test_vicrit_rows_skip_the_judge():
 
 
 def test_mixed_step_items():
-    for step in range(3):  # no extra data: exactly step_items
+    for step in range(3):  # no extra data: every prompt from the main set, 4 per rank
         for rank in range(2):
-            assert [i for _, i in grpo.mixed_step_items(50, 0, step, 8, 0, 7, rank, 2)] == \
-                grpo.step_items(50, step, 8, 7, rank, 2)
+            assert [src for src, _ in grpo.mixed_step_items(50, 0, step, 8, 0, 7, rank, 2)] == [0] * 4
     got = [grpo.mixed_step_items(50, 20, step, 8, 2, 7, rank, 2) for step in range(10) for rank in range(2)]
     per_step = [sum(src for src, _ in got[2 * s] + got[2 * s + 1]) for s in range(10)]
     assert per_step == [2] * 10  # 2 of the 8 global prompts come from the extra set, every step
