@@ -168,12 +168,11 @@ def check_args(args, world):
                     (not (args.resume and args.overwrite), "--resume and --overwrite: choose one"),
                     (not args.overwrite or not any(p and Path(args.out).resolve() in Path(p).expanduser().resolve(
                      ).parents for p in (args.model, args.data, args.mix_data)), "--overwrite would delete --model or --data"),
-                    (not args.resume or (Path(args.out) / "latest").exists(), f"--resume: no checkpoint in {args.out}")):
+                    (not args.resume or (Path(args.out) / "latest").exists(), f"--resume: no checkpoint in {args.out}"),
+                    (not args.data or Path(args.data).is_file(), f"--data {args.data}: no such file"),
+                    (not args.mix_data or Path(args.mix_data).is_file(), f"--mix-data {args.mix_data}: no such file")):
         if not ok:
             error(why)
-    for flag in ("data", "mix_data"):
-        if getattr(args, flag) and not Path(getattr(args, flag)).is_file():
-            error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file")
     if not palmr.tiny_family(args.model) and (why := palmr.check_model(args.model)):
         error(f"--model {args.model}: {why}")
     for spec in args.eval_bench if args.eval_every > 0 or args.eval_before_train else []:
@@ -260,6 +259,7 @@ def rollout(engine, processor, samples, args, step, rank, n=None, seed_offset=0,
     processed once per step and reused by the trainer's forward passes. With vLLM tensor parallelism
     the ranks of one engine pool their prompts, sample them together, and each keeps its own share.
     """
+    engine.wake()  # idempotent: the loop's rollout, a method's redraw or extra generations
     group = getattr(engine, "tp_group", None)
     tp = args.vllm_tp if group is not None else 1  # only ranks that really share a vLLM engine share seeds
     pooled = samples
@@ -644,8 +644,7 @@ def logprob_passes(policy, reference, processor, rows, encoded, args, device, ho
                      for update in batches] if need_old else None
         clock.lap("t_old_logprobs" if need_old else None)
     return types.SimpleNamespace(n_updates=n_updates, spans=spans, batches=batches, layout=layout, on=on, clock=clock,
-                                 need_old=need_old, ref_logps=ref_logps, old_logps=old_logps,
-                                 seconds=time.time() - clock.started)
+                                 need_old=need_old, ref_logps=ref_logps, old_logps=old_logps, seconds=time.time() - clock.started)
 
 
 def train_on_rollouts(policy, reference, optimizer, processor, rows, encoded, advantages, args, device, hooks=(),
@@ -752,14 +751,14 @@ def load_trainer_state(ckpt, policy, optimizer, args):
     differ = {k: (saved[k], getattr(args, k)) for k in keys if saved[k] != getattr(args, k)}
     if differ:
         raise SystemExit(f"--resume with other settings than the run in {args.out}: {differ} (saved, given)")
-    distributed = dist.is_initialized() and palmr.get_world_size() > 1
     if (Path(ckpt) / "optimizer").is_dir():  # sharded: DCP reshards it to this run's ranks, whatever their number
         sd = {"optimizer": get_optimizer_state_dict(policy, optimizer)}  # the state's layout, initialised
         dcp.load(sd, checkpoint_id=Path(ckpt) / "optimizer")
         set_optimizer_state_dict(policy, optimizer, sd["optimizer"])
     else:  # a checkpoint from before issue 27: one gathered state, broadcast from rank 0
-        set_optimizer_state_dict(policy, optimizer, state["optimizer"] if palmr.get_rank() == 0 or not distributed
-                                 else {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed))
+        many = palmr.get_world_size() > 1
+        set_optimizer_state_dict(policy, optimizer, state["optimizer"] if palmr.get_rank() == 0 or not many else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=many))
     if not palmr.restore_rng(state["rng"]):  # rollouts are seeded by step and rank, not by these states
         print0(f"resume on {palmr.get_world_size()} ranks from {len(state['rng'])}: RNG states not restored")
     return state["step"]
@@ -787,7 +786,6 @@ def build_trainer(args, device, resume_from):
 def main(argv=None):
     """Run V-GRPO; returns the trained (possibly FSDP-sharded) policy module."""
     import transformers
-    transformers.logging.disable_progress_bar()  # no per-shard bars when loading and saving checkpoints
     args = get_args(argv)
     if args.report:  # a finished or running run's report; loads no model
         return print(", ".join(str(path) for path in run_report(args.out) if path))
@@ -833,7 +831,8 @@ def main(argv=None):
     print0(f"V-GRPO | world {world} on {device.type} | engine {type(engine).__name__} | reward {args.reward} judge "
            f"{args.judge} | G {args.group_size} rollout {args.rollout_batch} update {args.update_batch} prompts | "
            f"steps {start}->{args.max_steps}" + (f" (resumed from {resume_from.name})" if resume_from else ""))
-    run = types.SimpleNamespace(args=args, engine=engine, processor=processor, rank=rank, world=world, prefill=prefill)
+    run = types.SimpleNamespace(args=args, engine=engine, processor=processor, rank=rank, world=world, prefill=prefill,
+                                samples=samples, score=lambda rows: compute_rewards(judge, rows, args.reward, prefill)[0])
     run.rollout = lambda batch, n=None, seed_offset=0: rollout(engine, processor, batch, args, run.step, rank, n,
                                                                seed_offset, hooks)
 
@@ -842,8 +841,9 @@ def main(argv=None):
         # 1. rollout: this rank's prompts, G completions each, and any generations a method adds (Extra)
         mine = [(mixed if src else samples)[i] for src, i in mixed_step_items(
             len(samples), len(mixed), step, args.rollout_batch, n_mixed, args.seed, rank, world)]
-        engine.wake()
         rows, encoded = run.rollout(mine)
+        for h in hooks:  # a method may replace the step's groups (dynamic sampling: tied groups redrawn)
+            mine, rows, encoded = h.redraw(run, mine, rows, encoded) or (mine, rows, encoded)
         extras = [e for h in hooks if (e := h.after_rollout(run, mine, rows)) is not None]
         engine.sleep()
         moved, t1 = sum(e.reward_seconds for e in extras), time.time()  # a method's scoring: the reward phase's
@@ -862,8 +862,7 @@ def main(argv=None):
         for h in hooks:
             h.after_reward(run, rows, located)
         # 3. advantage: group-normalised over the global batch (a group never spans ranks)
-        advantages, all_adv, all_rewards = global_advantages(rewards, args.group_size, args.adv_scale, rank)
-        t2 = time.time()
+        (advantages, all_adv, all_rewards), t2 = global_advantages(rewards, args.group_size, args.adv_scale, rank), time.time()
         # 4. update: PPO-clip + k3 KL, one AdamW step per update batch
         stats = train_on_rollouts(policy, reference, optimizer, processor, train_rows, train_encoded,
                                   place(advantages), args, device, hooks, step, passes)

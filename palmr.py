@@ -944,6 +944,8 @@ def init_dist(threads=0):
     """-> (rank, world_size, device). NCCL on GPUs, gloo on CPU; plain `python` runs as a world of one (on CPU
     without a process group; on a GPU with one, as `torchrun --nproc_per_node 1` would).
     threads: CPU threads per process (cpu_threads). Under torchrun the ranks stop when the launcher dies."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # no per-shard bars when loading and saving checkpoints
     torch.set_num_threads(cpu_threads(threads))
     stop_with_launcher()
     if "RANK" not in os.environ and torch.cuda.is_available():  # plain `python` on a GPU: torchrun's world of one
@@ -1104,7 +1106,7 @@ def sigint_deferred():
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
-        if got:
+        if got and previous is not signal.SIG_IGN:  # a process that ignored Ctrl-C still does
             raise KeyboardInterrupt
     return held()
 

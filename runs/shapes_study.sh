@@ -6,6 +6,7 @@
 #   SEEDS="0 1 2 3" STEPS=60 bash runs/shapes_study.sh out/study2
 #   VARIANTS="grpo palmr" LONG_SEEDS="" bash runs/shapes_study.sh      # the two-row study, ~11 min
 #   VARIANTS="grpo vppo vision_sr1 pearl" LONG_SEEDS="" bash runs/shapes_study.sh out/variants   # other methods
+#   VARIANTS="grpo grpo+ds palmr palmr+ds" LONG_SEEDS="" bash runs/shapes_study.sh out/ds   # dynamic sampling
 #   MODEL=~/.cache/palmr/tiny-qwen3vl VARIANTS="grpo palmr" LONG_SEEDS="" bash runs/shapes_study.sh out/qwen3vl
 #                                      # the same study on another family's tiny checkpoint (palmr.TINY)
 #
@@ -22,6 +23,7 @@
 #                                                                               only logs S_vis)
 #      pearl            --reward pearl --credit sequence                       (checklist gate and checklist
 #                                                                               groups; the rule judge only logs)
+#      grpo+ds, palmr+ds  grpo and palmr with --dynamic-sampling (DAPO's: tied groups redrawn, 4 tries at most)
 #      vision_sr1+sft   --reward vision_sr1 --credit sequence --warmup-format description --max-new-tokens 96
 #                       (from a warm start in SR1's own format, the cold start its recipe assumes; its
 #                       traces are ~20 tokens longer; evaluated under SR1's prompt with 96 tokens)
@@ -60,7 +62,9 @@ flags() {  # the trainer flags of a variant
         vision_sr1) echo "--reward vision_sr1 --credit sequence" ;;
         pearl) echo "--reward pearl --credit sequence" ;;
         vision_sr1+sft) echo "--reward vision_sr1 --credit sequence --warmup-format description --max-new-tokens 96" ;;
-        *) echo "unknown variant $1 (grpo palmr palmr+omissions palmr+token palmr+both vppo vision_sr1 pearl vision_sr1+sft)" >&2
+        grpo+ds) echo "--reward grpo --credit sequence --dynamic-sampling" ;;
+        palmr+ds) echo "--reward palmr --no-judge-omissions --credit sequence --dynamic-sampling" ;;
+        *) echo "unknown variant $1 (grpo palmr palmr+omissions palmr+token palmr+both vppo vision_sr1 pearl vision_sr1+sft grpo+ds palmr+ds)" >&2
            return 2 ;;
     esac
 }

@@ -58,7 +58,7 @@ def _timed(key, inner):
 grpo.compute_rewards = _compute_rewards(grpo.compute_rewards)
 grpo.train_on_rollouts = _train_on_rollouts(grpo.train_on_rollouts)
 for cls in variants.VARIANTS:
-    for hook in ("after_rollout", "shape_advantages"):
+    for hook in ("redraw", "after_rollout", "shape_advantages"):
         if hook in vars(cls):  # only a method's own hooks: variants.active tells a shaping method by its override
             setattr(cls, hook, _timed(f"{cls.name}.{hook}", vars(cls)[hook]))
 

@@ -200,16 +200,24 @@ def test_the_streamed_folder_in_several_shards_loads_as_the_model(tiny_ckpt, tmp
 
 def test_ctrl_c_inside_a_checkpoint_waits_for_its_end():
     import signal
-    done = []
-    with pytest.raises(KeyboardInterrupt):
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a shell's & ignores it)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with palmr.sigint_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("the write went on")
+        assert done == ["the write went on"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is put back"
+        with palmr.sigint_deferred():  # no Ctrl-C: nothing raised
+            done.append("again")
+        assert done[-1] == "again"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a process that ignores Ctrl-C goes on ignoring it
         with palmr.sigint_deferred():
             os.kill(os.getpid(), signal.SIGINT)
-            done.append("the write went on")
-    assert done == ["the write went on"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is put back"
-    with palmr.sigint_deferred():  # no Ctrl-C: nothing raised
-        done.append("again")
-    assert done[-1] == "again"
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_the_two_node_preset_is_the_one_node_preset_with_the_papers_batches_over_16_ranks(monkeypatch, capsys):

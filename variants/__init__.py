@@ -5,17 +5,19 @@
     python grpo.py --reward vision_sr1     # Vision-SR1 (vision_sr1.py)
     python grpo.py --reward pearl          # PEARL (pearl.py)
     python grpo.py --vicrit-data FILE      # ViCrit items mixed in (vicrit.py; build them: python -m variants.vicrit)
+    python grpo.py --dynamic-sampling      # DAPO's dynamic sampling: tied groups redrawn (dynamic_sampling.py)
 Perception-R1 is a reward scheme only (rewards.py). Deleting this folder and the lines of grpo.py marked
 `# variants` leaves plain PaLMR (README "Fork just PaLMR").
 """
 from variants.base import Extra, Variant
+from variants.dynamic_sampling import DynamicSampling
 from variants.pearl import Pearl
 from variants.token_credit import TokenCredit
 from variants.vicrit import ViCrit
 from variants.vision_sr1 import VisionSR1
 from variants.vppo import VPPO
 
-VARIANTS = [TokenCredit, VPPO, VisionSR1, Pearl, ViCrit]  # hooks run in this order
+VARIANTS = [TokenCredit, VPPO, VisionSR1, Pearl, ViCrit, DynamicSampling]  # hooks run in this order
 
 
 def register(cls):

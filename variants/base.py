@@ -10,7 +10,8 @@ step; a method never imports grpo.py: what it needs is passed in (`run`, `ctx`).
     load        instruction(sample, scheme)         the prompt's instruction (None: PaLMR's)
                 questions(sample)                   more questions it will ask about the same image (length filter)
                 drop_reason(sample, scheme)         why an item cannot be trained on, or None
-    rollout     after_rollout(run, samples, rows)   extra generations -> Extra(parts per row, groups that train too)
+    rollout     redraw(run, samples, rows, encoded) the step's groups replaced -> (samples, rows, encoded), or None
+                after_rollout(run, samples, rows)   extra generations -> Extra(parts per row, groups that train too)
     reward      reward_signals()                    keyword signals every row's reward scheme receives (a gate)
                 after_reward(run, rows, located)    the judge's located wrong claims, per row (character spans)
     update      needs_old_logprobs                  old log-probs even with one update per rollout batch
@@ -20,7 +21,8 @@ step; a method never imports grpo.py: what it needs is passed in (`run`, `ctx`).
                 step_line(metrics)                  text added to the step line's reward parts
 
 `run` (a namespace from grpo.py): args, engine, processor, rank, world, step, prefill (what the chat template
-writes of the assistant turn), and rollout(samples, n, seed_offset) -> (rows, encoded), the loop's own rollout.
+writes of the assistant turn), samples (the training items), rollout(samples, n, seed_offset) -> (rows, encoded),
+the loop's own rollout, and score(rows) -> rewards (N,), the loop's reward of those rows (the judge included).
 Rows are (Sample, palmr.Completion) pairs, group after group. Reward schemes register themselves with
 rewards.register_scheme when their file is imported.
 """
@@ -74,6 +76,12 @@ class Variant:
         return []
 
     def drop_reason(self, sample, scheme):
+        return None
+
+    def redraw(self, run, samples, rows, encoded):
+        """Replace the step's groups (e.g. dynamic sampling) before anything else sees them: -> (samples, rows,
+        encoded) with as many samples as given, G rows each, on every rank; or None to keep them. Every rank calls
+        it, and every rank must make the same run.rollout calls (engines and FSDP generate together)."""
         return None
 
     def after_rollout(self, run, samples, rows):

@@ -229,10 +229,26 @@ def _check_pearl(metrics, records, saved):
     assert saved["reward"] == "pearl" and saved["pearl_items"] == 2 and saved["pearl_group"] == 2
 
 
+def _check_dynamic_sampling(metrics, records, saved):
+    for step, m in enumerate(metrics):
+        # every rank trains its 2 prompts x G 2 whatever it redrew: equal counts, and the tied share of the
+        # trained groups is what the redraw left
+        assert [len(rec["train"][step]["lengths"]) for rec in records] == [4, 4]
+        assert 4 <= m["ds/groups_drawn"] and 0 <= m["ds/groups_kept"] <= 4
+        assert m["zero_var_groups"] == pytest.approx(1 - m["ds/groups_kept"] / 4)
+        assert m["ds/tries"] == 0 or m["ds/groups_drawn"] > 4, "a try draws prompts"
+        seconds = [rec["hooks"]["dynamic_sampling.redraw"][step]["seconds"] for rec in records]
+        assert m["t_dynamic_sampling"] == pytest.approx(sum(seconds) / 2, abs=0.05)  # the mean over the ranks
+    # reward calls per rank and step: the redraw scores the step's rows and each try's, then the loop scores its rows
+    assert all(len(rec["rewards"]) == sum(2 + m["ds/tries"] for m in metrics) for rec in records)
+    assert saved["dynamic_sampling"] is True
+
+
 TORCHRUN = {  # method -> (its flags, the checks of its metrics against what both ranks recorded)
     "vppo": (["--vppo"], _check_vppo),
     "vision_sr1": (["--reward", "vision_sr1", "--judge", "none"], _check_vision_sr1),
     "pearl": (["--reward", "pearl", "--judge", "none", "--pearl-items", "2", "--pearl-group", "2"], _check_pearl),
+    "dynamic_sampling": (["--dynamic-sampling", "--dynamic-sampling-tries", "3"], _check_dynamic_sampling),
 }
 
 
@@ -249,7 +265,9 @@ def test_method_under_torchrun_two_ranks(method, tmp_path, warm_ckpt, shapes_fil
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     records = [json.loads((tmp_path / f"record_rank{r}.json").read_text()) for r in range(2)]
-    assert [m["step"] for m in metrics] == [1, 2] and all(len(rec["rewards"]) == 2 for rec in records)
+    assert [m["step"] for m in metrics] == [1, 2] and all(len(rec["train"]) == 2 for rec in records)
+    # one reward call per step (dynamic sampling's own scoring calls are counted in its check)
+    assert method == "dynamic_sampling" or all(len(rec["rewards"]) == 2 for rec in records)
     digests = [json.loads((tmp_path / f"params_rank{r}.json").read_text()) for r in range(2)]
     assert digests[0] == digests[1], "ranks disagree on the full parameters"
     check(metrics, records, json.loads((tmp_path / "args.json").read_text()))
