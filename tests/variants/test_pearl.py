@@ -129,6 +129,9 @@ class ScriptedEngine:
     def __init__(self, replies):
         self.replies, self.calls = replies, []
 
+    def wake(self):  # the engine interface (palmr.HFEngine): the rollout wakes its engine first
+        pass
+
     def generate(self, prompts, n, max_new_tokens, temperature, top_p, seed):
         self.calls.append((len(prompts), n, seed))
         out = []
