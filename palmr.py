@@ -9,6 +9,7 @@ with a byte-level BPE tokenizer trained offline here, so that every entry point 
 differs between the families is the table FAMILIES.
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import inspect
@@ -1086,29 +1087,25 @@ def save_streamed(model, out, shard_bytes=5 * 2 ** 30):
     model.generation_config.save_pretrained(out)
 
 
+@contextlib.contextmanager
 def sigint_deferred():
-    """A context manager: Ctrl-C (SIGINT) inside it is held until it ends, then raised as KeyboardInterrupt. A
-    checkpoint is written whole or not at all: an interrupt in the middle of torch.save or a DCP write otherwise
-    leaves a broken zip and a traceback instead of the one-line stop. Outside the main thread it does nothing
-    (Python delivers signals to the main thread only)."""
-    import contextlib
+    """Ctrl-C (SIGINT) inside this context is held until it ends, then raised as KeyboardInterrupt. A checkpoint
+    is written whole or not at all: an interrupt in the middle of torch.save or a DCP write otherwise leaves a
+    broken zip and a traceback instead of the one-line stop. Outside the main thread it does nothing (Python
+    delivers signals to the main thread only); a process that ignores SIGINT goes on ignoring it."""
     import signal
     import threading
-
-    @contextlib.contextmanager
-    def held():
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        got = []
-        previous = signal.signal(signal.SIGINT, lambda *_: got.append(True))
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        if got and previous is not signal.SIG_IGN:  # a process that ignored Ctrl-C still does
-            raise KeyboardInterrupt
-    return held()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    previous = signal.signal(signal.SIGINT, lambda *_: got.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if got and previous is not signal.SIG_IGN:
+        raise KeyboardInterrupt
 
 
 class PhaseClock:

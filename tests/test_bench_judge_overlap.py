@@ -30,4 +30,4 @@ def test_judge_overlap_bench_prints_the_overhead_side_by_side(tmp_path, warm_ckp
         assert latency <= r["request_s"] < latency + 0.3 and r["judge_s"] >= latency and r["failed"] == 0
     assert serial["unhidden_s"] >= latency, "without the overlap the loop waits for the whole judge"
     assert overlap["passes_s"] > 0 and overlap["unhidden_s"] < overlap["judge_s"], "with it, the passes hide a part"
-    assert runs["grpo (first)"]["request_s"] == 0 and runs["grpo (first)"]["judge_s"] < 0.05, "GRPO asks no judge"
+    assert runs["grpo (first)"]["request_s"] == 0, "GRPO asks no judge (its t_judge is the answer grading alone)"
